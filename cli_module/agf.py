@@ -1,0 +1,68 @@
+"""AGF, Adaptive Gating Fusion: one decoder layer's hidden states query every vision layer, gated.
+
+For hidden states h (B, S, D) and the AMP tokens V̂ (B, K, N, D) of K vision layers, with attention width A:
+  c_k = MultiHeadAttention(q = W_q norm(h), k = W_k norm(V̂_k), v = W_v norm(V̂_k))   per layer, (B, S, K, A)
+  g_k = sigmoid(W_g [norm(h) ; c_k] + b_k)                       (B, S, K, 1) per layer or (B, S, K, A) per channel
+  h  <- h + W_o (sum_k g_k * c_k)                                 W_o (A -> D) zero-initialised
+Keys and values over V̂ depend only on the image, so ``project_kv`` runs once per image (prefill) and the
+result is reused at every decoding step; a step then costs one query, one attention over K*N tokens, one gate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import Gate
+
+
+class AGF(nn.Module):
+    def __init__(self, dim: int, attn_dim: int, num_vision_layers: int, heads: int, gate: Gate,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.attn_dim, self.gate_kind = heads, attn_dim, gate
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.q_proj = nn.Linear(dim, attn_dim, bias=False)
+        self.k_proj = nn.Linear(dim, attn_dim, bias=False)
+        self.v_proj = nn.Linear(dim, attn_dim, bias=False)
+        width = {"layer": 1, "channel": attn_dim, "none": 0}[gate]
+        if width:
+            self.gate_proj = nn.Linear(dim + attn_dim, width)  # controller over [h ; c_k], shared by layers
+            self.gate_bias = nn.Parameter(torch.zeros(num_vision_layers, width))  # per-vision-layer bias b_k
+        self.out_proj = nn.Linear(attn_dim, dim, bias=False)
+        nn.init.zeros_(self.out_proj.weight)  # untrained AGF adds exactly zero
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, N, A) -> (B, H, K, N, A/H)."""
+        b, k, n, _ = x.shape
+        return x.view(b, k, n, self.heads, -1).permute(0, 3, 1, 2, 4)
+
+    def project_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """visual (B, K, N, D) -> keys, values (B, H, K, N, A/H); once per image and injection layer."""
+        x = self.norm_kv(visual.to(self.q_proj.weight.dtype))
+        return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+
+    def forward(self, h: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, S, D), kv from ``project_kv``, mask (B, S) of positions to update -> (h', gates (B, S, K))."""
+        keys, values = kv  # (B, H, K, N, dh)
+        b, s, _ = h.shape
+        k, dh = keys.shape[2], keys.shape[-1]
+        hn = self.norm_q(h.to(self.q_proj.weight.dtype))  # (B, S, D)
+        q = self.q_proj(hn).view(b, s, self.heads, dh).transpose(1, 2)  # (B, H, S, dh)
+        q = q.unsqueeze(2).expand(b, self.heads, k, s, dh)  # (B, H, K, S, dh)
+        ctx = F.scaled_dot_product_attention(q, keys, values)  # (B, H, K, S, dh): softmax within each layer
+        ctx = ctx.permute(0, 3, 2, 1, 4).reshape(b, s, k, self.attn_dim)  # (B, S, K, A)
+        if self.gate_kind == "none":
+            gates = ctx.new_ones(b, s, k, 1)
+        else:
+            pair = torch.cat([hn.unsqueeze(2).expand(b, s, k, hn.shape[-1]), ctx], dim=-1)  # (B, S, K, D+A)
+            gates = torch.sigmoid(self.gate_proj(pair) + self.gate_bias)  # (B, S, K, 1 | A)
+        fused = (gates * ctx).sum(dim=2)  # (B, S, A)
+        update = self.out_proj(self.dropout(fused))  # (B, S, D)
+        if mask is not None:
+            update = update * mask.unsqueeze(-1).to(update.dtype)
+        return h + update.to(h.dtype), gates.mean(dim=-1)  # gates (B, S, K)

@@ -1,0 +1,86 @@
+"""The ``crosslayer`` command: one thin entrypoint whose subcommands call typed functions elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    from .bases import load_base
+    from .config import CLIConfig
+    from .model import FusedVLM
+
+    cfg = CLIConfig.from_dict(_load_mapping(args.config).get("cli", {})) if args.config else CLIConfig()
+    if args.method:
+        cfg = CLIConfig.from_dict({**cfg.to_dict(), "method": args.method})
+    base = load_base(args.base)
+    counts = FusedVLM(base, cfg).param_counts()
+    print(json.dumps({"base": args.base, "method": cfg.method, **counts}, indent=2))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
+
+    return run_quickstart(preset=args.preset, out=Path(args.out))
+
+
+def _load_mapping(path: str) -> dict:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crosslayer", description="Dynamic Cross-Layer Injection for VLMs on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("params", help="count total and trainable parameters of a fused model")
+    p.add_argument("--base", default="tiny", help="preset (tiny, tiny-onevision, small, llava-1.5-7b-shape), "
+                                                  "hub id, local folder or s3:// prefix")
+    p.add_argument("--config", help="YAML file whose `cli:` mapping holds CLIConfig fields")
+    p.add_argument("--method", choices=["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion"])
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("quickstart", help="run the main job end to end on an embedded base")
+    p.add_argument("--preset", default="small", choices=["tiny", "small"])
+    p.add_argument("--out", default="report", help="report folder")
+    p.set_defaults(func=cmd_quickstart)
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions():
+    """Subcommands that live beside their code (pipelines/, jobs/); each module exposes ``register``."""
+    import importlib
+
+    for name in ("pipelines.features", "jobs.train", "pipelines.caption", "pipelines.serve", "jobs.submit",
+                 "jobs.evaluate", "pipelines.synth"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue
+            raise
+        yield module.register
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"crosslayer {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

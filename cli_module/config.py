@@ -1,0 +1,111 @@
+"""CLIConfig: every setting of the Cross-Layer Injection plug-in (AMP + AGF) and of its baselines.
+
+The config is checked twice: on its own in ``__post_init__`` (types, enums, ranks) and against a concrete
+base in ``validate_for`` (layer indices against the encoder and decoder depths, token grid against pooling),
+so a wrong value fails before any weight is built, with the numbers in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion"]
+Gate = Literal["layer", "channel", "none"]
+Positions = Literal["all", "text", "image"]
+
+
+@dataclass
+class CLIConfig:
+    method: Method = "cli"  # cli, or a baseline: one_to_one, projector_ft, deepstack, input_fusion
+    vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
+    lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
+    lora_alpha: float = 32.0  # AMP scale is alpha / rank, as in LoRA
+    pool: int = 1  # average-pool the visual token grid by pool x pool before AMP (1 = off, 2 = OneVision's 2x2)
+    inject_layers: list[int] = field(default_factory=lambda: [0, 4, 8, 12])  # T: decoder layer indices
+    heads: int = 4  # AGF cross-attention heads (must divide attn_dim)
+    attn_dim: int = 256  # AGF query/key/value width (a bottleneck: keeps 7B-scale bases under 1% trainable)
+    gate: Gate = "layer"  # gate per vision layer (scalar), per channel, or none (always 1: AMP only)
+    positions: Positions = "all"  # which sequence positions receive the AGF update
+    dropout: float = 0.0  # dropout on AMP inputs and AGF attention output during training
+
+    def __post_init__(self) -> None:
+        _check_literal("method", self.method, Method)
+        _check_literal("gate", self.gate, Gate)
+        _check_literal("positions", self.positions, Positions)
+        self.vision_layers = [int(k) for k in self.vision_layers]
+        self.inject_layers = [int(t) for t in self.inject_layers]
+        if self.method in ("cli", "deepstack", "input_fusion") and not self.vision_layers:
+            raise ValueError(f"vision_layers is empty; method {self.method!r} needs at least one vision layer")
+        if self.method in ("cli", "deepstack") and not self.inject_layers:
+            raise ValueError(f"inject_layers is empty; method {self.method!r} needs at least one decoder layer")
+        for name in ("vision_layers", "inject_layers"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} has duplicates: {values}; list each layer once")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.pool < 1:
+            raise ValueError(f"pool must be >= 1 (1 = no pooling), got {self.pool}")
+        if self.heads < 1:
+            raise ValueError(f"heads must be >= 1, got {self.heads}")
+        if self.attn_dim < 1 or self.attn_dim % self.heads:
+            raise ValueError(f"attn_dim={self.attn_dim} must be a positive multiple of heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.method == "deepstack" and len(self.vision_layers) != len(self.inject_layers):
+            raise ValueError(
+                f"deepstack pairs vision layer k_i with decoder layer t_i: got {len(self.vision_layers)} "
+                f"vision layers and {len(self.inject_layers)} inject layers; give lists of equal length"
+            )
+        if self.method in ("deepstack", "input_fusion") and self.pool != 1:
+            raise ValueError(
+                f"method {self.method!r} adds vision tokens at the image positions, so pool must be 1, "
+                f"got {self.pool}"
+            )
+
+    def validate_for(self, vision_layers: int, text_layers: int, grid: int | None) -> None:
+        """Check indices against a base: ``vision_layers``/``text_layers`` are depths, ``grid`` the token side."""
+        if self.method in ("one_to_one", "projector_ft"):
+            return  # neither reads extra vision layers nor touches decoder layers
+        lo, hi = -(vision_layers + 1), vision_layers
+        for k in self.vision_layers:
+            if not lo <= k <= hi:
+                raise ValueError(
+                    f"vision layer {k} is out of range for an encoder with {vision_layers} layers: "
+                    f"use hidden_states indices {lo}..{hi} (0 = embeddings, negative counts from the end)"
+                )
+        normalised = [k % (vision_layers + 1) for k in self.vision_layers]
+        if len(set(normalised)) != len(normalised):
+            raise ValueError(f"vision_layers {self.vision_layers} name the same layer twice on this encoder")
+        for t in self.inject_layers:
+            if not 0 <= t < text_layers:
+                raise ValueError(
+                    f"inject layer {t} is out of range for a decoder with {text_layers} layers: "
+                    f"use 0..{text_layers - 1}"
+                )
+        if self.pool > 1:
+            if grid is None:
+                raise ValueError("pool > 1 needs a square token grid, and this encoder's is unknown; use pool=1")
+            if grid % self.pool:
+                raise ValueError(f"pool={self.pool} does not divide the {grid}x{grid} visual token grid")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLIConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown CLIConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_literal(name: str, value: Any, kind: Any) -> None:
+    allowed = get_args(kind)
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")

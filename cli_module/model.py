@@ -1,0 +1,336 @@
+"""The fused model: a frozen base VLM plus Cross-Layer Injection (AMP + AGF), or one of its baselines.
+
+Data flow of one forward (``method="cli"``):
+  pixels ──encoder (frozen, once)──> hidden states V_0..V_L ──┬─ V_select ─> P ─> image token embeddings (input)
+                                                            └─ V_k, k in K ─> AMP ─> V̂ (B, K, N, D)
+  tokens ─> embeddings ─> decoder layer 0 ─> ... ─> layer t in T ─[AGF: h += W_o Σ_k g_k c_k]─> ... ─> LM head
+The base's own input path is untouched; AGF runs as a forward hook after each decoder layer in T, reading a
+per-call ``VisualState`` whose AGF keys/values were computed once per image, so decoding with the base's KV
+cache costs one query and one gate per injection layer and step. Precomputed features (the feature cache)
+enter as ``VisionFeatures`` and skip the encoder. Baselines share every line except their trainable part:
+``one_to_one`` (nothing), ``projector_ft`` (P), ``deepstack`` (V̂_k added at the image positions of layer t_k
+with a zero-initialised static scale), ``input_fusion`` (layers concatenated into a widened projector).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .agf import AGF
+from .amp import AMP, pool_tokens
+from .bases import Base
+from .config import CLIConfig
+
+
+@dataclass
+class VisionFeatures:
+    """Frozen-encoder outputs the plug-in needs; what the feature cache stores per image."""
+
+    select: torch.Tensor  # (C, N, Dv) the base's input layer after its select strategy; C crops (C = B if 1 each)
+    layers: torch.Tensor | None  # (B, K, N', Dv) CLI layers of each image's first crop, pooled
+    crops: list[int] | None = None  # crops per image (LLaVA-OneVision anyres); None means one each
+    image_sizes: torch.Tensor | None = None  # (B, 2) original sizes, for OneVision's anyres packing
+
+
+@dataclass
+class VisualState:
+    """Per-image tensors computed once and reused by every forward of a generation."""
+
+    image_embeds: torch.Tensor | None  # (total image tokens, D) for the input positions
+    tokens: torch.Tensor | None  # (B, K, N', D) AMP output V̂
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per injection layer: AGF keys, values (B, H, K, N', A/H)
+    counts: list[int]  # image tokens per image: how many <image> placeholders each prompt needs
+
+
+@dataclass
+class FusedOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+    cache: object | None = None  # the base's KV cache
+    gates: torch.Tensor | None = None  # (B, S, |T|, K) AGF gates, when asked for
+
+
+@dataclass
+class StepOutput:
+    tokens: torch.Tensor  # (B,) the token chosen at this step (pad once a row has finished)
+    finished: torch.Tensor  # (B,) bool, the row has produced EOS
+    gates: torch.Tensor | None  # (B, |T|, K) gates at the position that produced the token
+
+
+class FusionProjector(nn.Module):
+    """input_fusion baseline: P's first linear widened to take [V_select ; V_k1 ; ...]; new blocks start at 0."""
+
+    def __init__(self, projector: nn.Module, num_extra: int):
+        super().__init__()
+        old = projector.linear_1
+        self.linear_1 = nn.Linear(old.in_features * (1 + num_extra), old.out_features, bias=old.bias is not None)
+        with torch.no_grad():
+            self.linear_1.weight.zero_()
+            self.linear_1.weight[:, : old.in_features] = old.weight
+            if old.bias is not None:
+                self.linear_1.bias.copy_(old.bias)
+        self.act = projector.act
+        self.linear_2 = nn.Linear(projector.linear_2.in_features, projector.linear_2.out_features,
+                                  bias=projector.linear_2.bias is not None)
+        self.linear_2.load_state_dict(projector.linear_2.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class FusedVLM(nn.Module):
+    def __init__(self, base: Base, config: CLIConfig):
+        super().__init__()
+        config.validate_for(base.num_vision_layers, base.num_text_layers, base.grid)
+        self.base, self.config = base, config
+        self.base_model = base.model  # registered, so .to()/.named_parameters() see the base
+        n_vis = base.num_vision_layers + 1  # hidden_states entries, embeddings included
+        self.layer_ids = [k % n_vis for k in config.vision_layers]  # non-negative hidden_states indices
+        self.select_id = base.select_layer % n_vis
+        dv, d = base.vision_config.hidden_size, base.text_config.hidden_size
+        device = next(base.model.parameters()).device
+        with torch.device(device):
+            if config.method in ("cli", "deepstack"):
+                self.amp = AMP(len(self.layer_ids), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
+            if config.method == "cli":
+                self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.layer_ids), config.heads, config.gate,
+                                             config.dropout) for _ in config.inject_layers)
+            if config.method == "deepstack":
+                self.deepstack_scale = nn.Parameter(torch.zeros(len(config.inject_layers)))
+            if config.method == "input_fusion":
+                self.fusion_ids = [k for k in self.layer_ids if k != self.select_id]
+                self.fusion_projector = FusionProjector(base.projector, len(self.fusion_ids))
+        self.projector_modified = config.method == "projector_ft"  # the adapter then carries P's weights
+        self._state: dict | None = None  # set only during a forward: visual state, masks, gate sink
+        self._hooks = [base.language_model.layers[t].register_forward_hook(self._make_hook(i))
+                       for i, t in enumerate(config.inject_layers)] if config.method in ("cli", "deepstack") else []
+        self.mark_trainable()
+
+    # --- parameters ---------------------------------------------------------------------------------
+
+    def mark_trainable(self) -> None:
+        """Only the method's own parameters train; the base stays frozen (P too, unless projector_ft)."""
+        self.base.model.requires_grad_(False)
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith("base_model."))
+        if self.config.method == "projector_ft":
+            self.base.projector.requires_grad_(True)
+
+    def param_counts(self) -> dict[str, float | int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"total_params": total, "trainable_params": trainable,
+                "trainable_percent": round(100.0 * trainable / total, 4)}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """What an adapter file holds: the plug-in's weights, and P's when it was trained or replaced."""
+        state = {n: p.detach() for n, p in self.named_parameters() if not n.startswith("base_model.")}
+        if self.projector_modified:
+            state.update({f"projector.{n}": p.detach() for n, p in self.base.projector.named_parameters()})
+        return state
+
+    # --- vision ---------------------------------------------------------------------------------------
+
+    @property
+    def feature_layer_ids(self) -> list[int]:
+        """hidden_states indices stored per image, besides the select layer: K (input_fusion: K, unpooled)."""
+        return self.layer_ids if self.config.method in ("cli", "deepstack", "input_fusion") else []
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionFeatures:
+        """Run the frozen encoder once: (B, C, H, W) or OneVision's (B, P, C, H, W) -> VisionFeatures."""
+        crops = None
+        if pixel_values.dim() == 5:  # OneVision anyres: keep each image's real crops only
+            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+            cfg = self.base.model.config
+            crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                     for s in image_sizes]
+            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)])
+        dtype = next(self.base.vision_tower.parameters()).dtype
+        hidden = self.base.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+        first = torch.tensor([0] + (list(torch.tensor(crops).cumsum(0)[:-1].tolist()) if crops else []))
+        first = first if crops else torch.arange(pixel_values.shape[0])
+        select = self.base.select(hidden[self.select_id])  # (C, N, Dv)
+        layers = None
+        if self.feature_layer_ids:
+            layers = torch.stack([self.base.select(hidden[k])[first] for k in self.feature_layer_ids], 1)
+            layers = pool_tokens(layers, self.config.pool)  # (B, K, N', Dv)
+        return VisionFeatures(select=select, layers=layers, crops=crops, image_sizes=image_sizes)
+
+    def prepare_visual(self, vf: VisionFeatures) -> VisualState:
+        """Project the features for the input path and compute AMP tokens and AGF keys/values (once per image)."""
+        if self.config.method == "input_fusion":
+            extra = [vf.layers[:, self.layer_ids.index(k)] for k in self.fusion_ids]  # each (B, N, Dv)
+            image_embeds = self.fusion_projector(torch.cat([vf.select, *extra], dim=-1).to(self._dtype()))
+        else:
+            image_embeds = self.base.projector(vf.select.to(self._dtype()))  # (C, N, D)
+        if self.base.kind == "llava_onevision":
+            m = self.base.model.model
+            per_image = torch.split(image_embeds, vf.crops or [1] * image_embeds.shape[0])
+            sizes = vf.image_sizes if vf.image_sizes is not None else [None] * len(per_image)
+            packed, _ = m.pack_image_features(per_image, sizes, image_newline=m.image_newline,
+                                              vision_aspect_ratio=m.config.vision_aspect_ratio)
+            counts = [p.shape[0] for p in packed]
+            image_embeds = torch.cat(packed)  # (total image tokens, D)
+        else:
+            counts = [image_embeds.shape[1]] * image_embeds.shape[0]
+            image_embeds = image_embeds.flatten(0, 1)
+        tokens, kv = None, []
+        if self.config.method in ("cli", "deepstack"):
+            tokens = self.amp(vf.layers, self.base.projector)  # (B, K, N', D)
+        if self.config.method == "cli":
+            kv = [agf.project_kv(tokens) for agf in self.agf]
+        return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.base.projector.parameters()).dtype
+
+    # --- language model with injection ---------------------------------------------------------------
+
+    def _make_hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            state = self._state
+            if state is None or state["visual"] is None:
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output  # (B, S, D)
+            if self.config.method == "cli":
+                hidden, gates = self.agf[i](hidden, state["visual"].kv[i], state["update_mask"])
+                if state["gates"] is not None:
+                    state["gates"].append(gates)
+            else:  # deepstack: static add of V̂_{k_i} at this layer's image positions (prefill only)
+                img = state["image_mask"]
+                if img is not None and img.any():
+                    add = state["visual"].tokens[:, i].flatten(0, 1) * self.deepstack_scale[i]  # (B*N, D)
+                    hidden = hidden.masked_scatter(img.unsqueeze(-1), hidden[img] + add.to(hidden.dtype))
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                features: VisionFeatures | None = None, visual: VisualState | None = None,
+                labels: torch.Tensor | None = None, cache: object | None = None, use_cache: bool = False,
+                return_gates: bool = False, logits_to_keep: int = 0) -> FusedOutput:
+        """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState."""
+        if visual is None and (pixel_values is not None or features is not None):
+            features = features if features is not None else self.encode_images(pixel_values, image_sizes)
+            visual = self.prepare_visual(features)
+        lm = self.base.language_model
+        embeds = lm.embed_tokens(input_ids)  # (B, S, D)
+        image_mask = input_ids == self.base.image_token_id  # (B, S)
+        if visual is not None and image_mask.any():
+            n_tok, n_feat = int(image_mask.sum()), visual.image_embeds.shape[0]
+            if n_tok != n_feat:
+                raise ValueError(f"image tokens and features do not match: tokens {n_tok}, features {n_feat}; "
+                                 f"expand each <image> to the encoder's token count")
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.image_embeds.to(embeds.dtype))
+        position_ids = None
+        if attention_mask is not None:  # left padding: positions count real tokens only
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        update_mask = {"all": None, "image": image_mask, "text": ~image_mask}[self.config.positions]
+        self._state = {"visual": visual, "image_mask": image_mask, "update_mask": update_mask,
+                       "gates": [] if return_gates else None}
+        try:
+            out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                     cache=cache, use_cache=use_cache)
+            gates = torch.stack(self._state["gates"], dim=2) if return_gates and self._state["gates"] else None
+        finally:
+            self._state = None
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.base.lm_head(hidden)  # (B, S, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return FusedOutput(logits=logits, loss=loss, cache=out.cache if use_cache else None, gates=gates)
+
+    # --- inputs ----------------------------------------------------------------------------------------
+
+    def prepare_inputs(self, prompts: list[str], images: list | None = None,
+                       features: VisionFeatures | None = None) -> tuple[dict[str, torch.Tensor], VisualState | None]:
+        """Prompts holding one ``<image>`` each, plus PIL images or cached features -> left-padded ids and the
+        visual state; each ``<image>`` is expanded to that image's token count."""
+        visual = None
+        if images is not None:
+            proc = self.base.image_processor(images=images, return_tensors="pt")
+            features = self.encode_images(proc["pixel_values"], proc.get("image_sizes"))
+        if features is not None:
+            visual = self.prepare_visual(features)
+        image_token = self.base.tokenizer.convert_ids_to_tokens(self.base.image_token_id)
+        texts = []
+        for i, prompt in enumerate(prompts):
+            n = prompt.count(image_token)
+            if visual is None and n:
+                raise ValueError(f"prompt {i} has {n} {image_token} placeholder(s) but no image was given")
+            if visual is not None and n != 1:
+                raise ValueError(f"prompt {i} must hold exactly one {image_token} placeholder, found {n}")
+            texts.append(prompt.replace(image_token, image_token * visual.counts[i]) if n else prompt)
+        tok = self.base.tokenizer
+        tok.padding_side = "left"
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, visual
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+               features: VisionFeatures | None = None, visual: VisualState | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list[int] | None = None,
+               use_cache: bool = True, return_gates: bool = False) -> Iterator[StepOutput]:
+        """Yield one StepOutput per new token; greedy when temperature == 0. Visual state is built once."""
+        from transformers import DynamicCache
+
+        if visual is None and (pixel_values is not None or features is not None):
+            visual = self.prepare_visual(features if features is not None else
+                                         self.encode_images(pixel_values, image_sizes))
+        b = input_ids.shape[0]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        pad = self.base.tokenizer.pad_token_id if self.base.tokenizer is not None else 0
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        finished = torch.zeros(b, dtype=torch.bool)
+        cache = DynamicCache(config=self.base.text_config) if use_cache else None
+        seq, step_ids = input_ids, input_ids
+        for _ in range(max_new_tokens):
+            out = self(step_ids, mask, visual=visual, cache=cache, use_cache=use_cache,
+                       return_gates=return_gates, logits_to_keep=1)
+            logits = out.logits[:, -1].float()  # (B, V)
+            logits[:, self.base.image_token_id] = float("-inf")  # a placeholder is never an answer
+            token = _sample(logits, temperature, top_p, gen)
+            token = torch.where(finished, torch.full_like(token, pad if pad is not None else 0), token)
+            finished = finished | torch.isin(token, eos)
+            gates = out.gates[:, -1] if out.gates is not None else None
+            yield StepOutput(tokens=token, finished=finished.clone(), gates=gates)
+            if bool(finished.all()):
+                return
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            mask = torch.cat([mask, (~finished | torch.isin(token, eos)).long()[:, None]], dim=1)
+            step_ids = token[:, None] if use_cache else seq
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Collect ``stream``: new tokens (B, T) (padded after EOS) and gates (B, T, |T|, K) or None."""
+        steps = list(self.stream(input_ids, attention_mask, **kwargs))
+        tokens = torch.stack([s.tokens for s in steps], dim=1)
+        gates = torch.stack([s.gates for s in steps], dim=1) if steps and steps[0].gates is not None else None
+        return tokens, gates
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> tokens (B,): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

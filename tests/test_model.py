@@ -1,0 +1,231 @@
+"""The fused model on tiny LLaVA-1.5 and LLaVA-OneVision bases: equivalence, training, caching, adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import perturb, random_images
+
+from cli_module.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
+from cli_module.bases import load_base
+from cli_module.config import CLIConfig
+from cli_module.model import FusedVLM, VisionFeatures
+from cli_module.prompting import chat_prompt
+
+CLI = dict(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)
+
+
+def inputs_for(model, n=1, seed=0, sizes=None):
+    images = random_images(n, seed) if sizes is None else [random_images(1, seed + i, s)[0] for i, s in enumerate(sizes)]
+    prompts = [chat_prompt(model.base.tokenizer, "what is this" + "?" * i) for i in range(len(images))]
+    return model.prepare_inputs(prompts, images=images), images
+
+
+def test_zero_init_matches_llava_base_exactly(tiny_base):
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    (inputs, _), images = inputs_for(model)
+    pixels = tiny_base.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    ref = tiny_base.model(**inputs, pixel_values=pixels).logits
+    out = model(**inputs, pixel_values=pixels)
+    assert torch.equal(out.logits, ref)
+    assert model.param_counts()["trainable_params"] > 0
+
+
+@pytest.mark.parametrize("gate", ["layer", "channel"])
+def test_zero_init_matches_onevision_base(tiny_ov_base, gate):
+    model = FusedVLM(tiny_ov_base, CLIConfig(**{**CLI, "gate": gate}))
+    (inputs, visual), images = inputs_for(model, sizes=[(30, 20)])  # anyres: several crops
+    proc = tiny_ov_base.image_processor(images=images, return_tensors="pt")
+    assert proc["pixel_values"].shape[1] > 1
+    ref = tiny_ov_base.model(**inputs, pixel_values=proc["pixel_values"], image_sizes=proc["image_sizes"]).logits
+    out = model(**inputs, pixel_values=proc["pixel_values"], image_sizes=proc["image_sizes"])
+    assert torch.equal(out.logits, ref)
+
+
+def test_one_step_changes_only_plugin(tiny_base):
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    (inputs, visual), _ = inputs_for(model, n=2)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    for _ in range(2):  # step 1 moves W_o off zero; step 2 reaches AGF's other weights and AMP
+        (inputs, visual), _ = inputs_for(model, n=2)
+        loss = model(**inputs, visual=visual, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(not n.startswith("base_model.") for n in changed)
+    assert any(n.startswith("amp.") for n in changed) and any(n.startswith("agf.") for n in changed)
+    assert all(not p.requires_grad for p in tiny_base.model.parameters())
+
+
+@pytest.mark.parametrize("gate,positions", [("layer", "all"), ("channel", "text"), ("none", "image")])
+def test_cached_generation_equals_uncached_loop(tiny_base, gate, positions, monkeypatch):
+    model = FusedVLM(tiny_base, CLIConfig(**{**CLI, "gate": gate, "positions": positions}))
+    perturb(model)
+    (inputs, _), images = inputs_for(model, n=2)  # two prompts of different length: left padding
+    pixels = tiny_base.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    calls = []
+    original = type(model.agf[0]).project_kv
+    monkeypatch.setattr(type(model.agf[0]), "project_kv", lambda self, v: calls.append(1) or original(self, v))
+    cached, gates = model.generate(**inputs, pixel_values=pixels, max_new_tokens=8, return_gates=True)
+    assert len(calls) == len(model.agf)  # keys/values over the image: once per injection layer, not per step
+    uncached, _ = model.generate(**inputs, pixel_values=pixels, max_new_tokens=8, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # the reference: a plain greedy loop of full forwards, no cache, no generate()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for step in range(8):
+        logits = model(ids, mask, pixel_values=pixels).logits[:, -1]
+        nxt = logits.argmax(-1)
+        assert torch.equal(nxt, cached[:, step])
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+    assert gates.shape == (2, 8, 2, 3)
+    assert ((gates > 0) & (gates <= 1)).all()
+
+
+def test_injection_changes_output_when_trained(tiny_base):
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    (inputs, visual), _ = inputs_for(model)
+    before = model(**inputs, visual=visual).logits
+    perturb(model)
+    (inputs, visual), _ = inputs_for(model)
+    after = model(**inputs, visual=visual).logits
+    assert (before - after).abs().max() > 1e-3
+
+
+def test_features_path_equals_pixel_path(tiny_base):
+    model = FusedVLM(tiny_base, CLIConfig(**{**CLI, "pool": 2}))
+    perturb(model)
+    (inputs, _), images = inputs_for(model, n=2)
+    pixels = tiny_base.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    by_pixels = model(**inputs, pixel_values=pixels).logits
+    # features built by hand from the encoder's own hidden states, as the feature cache stores them
+    hidden = tiny_base.vision_tower(pixels, output_hidden_states=True).hidden_states
+    layers = torch.stack([hidden[k][:, 1:] for k in model.layer_ids], 1)  # (B, K, 16, Dv)
+    pooled = layers.reshape(2, 3, 4, 4, -1).permute(0, 1, 4, 2, 3).flatten(0, 1)
+    pooled = torch.nn.functional.avg_pool2d(pooled, 2).flatten(2).transpose(1, 2).reshape(2, 3, 4, -1)
+    feats = VisionFeatures(select=hidden[-2][:, 1:], layers=pooled)
+    by_features = model(**inputs, features=feats).logits
+    torch.testing.assert_close(by_features, by_pixels, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["deepstack", "input_fusion", "projector_ft", "one_to_one"])
+def test_baselines_start_at_the_base_and_train_their_own_part(tiny_base, method):
+    cfg = CLIConfig(**{**CLI, "method": method, "inject_layers": [0, 1], "vision_layers": [1, 2]})
+    model = FusedVLM(tiny_base, cfg)
+    (inputs, visual), images = inputs_for(model)
+    pixels = tiny_base.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    ref = tiny_base.model(**inputs, pixel_values=pixels).logits
+    torch.testing.assert_close(model(**inputs, visual=visual).logits, ref, rtol=0, atol=1e-6)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_prefix = {"deepstack": ("amp.", "deepstack_scale"), "input_fusion": ("fusion_projector.",),
+                       "projector_ft": ("base_model.model.multi_modal_projector.",), "one_to_one": ()}[method]
+    assert all(n.startswith(expected_prefix) for n in names)
+    assert bool(names) == (method != "one_to_one")
+    if method != "one_to_one":
+        perturb(model)
+        (inputs, visual), _ = inputs_for(model)
+        assert (model(**inputs, visual=visual).logits - ref).abs().max() > 1e-4
+
+
+def test_adapter_round_trip(tiny_base, tmp_path):
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    perturb(model)
+    (inputs, visual), _ = inputs_for(model)
+    want = model(**inputs, visual=visual).logits
+    save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / CONFIG).read_text())
+    assert cfg["base_model"] == "tiny" and cfg["cli_config"]["lora_rank"] == 4 and cfg["method"] == "cli"
+    assert list(cfg) == sorted(cfg)
+    loaded = load_adapter(tmp_path)  # loads the base named in the config
+    (inputs, visual), _ = inputs_for(loaded)
+    assert torch.equal(loaded(**inputs, visual=visual).logits, want)
+
+
+def test_projector_ft_adapter_carries_projector(tiny_base, tmp_path):
+    model = FusedVLM(tiny_base, CLIConfig(method="projector_ft"))
+    perturb(model)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tmp_path)
+    torch.testing.assert_close(loaded.base.projector.linear_1.weight, tiny_base.projector.linear_1.weight)
+    assert not torch.equal(loaded.base.projector.linear_1.weight, load_base("tiny").projector.linear_1.weight)
+
+
+def test_mismatched_base_and_pickles_are_refused(tiny_base, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    save_adapter(model, tmp_path / "adapter")
+    # a differently shaped LLaVA checkpoint in a local folder, loaded through the real loading code
+    cfg = tiny_base.model.config.to_dict()
+    cfg["text_config"]["num_hidden_layers"] = 3
+    from transformers import LlavaConfig
+
+    other = LlavaForConditionalGeneration(LlavaConfig.from_dict(cfg))
+    folder = tmp_path / "other-base"
+    other.save_pretrained(folder)
+    tiny_base.tokenizer.save_pretrained(folder)
+    tiny_base.image_processor.save_pretrained(folder)
+    other_base = load_base(str(folder))
+    assert other_base.num_text_layers == 3
+    with pytest.raises(ValueError, match="text_layers: adapter 2, base 3"):
+        load_adapter(tmp_path / "adapter", base=other_base)
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="refusing pickle files"):
+        load_adapter(tmp_path / "adapter", base=tiny_base)
+    assert (tmp_path / "adapter" / WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(vision_layers=[30]), "vision layer 30 is out of range for an encoder with 2 layers: use hidden_states indices -3..2"),
+    (dict(inject_layers=[5]), "inject layer 5 is out of range for a decoder with 2 layers: use 0..1"),
+    (dict(pool=3), "pool=3 does not divide the 4x4"),
+])
+def test_config_errors_against_base(tiny_base, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        FusedVLM(tiny_base, CLIConfig(**{**CLI, **kwargs}))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(method="magic"), "method='magic' is not one of"),
+    (dict(gate="sometimes"), "gate='sometimes' is not one of"),
+    (dict(positions="middle"), "positions='middle' is not one of"),
+    (dict(lora_rank=-1), "lora_rank must be >= 0, got -1"),
+    (dict(heads=3, attn_dim=16), "attn_dim=16 must be a positive multiple of heads=3"),
+    (dict(method="deepstack", vision_layers=[1, 2], inject_layers=[0]), "deepstack pairs"),
+    (dict(vision_layers=[1, 1]), "duplicates"),
+])
+def test_config_enum_and_range_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CLIConfig(**kwargs)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown CLIConfig keys \['lora_rnak'\]"):
+        CLIConfig.from_dict({"lora_rnak": 8})
+
+
+def test_image_token_count_mismatch_is_clear(tiny_base):
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    (inputs, visual), _ = inputs_for(model)
+    ids = inputs["input_ids"]
+    first_image = int((ids[0] == tiny_base.image_token_id).nonzero()[0])
+    one_less = torch.cat([ids[:, :first_image], ids[:, first_image + 1:]], 1)
+    with pytest.raises(ValueError, match="image tokens and features do not match: tokens 15, features 16"):
+        model(one_less, visual=visual)
+
+
+def test_small_base_answers_a_text_prompt():
+    """The real pretrained `small` base (DINOv2-S + SmolLM2-135M, converted from pip packages) in the fused model."""
+    base = load_base("small")
+    assert base.num_vision_layers == 12 and base.num_text_layers == 30 and base.grid == 16
+    model = FusedVLM(base, CLIConfig(vision_layers=[3, 6, 9, 12], inject_layers=[0, 10, 20, 29], pool=2))
+    prompt = chat_prompt(base.tokenizer, "What is the capital of France?", with_image=False)
+    inputs, _ = model.prepare_inputs([prompt])
+    tokens, _ = model.generate(**inputs, max_new_tokens=12, eos_token_id=base.tokenizer.eos_token_id)
+    assert "Paris" in base.tokenizer.decode(tokens[0], skip_special_tokens=True)
