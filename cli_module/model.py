@@ -141,27 +141,9 @@ class FusedVLM(nn.Module):
         """hidden_states indices stored per image, besides the select layer: K (input_fusion: K, unpooled)."""
         return self.layer_ids if self.config.method in ("cli", "deepstack", "input_fusion") else []
 
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionFeatures:
         """Run the frozen encoder once: (B, C, H, W) or OneVision's (B, P, C, H, W) -> VisionFeatures."""
-        crops = None
-        if pixel_values.dim() == 5:  # OneVision anyres: keep each image's real crops only
-            from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
-            cfg = self.base.model.config
-            crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-                     for s in image_sizes]
-            pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)])
-        dtype = next(self.base.vision_tower.parameters()).dtype
-        hidden = self.base.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
-        first = torch.tensor([0] + (list(torch.tensor(crops).cumsum(0)[:-1].tolist()) if crops else []))
-        first = first if crops else torch.arange(pixel_values.shape[0])
-        select = self.base.select(hidden[self.select_id])  # (C, N, Dv)
-        layers = None
-        if self.feature_layer_ids:
-            layers = torch.stack([self.base.select(hidden[k])[first] for k in self.feature_layer_ids], 1)
-            layers = pool_tokens(layers, self.config.pool)  # (B, K, N', Dv)
-        return VisionFeatures(select=select, layers=layers, crops=crops, image_sizes=image_sizes)
+        return encode_images(self.base, pixel_values, self.feature_layer_ids, self.config.pool, image_sizes)
 
     def prepare_visual(self, vf: VisionFeatures) -> VisualState:
         """Project the features for the input path and compute AMP tokens and AGF keys/values (once per image)."""
@@ -322,6 +304,30 @@ class FusedVLM(nn.Module):
         tokens = torch.stack([s.tokens for s in steps], dim=1)
         gates = torch.stack([s.gates for s in steps], dim=1) if steps and steps[0].gates is not None else None
         return tokens, gates
+
+
+@torch.no_grad()
+def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], pool: int = 1,
+                  image_sizes: torch.Tensor | None = None) -> VisionFeatures:
+    """The frozen encoder's features for the plug-in: its select layer, and ``layer_ids`` of each image's first
+    crop after the select strategy and pooling. Used by the fused model and by the feature-cache writer."""
+    crops = None
+    if pixel_values.dim() == 5:  # OneVision anyres: keep each image's real crops only
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        cfg = base.model.config
+        crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                 for s in image_sizes]
+        pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)])
+    dtype = next(base.vision_tower.parameters()).dtype
+    hidden = base.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+    first = torch.tensor([0, *torch.tensor(crops).cumsum(0)[:-1].tolist()]) if crops else slice(None)
+    select = base.select(hidden[base.select_layer])  # (C, N, Dv)
+    layers = None
+    if layer_ids:
+        layers = torch.stack([base.select(hidden[k])[first] for k in layer_ids], 1)  # (B, K, N, Dv)
+        layers = pool_tokens(layers, pool)  # (B, K, N', Dv)
+    return VisionFeatures(select=select, layers=layers, crops=crops, image_sizes=image_sizes)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

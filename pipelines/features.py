@@ -1,0 +1,355 @@
+"""Feature cache: Ray Data precomputes the frozen encoder's multi-layer features once, as Parquet shards.
+
+  sources (folder | s3:// prefix | manifest) ──list──> Ray Data ──decode + preprocess (tasks)──>
+  encoder actor pool (loads the base once; per batch: hidden states -> select layer + layers K, pooled,
+  cast; writes one shard atomically) ──> DEST/part-*.parquet + DEST/errors.parquet + DEST/cache.json
+
+Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv) and ``layers`` (K, N', Dv) as Arrow
+fixed-shape tensors in float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token).
+A rerun encodes only images whose id is not in a shard yet; bad files become rows of ``errors.parquet``.
+The reader checks ``cache.json`` against what a model expects and names the field that differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+
+Dtype = Literal["float16", "bfloat16", "int8"]
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb cap, as PIL's own default order of magnitude
+CACHE_FILE = "cache.json"
+ERRORS_FILE = "errors.parquet"
+
+
+@dataclass
+class CacheKey:
+    """Everything the cached numbers depend on; a reader refuses a cache whose key differs."""
+
+    base: str  # base preset, hub id, folder or s3:// prefix
+    revision: str | None  # base revision or seed
+    image_processor: dict[str, Any]  # the processor's settings (size, crop, mean, std, ...)
+    select_layer: int  # the base's input layer (stored unpooled as `select`)
+    layers: list[int]  # hidden_states indices K stored as `layers`, non-negative
+    pool: int  # pooling applied to `layers`
+    dtype: Dtype  # storage dtype
+
+    def diff(self, other: CacheKey) -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: cache has {mine[k]!r}, expected {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+@dataclass
+class FeatureJob:
+    """Arguments of `crosslayer features`."""
+
+    src: str  # folder, s3:// prefix, or manifest (.jsonl / .parquet with an image column)
+    out: str  # destination folder or s3:// prefix
+    base: str = "tiny"  # base whose encoder and image processor are used
+    layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # hidden_states indices K
+    pool: int = 1  # average pooling of `layers` (1 = none)
+    dtype: Dtype = "float16"  # storage dtype
+    batch_size: int = 16  # images per encoder call and per shard
+    concurrency: int = 1  # encoder actors
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16", "int8"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of ['float16', 'bfloat16', 'int8']")
+        if self.batch_size < 1 or self.concurrency < 1 or self.pool < 1:
+            raise ValueError(f"batch_size ({self.batch_size}), concurrency ({self.concurrency}) and pool "
+                             f"({self.pool}) must be >= 1")
+
+
+def image_processor_settings(proc: Any) -> dict[str, Any]:
+    keep = ("size", "crop_size", "do_center_crop", "do_resize", "do_normalize", "image_mean", "image_std",
+            "resample", "do_convert_rgb", "image_grid_pinpoints")
+    out = {}
+    for k in keep:
+        v = getattr(proc, k, None)
+        if v is not None:
+            v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            v = {a: b for a, b in dict(v).items() if b is not None} if isinstance(v, dict) else v
+            out[k] = json.loads(json.dumps(v, default=lambda o: getattr(o, "value", str(o))))
+    out["class"] = type(proc).__name__.removesuffix("Pil")
+    return out
+
+
+def cache_key_for(base: Any, layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
+    n = base.num_vision_layers + 1
+    return CacheKey(base=base.name, revision=base.revision, image_processor=image_processor_settings(base.image_processor),
+                    select_layer=base.select_layer % n, layers=[k % n for k in layers], pool=pool, dtype=dtype)
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+def list_sources(src: str) -> list[str]:
+    """Image URIs of a folder / prefix, or the image column of a manifest (relative paths resolved against it)."""
+    if src.endswith((".jsonl", ".json", ".parquet")) and storage.exists(src):
+        if src.endswith(".parquet"):
+            table = pq.read_table(io.BytesIO(storage.read_bytes(src)))
+            records = table.to_pylist()
+        else:
+            text = storage.read_bytes(src).decode()
+            records = json.loads(text) if src.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        column = next((c for c in ("image", "image_path", "path", "url", "source") if records and c in records[0]), None)
+        if column is None:
+            raise storage.SourceError(f"{src}: manifest has no image column (image, image_path, path, url or source)")
+        root = src.rsplit("/", 1)[0]
+        paths = [str(r[column]) for r in records if r.get(column)]
+        out = sorted({p if p.startswith(("s3://", "/")) else storage.join(root, p) for p in paths})
+        if not out:
+            raise storage.SourceError(f"{src}: manifest lists no images")
+        return out
+    return storage.list_files(src)
+
+
+def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
+    """Read, hash, validate, decode and preprocess each source with the base's own image processor;
+    bad files keep a row with `error` set (and zero pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    ids, errors, images = [], [], []
+    for src in batch["source"]:
+        image, err, image_id = None, None, None
+        try:
+            data = storage.read_bytes(str(src))
+            image_id = hashlib.sha256(data).hexdigest()[:32]
+            if not data:
+                raise ValueError("empty file (0 bytes)")
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ValueError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the cap {max_pixels}")
+                image = im.convert("RGB")  # forces a full decode: truncated files fail here
+        except UnidentifiedImageError:
+            err = "not an image: PIL cannot identify the format"
+        except Exception as exc:  # one bad file never stops the run
+            err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        ids.append(image_id or "")
+        errors.append(err or "")
+        images.append(image)
+    good = [im for im in images if im is not None]
+    pixels = processor(images=good, return_tensors="np")["pixel_values"] if good else None
+    if pixels is not None and pixels.ndim == 5:
+        pixels = pixels[:, 0]  # LLaVA-OneVision: the base (whole-image) crop; anyres tiles are not cached
+    shape = pixels.shape[1:] if pixels is not None else (3, 1, 1)
+    out = np.zeros((len(images), *shape), dtype=np.float32)
+    if pixels is not None:
+        out[[i for i, im in enumerate(images) if im is not None]] = pixels
+    return {"source": batch["source"], "image_id": np.array(ids), "error": np.array(errors), "pixels": out}
+
+
+class Encoder:
+    """Actor: loads the base once, encodes a batch, writes it as one shard (temp name + rename)."""
+
+    def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str):
+        import torch
+
+        from cli_module.bases import load_base
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.base = load_base(base_name)
+        n = self.base.num_vision_layers + 1
+        self.layers, self.pool, self.dtype, self.out = [k % n for k in layers], pool, dtype, out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from cli_module.model import encode_images
+
+        good = [i for i, e in enumerate(batch["error"]) if not e]
+        written = np.zeros(len(batch["source"]), dtype=np.int64)
+        if good:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))  # (B, C, H, W)
+            with torch.no_grad():
+                feats = encode_images(self.base, pixels, self.layers, self.pool)
+            columns = {"image_id": pa.array([batch["image_id"][i] for i in good]),
+                       "source": pa.array([str(batch["source"][i]) for i in good])}
+            columns.update(encode_column("select", feats.select, self.dtype))
+            columns.update(encode_column("layers", feats.layers, self.dtype))
+            sink = io.BytesIO()
+            pq.write_table(pa.table(columns), sink)
+            storage.write_atomic(storage.join(self.out, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue())
+            written[good] = sink.tell() // len(good)
+        return {"source": batch["source"], "image_id": batch["image_id"], "error": batch["error"], "bytes": written}
+
+
+def encode_column(name: str, x: Any, dtype: Dtype) -> dict[str, pa.Array]:
+    """A float tensor (B, ...) -> Arrow fixed-shape tensor column(s) in the storage dtype."""
+    import torch
+
+    x = x.float()
+    if dtype == "float16":
+        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.half().numpy())}
+    if dtype == "bfloat16":
+        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.bfloat16().view(torch.int16).numpy().view(np.uint16))}
+    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0  # per token
+    q = torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(q.numpy()),
+            f"{name}_scale": pa.FixedShapeTensorArray.from_numpy_ndarray(scale.numpy().astype(np.float32))}
+
+
+def decode_column(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
+    """Inverse of ``encode_column`` on a numpy batch -> float32 torch tensor (B, ...)."""
+    import torch
+
+    x = np.ascontiguousarray(batch[name])
+    if dtype == "float16":
+        return torch.from_numpy(x.astype(np.float32))
+    if dtype == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(np.ascontiguousarray(batch[f"{name}_scale"])).unsqueeze(-1)
+
+
+# --- the job -----------------------------------------------------------------------------------------
+
+def shard_uris(cache: str) -> list[str]:
+    try:
+        return [u for u in storage.list_files(cache) if u.rsplit("/", 1)[-1].startswith("part-")]
+    except storage.SourceError:
+        return []
+
+
+def cached_ids(cache: str) -> set[str]:
+    ids: set[str] = set()
+    for uri in shard_uris(cache):
+        ids.update(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_id"])["image_id"].to_pylist())
+    return ids
+
+
+def run_features(job: FeatureJob) -> dict[str, Any]:
+    """Build or extend a cache; returns the summary. Errors about SRC/DEST are raised before any work."""
+    import ray
+
+    from cli_module.bases import load_base
+
+    t0 = time.time()
+    sources = list_sources(job.src)
+    storage.check_writable(job.out)
+    base = load_base(job.base)
+    key = cache_key_for(base, job.layers, job.pool, job.dtype)
+    cache_json = storage.join(job.out, CACHE_FILE)
+    if storage.exists(cache_json):
+        old = CacheKey(**storage.read_json(cache_json)["key"])
+        if old.diff(key):
+            raise ValueError(f"{job.out} already holds a different cache ({'; '.join(old.diff(key))}); "
+                             f"use another --out")
+    storage.remove_temporaries(job.out)
+    done_ids = cached_ids(job.out)
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    ds = ray.data.from_items([{"source": s} for s in sources])
+    ds = ds.map_batches(decode_batch, batch_size=job.batch_size, batch_format="numpy",
+                        fn_kwargs={"processor": base.image_processor, "max_pixels": job.max_pixels})
+    ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
+    ds = ds.map_batches(Encoder, batch_size=job.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=job.concurrency),
+                        fn_constructor_kwargs={"base_name": job.base, "layers": job.layers, "pool": job.pool,
+                                               "dtype": job.dtype, "out": job.out})
+    rows = ds.take_all()
+    skipped = len(sources) - len(rows)
+    failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}
+              for r in rows if r["error"]]
+    done = sum(1 for r in rows if not r["error"])
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(failed, schema=pa.schema([("source", pa.string()), ("image_id", pa.string()),
+                                                                  ("reason", pa.string())])), sink)
+    storage.write_atomic(storage.join(job.out, ERRORS_FILE), sink.getvalue())
+    total = len(cached_ids(job.out))
+    storage.write_json(cache_json, {"key": asdict(key), "rows": total, "errors": len(failed),
+                                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    seconds = time.time() - t0
+    return {"images": len(sources), "done": done, "skipped": skipped, "failed": len(failed), "rows": total,
+            "bytes_written": int(sum(int(r["bytes"]) for r in rows)), "seconds": round(seconds, 2),
+            "img_per_s": round(done / seconds, 2) if seconds else 0.0}
+
+
+def _drop_cached(batch: dict[str, np.ndarray], done: Any) -> dict[str, np.ndarray]:
+    import ray
+
+    done_ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    keep = np.array([not (i and i in done_ids) for i in batch["image_id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+# --- the reader --------------------------------------------------------------------------------------
+
+def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any]:
+    """cache.json of a cache; with ``expect``, refuse a cache made differently, naming each field."""
+    uri = storage.join(cache, CACHE_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{cache}: no {CACHE_FILE}; build it with `crosslayer features SRC --out {cache}`")
+    info = storage.read_json(uri)
+    if expect is not None:
+        diff = CacheKey(**info["key"]).diff(expect)
+        if diff:
+            raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(diff)}; "
+                             f"rebuild it with matching --base/--layers/--pool")
+    return info
+
+
+def read_cache(cache: str, expect: CacheKey | None = None):
+    """The cache as a Ray Dataset (image_id, source, select, layers[, scales])."""
+    import ray
+
+    read_cache_info(cache, expect)
+    return ray.data.read_parquet(shard_uris(cache))
+
+
+def load_cache_table(cache: str, expect: CacheKey | None = None) -> pa.Table:
+    """The whole cache as one Arrow table, without Ray (small caches, evaluation, tests)."""
+    read_cache_info(cache, expect)
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in shard_uris(cache)])
+
+
+def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype):
+    """A numpy batch of cache rows -> VisionFeatures for the fused model's features path."""
+    from cli_module.model import VisionFeatures
+
+    return VisionFeatures(select=decode_column(batch, "select", dtype), layers=decode_column(batch, "layers", dtype))
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("features", help="precompute multi-layer vision features into a Parquet cache (Ray Data)")
+    p.add_argument("src", help="image folder, s3://bucket/prefix, or manifest (.jsonl/.parquet with an image column)")
+    p.add_argument("--out", required=True, help="cache folder or s3:// prefix")
+    p.add_argument("--base", default="tiny")
+    p.add_argument("--layers", type=int, nargs="+", default=[-2, -5, -8, -11], help="hidden_states indices K")
+    p.add_argument("--pool", type=int, default=1)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    job = FeatureJob(src=args.src, out=args.out, base=args.base, layers=args.layers, pool=args.pool,
+                     dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
+                     max_pixels=args.max_pixels)
+    try:
+        summary = run_features(job)
+    except storage.SourceError as err:
+        print(f"crosslayer features: {err}", file=sys.stderr)
+        return 2
+    print(f"features: {summary['done']} images encoded, {summary['skipped']} skipped (already cached), "
+          f"{summary['failed']} failed (see {ERRORS_FILE}), {summary['rows']} rows in the cache, "
+          f"{summary['bytes_written']:,} bytes written, {summary['img_per_s']} img/s")
+    print(json.dumps(summary))
+    return 0

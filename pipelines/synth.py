@@ -1,0 +1,342 @@
+"""Procedural image-question-answer data in LLaVA format: ``crosslayer data synth``.
+
+Each image holds three or four large objects, one per quadrant (distinct shapes and distinct colours, some
+filled with fine stripes), and a few small dark dots in the gaps. One question per image, its type chosen
+round-robin so types stay balanced in every split. The questions need detail at several levels, so a model
+that reads only the last vision layer is at a disadvantage:
+
+- low:  ``texture`` (striped or plain?), ``stripes`` (horizontal / vertical / diagonal),
+- mid:  ``count`` (how many small dots?), ``color``, ``shape``,
+- high: ``position`` (which quadrant?), ``relation`` (what is left of / above ... the red square?).
+
+Answers are one or two lowercase words from a small closed vocabulary (``VOCABULARY``). Every answer is
+recomputed from the scene description by ``answer_from_scene``, which the generator itself uses.
+
+Output (files written to a temporary name, then renamed; ``meta.json`` last):
+    DIR/images/000000.png ...        the images
+    DIR/{train,val,test}.jsonl       {"id", "image", "conversations", "type", "answer", "params"}
+    DIR/captions.jsonl               {"image", "caption"}, one per image
+    DIR/scenes.jsonl                 {"image", "scene"}: objects (shape, color, quadrant, center, size,
+                                     texture, stripes) and dots, as the generator drew them
+    DIR/meta.json                    settings, types, levels, vocabulary, counts per split and type
+
+The same seed gives the same bytes: one numpy Generator per image (seeded by (seed, index)), PIL drawing
+without antialiasing, PNGs without timestamps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+TYPES = ("color", "shape", "texture", "stripes", "count", "position", "relation")
+LEVELS = {"texture": "low", "stripes": "low", "count": "mid", "color": "mid", "shape": "mid",
+          "position": "high", "relation": "high"}
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 190), "orange": (245, 130, 30)}
+ORIENTATIONS = ("horizontal", "vertical", "diagonal")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # index = 2 * row + col
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+DIRECTIONS = {"left": (0, -1), "right": (0, 1), "above": (-1, 0), "below": (1, 0)}  # (d_row, d_col) to neighbour
+BACKGROUND = (235, 235, 235)
+DOT_RGB = (30, 30, 30)
+MIN_DOTS, MAX_DOTS = 1, 6
+VOCABULARY = sorted({*SHAPES, *COLORS, *ORIENTATIONS, *QUADRANTS, "striped", "plain",
+                     *NUMBER_WORDS[: MAX_DOTS + 1], *(f"{c} {s}" for c in COLORS for s in SHAPES)})
+
+
+@dataclass
+class SynthConfig:
+    out: Path                # output folder (created if missing)
+    n: int = 1000            # number of images, one question each
+    seed: int = 0            # same seed, same bytes
+    image_size: int = 224    # square images of this many pixels (the `small` base crops 224)
+    val_frac: float = 0.1    # fraction of records in val.jsonl
+    test_frac: float = 0.1   # fraction of records in test.jsonl
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if not 32 <= self.image_size <= 4096:
+            raise ValueError(f"image_size must be in [32, 4096] pixels, got {self.image_size}")
+        for name, frac in (("val_frac", self.val_frac), ("test_frac", self.test_frac)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {frac}")
+        if self.split_sizes()["train"] < 1:
+            raise ValueError(f"val_frac {self.val_frac} + test_frac {self.test_frac} of n {self.n} leaves "
+                             f"no training record")
+
+    def split_sizes(self) -> dict[str, int]:
+        n_val, n_test = round(self.n * self.val_frac), round(self.n * self.test_frac)
+        return {"train": self.n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+# ---------------------------------------------------------------------------------------------------- scenes
+
+def make_scene(rng: np.random.Generator, size: int) -> dict[str, Any]:
+    """Three or four objects in distinct quadrants (at least one striped and one plain), then the dots."""
+    half = size // 2
+    margin = max(1, size // 32)
+    r_max = (half - 1) // 2 - margin                                  # largest half-extent that fits a quadrant
+    r_min = max(3, round(0.6 * r_max))
+    period = max(3, round(size / 40))                                 # stripe period in pixels
+    k = int(rng.integers(3, 5))
+    quadrants = sorted(rng.choice(4, size=k, replace=False).tolist())
+    shapes = rng.choice(len(SHAPES), size=k, replace=False)
+    colors = rng.choice(len(COLORS), size=k, replace=False)
+    striped = rng.random(k) < 0.5
+    if striped.all() or not striped.any():                            # keep both textures present
+        striped[int(rng.integers(k))] = not striped[0]
+    objects = []
+    for i, q in enumerate(quadrants):
+        r = int(rng.integers(r_min, r_max + 1))
+        x0, y0 = (q % 2) * half, (q // 2) * half
+        cx = int(rng.integers(x0 + r + margin, x0 + half - r - margin))
+        cy = int(rng.integers(y0 + r + margin, y0 + half - r - margin))
+        objects.append({"shape": SHAPES[shapes[i]], "color": list(COLORS)[colors[i]], "quadrant": QUADRANTS[q],
+                        "center": [cx, cy], "size": r, "texture": "striped" if striped[i] else "plain",
+                        "stripes": ORIENTATIONS[int(rng.integers(3))] if striped[i] else None})
+    dots = _place_dots(rng, size, objects, int(rng.integers(MIN_DOTS, MAX_DOTS + 1)))
+    return {"size": size, "background": list(BACKGROUND), "stripe_period": period,
+            "stripe_width": max(1, period // 3), "objects": objects, "dots": dots}
+
+
+def _place_dots(rng: np.random.Generator, size: int, objects: list[dict], want: int) -> list[dict]:
+    """Rejection-sample dot centres in the free space; a dot keeps a gap from objects and other dots."""
+    r = max(1, round(size / 64))
+    gap = max(1, r)
+    busy = np.zeros((size, size), dtype=bool)
+    for o in objects:
+        (cx, cy), h = o["center"], o["size"] + gap
+        busy[max(0, cy - h): cy + h + 1, max(0, cx - h): cx + h + 1] = True
+    dots: list[dict] = []
+    for _ in range(200 * want):
+        if len(dots) == want:
+            break
+        x, y = (int(v) for v in rng.integers(r + gap, size - r - gap, size=2))
+        if busy[y - r - gap: y + r + gap + 1, x - r - gap: x + r + gap + 1].any():
+            continue
+        busy[y - r: y + r + 1, x - r: x + r + 1] = True
+        dots.append({"center": [x, y], "size": r})
+    return dots
+
+
+def render(scene: dict[str, Any]) -> Image.Image:
+    """Draw the scene: flat background, objects (stripes darker, never through the centre pixel), dots."""
+    size, period, width = scene["size"], scene["stripe_period"], scene["stripe_width"]
+    img = np.empty((size, size, 3), dtype=np.uint8)
+    img[:] = scene["background"]
+    yy, xx = np.mgrid[0:size, 0:size]                                  # (S, S) each
+    for o in scene["objects"]:
+        mask_img = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(mask_img), o["shape"], *o["center"], o["size"])
+        mask = np.asarray(mask_img) > 0                               # (S, S)
+        rgb = np.array(COLORS[o["color"]], dtype=np.uint8)
+        img[mask] = rgb
+        if o["texture"] == "striped":
+            dx, dy = xx - o["center"][0], yy - o["center"][1]
+            u = {"horizontal": dy, "vertical": dx, "diagonal": dx + dy}[o["stripes"]]
+            stripe = mask & (np.mod(u, period) >= period - width)     # u = 0 (the centre) is never a stripe
+            img[stripe] = (rgb * 0.4).astype(np.uint8)
+    out = Image.fromarray(img)
+    draw = ImageDraw.Draw(out)
+    for d in scene["dots"]:
+        (x, y), r = d["center"], d["size"]
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=DOT_RGB)
+    return out
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def caption(scene: dict[str, Any]) -> str:
+    parts = []
+    for o in scene["objects"]:
+        if o["texture"] == "striped":
+            thing = f"{o['color']} {o['shape']} with {o['stripes']} stripes"
+        else:
+            thing = f"plain {o['color']} {o['shape']}"
+        parts.append(f"{'an' if thing[0] in 'aeiou' else 'a'} {thing} in the {o['quadrant']}")
+    n = len(scene["dots"])
+    dots = f"{NUMBER_WORDS[n]} small dot{'s' if n != 1 else ''}"
+    return f"{', '.join(parts[:-1])} and {parts[-1]}, with {dots}."
+
+
+# ------------------------------------------------------------------------------------------------- questions
+
+def _find(scene: dict[str, Any], **want: str) -> dict[str, Any]:
+    hits = [o for o in scene["objects"] if all(o[k] == v for k, v in want.items())]
+    if len(hits) != 1:
+        raise ValueError(f"{want} matches {len(hits)} objects, expected 1")
+    return hits[0]
+
+
+def _neighbour(scene: dict[str, Any], ref: dict[str, Any], direction: str) -> dict[str, Any] | None:
+    q = QUADRANTS.index(ref["quadrant"])
+    row, col = q // 2 + DIRECTIONS[direction][0], q % 2 + DIRECTIONS[direction][1]
+    if not (0 <= row < 2 and 0 <= col < 2):
+        return None
+    return next((o for o in scene["objects"] if o["quadrant"] == QUADRANTS[2 * row + col]), None)
+
+
+def answer_from_scene(scene: dict[str, Any], qtype: str, params: dict[str, Any]) -> str:
+    """The answer to a question of type ``qtype`` with ``params``, read off the scene description."""
+    if qtype == "color":
+        return _find(scene, shape=params["shape"])["color"]
+    if qtype == "shape":
+        return _find(scene, color=params["color"])["shape"]
+    if qtype == "texture":
+        return _find(scene, shape=params["shape"])["texture"]
+    if qtype == "stripes":
+        o = _find(scene, shape=params["shape"])
+        if o["stripes"] is None:
+            raise ValueError(f"the {o['shape']} is plain; a stripes question needs a striped object")
+        return o["stripes"]
+    if qtype == "count":
+        return NUMBER_WORDS[len(scene["dots"])]
+    if qtype == "position":
+        return _find(scene, shape=params["shape"])["quadrant"]
+    if qtype == "relation":
+        other = _neighbour(scene, _find(scene, shape=params["shape"]), params["direction"])
+        if other is None:
+            raise ValueError(f"nothing {params['direction']} the {params['shape']}")
+        return f"{other['color']} {other['shape']}"
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {TYPES}")
+
+
+def make_question(rng: np.random.Generator, scene: dict[str, Any], qtype: str) -> tuple[str, dict[str, Any]]:
+    """-> (question text, params) for one question of ``qtype`` about ``scene``."""
+    objects = scene["objects"]
+
+    def pick(pool: list[dict]) -> dict:
+        return pool[int(rng.integers(len(pool)))]
+
+    if qtype == "color":
+        o = pick(objects)
+        return f"What color is the {o['shape']}?", {"shape": o["shape"]}
+    if qtype == "shape":
+        o = pick(objects)
+        return f"What shape is the {o['color']} object?", {"color": o["color"]}
+    if qtype == "texture":
+        texture = ("striped", "plain")[int(rng.integers(2))]              # balance the two answers
+        o = pick([o for o in objects if o["texture"] == texture])
+        return f"Is the {o['shape']} striped or plain?", {"shape": o["shape"]}
+    if qtype == "stripes":
+        o = pick([o for o in objects if o["texture"] == "striped"])
+        return f"What is the stripe orientation of the {o['shape']}?", {"shape": o["shape"]}
+    if qtype == "count":
+        return "How many small dots are there?", {}
+    if qtype == "position":
+        o = pick(objects)
+        return f"Which quadrant holds the {o['shape']}?", {"shape": o["shape"]}
+    if qtype == "relation":
+        pairs = [(o, d) for o in objects for d in DIRECTIONS if _neighbour(scene, o, d) is not None]
+        o, d = pairs[int(rng.integers(len(pairs)))]
+        where = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[d]
+        return f"What is {where} the {o['color']} {o['shape']}?", {"shape": o["shape"], "direction": d}
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {TYPES}")
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def synthesize(cfg: SynthConfig) -> dict[str, Any]:
+    """Generate the whole set into ``cfg.out``; returns the contents of meta.json."""
+    (cfg.out / "images").mkdir(parents=True, exist_ok=True)
+    sizes = cfg.split_sizes()
+    bounds = {"train": (0, sizes["train"]), "val": (sizes["train"], sizes["train"] + sizes["val"]),
+              "test": (sizes["train"] + sizes["val"], cfg.n)}
+    records, captions, scenes = [], [], []
+    for i in range(cfg.n):
+        rng = np.random.default_rng([cfg.seed, i])
+        scene = make_scene(rng, cfg.image_size)
+        qtype = TYPES[i % len(TYPES)]                                 # round-robin: balanced in every split
+        question, params = make_question(rng, scene, qtype)
+        answer = answer_from_scene(scene, qtype, params)
+        image = f"images/{i:06d}.png"
+        buf = io.BytesIO()
+        render(scene).save(buf, format="PNG")
+        _write_atomic(cfg.out / image, buf.getvalue())
+        records.append({"id": f"synth-{i:06d}", "image": image, "type": qtype, "answer": answer, "params": params,
+                        "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                          {"from": "gpt", "value": answer}]})
+        captions.append({"image": image, "caption": caption(scene)})
+        scenes.append({"image": image, "scene": scene})
+    counts = {}
+    for split, (lo, hi) in bounds.items():
+        _write_atomic(cfg.out / f"{split}.jsonl", _jsonl(records[lo:hi]))
+        per_type = Counter(r["type"] for r in records[lo:hi])
+        counts[split] = {"total": hi - lo, "per_type": {t: per_type.get(t, 0) for t in TYPES}}
+    _write_atomic(cfg.out / "captions.jsonl", _jsonl(captions))
+    _write_atomic(cfg.out / "scenes.jsonl", _jsonl(scenes))
+    meta = {"n": cfg.n, "seed": cfg.seed, "image_size": cfg.image_size, "val_frac": cfg.val_frac,
+            "test_frac": cfg.test_frac, "types": list(TYPES), "levels": LEVELS, "vocabulary": VOCABULARY,
+            "counts": counts}
+    _write_atomic(cfg.out / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    cfg = SynthConfig(out=Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size,
+                      val_frac=args.val_frac, test_frac=args.test_frac)
+    start = time.perf_counter()
+    meta = synthesize(cfg)
+    summary = {"out": str(cfg.out), "seconds": round(time.perf_counter() - start, 2),
+               **{split: c["total"] for split, c in meta["counts"].items()}}
+    print(json.dumps(summary), file=sys.stdout)
+    return 0
+
+
+def data_subcommands(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """The nested subparsers of ``crosslayer data``, created on first use; other data tools add theirs here."""
+    if "data" not in subparsers.choices:
+        parser = subparsers.add_parser("data", help="make and inspect data sets")
+        parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    parser = subparsers.choices["data"]
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = data_subcommands(subparsers).add_parser(
+        "synth", help="procedural image-question-answer set (LLaVA format) with low-, mid- and high-level questions")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=1000, help="number of images (one question each)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=224, help="image side in pixels")
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.set_defaults(func=cmd_synth)
