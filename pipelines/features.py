@@ -316,6 +316,15 @@ def load_cache_table(cache: str, expect: CacheKey | None = None) -> pa.Table:
     return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in shard_uris(cache)])
 
 
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Arrow table -> numpy batch, tensor columns as (rows, *shape) arrays (what Ray Data's numpy batches hold)."""
+    out = {}
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        out[name] = col.to_numpy_ndarray() if isinstance(col.type, pa.FixedShapeTensorType) else col.to_numpy(zero_copy_only=False)
+    return out
+
+
 def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype):
     """A numpy batch of cache rows -> VisionFeatures for the fused model's features path."""
     from cli_module.model import VisionFeatures

@@ -1,5 +1,8 @@
 """Paths that are local folders or ``s3://`` URIs, through pyarrow's filesystems (S3 honours AWS_ENDPOINT_URL
-and the usual AWS variables), with atomic writes and one-line errors for sources that cannot be read."""
+and the usual AWS variables), with atomic writes and one-line errors for sources that cannot be read.
+
+Writes to S3 go through boto3's single ``put_object``: an S3 object becomes visible whole or not at all, so
+no temporary key is needed (pyarrow's multipart upload is also refused by some S3-compatible servers)."""
 
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def list_files(uri: str) -> list[str]:
     """Every non-hidden file under a folder or prefix, sorted; SourceError if missing, empty or unreadable."""
     fs, path = resolve(uri)
     try:
+        if uri.startswith("s3://"):
+            check_bucket(uri)
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             return [to_uri(fs, path)]
@@ -63,14 +68,42 @@ def list_files(uri: str) -> list[str]:
     return files
 
 
+def _s3_put(uri: str, data: bytes) -> None:
+    import boto3
+
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def check_bucket(uri: str) -> None:
+    """head_bucket, so a missing bucket or bad credentials say so instead of looking like an empty prefix."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    try:
+        boto3.client("s3").head_bucket(Bucket=bucket)
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            raise SourceError(f"{uri}: the bucket {bucket!r} does not exist") from err
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise SourceError(f"{uri}: access denied ({code}): check AWS credentials and AWS_ENDPOINT_URL") from err
+        raise SourceError(f"{uri}: cannot reach the bucket: {err}") from err
+
+
 def check_writable(uri: str) -> None:
     """Create the destination (or check its bucket) so a bad DEST fails before any work."""
     fs, path = resolve(uri)
     try:
-        fs.create_dir(path, recursive=True)
         probe = f"{path}/.write-probe-{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
+        if uri.startswith("s3://"):
+            check_bucket(uri)
+            _s3_put(f"s3://{probe}", b"ok")
+        else:
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
         fs.delete_file(probe)
     except Exception as err:
         raise SourceError(f"{uri}: cannot write: {_describe(err)}") from err
@@ -89,6 +122,8 @@ def exists(uri: str) -> bool:
 
 def write_atomic(uri: str, data: bytes) -> None:
     """Write under a hidden temporary name beside the target, then rename: readers never see half a file."""
+    if uri.startswith("s3://"):
+        return _s3_put(uri, data)
     fs, path = resolve(uri)
     parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
