@@ -64,6 +64,7 @@ class FeatureJob:
     dtype: Dtype = "float16"  # storage dtype
     batch_size: int = 16  # images per encoder call and per shard
     concurrency: int = 1  # encoder actors
+    cpus_per_actor: float = 1.0  # CPUs reserved per encoder actor; torch uses that many threads
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
 
     def __post_init__(self) -> None:
@@ -156,12 +157,12 @@ def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) 
 class Encoder:
     """Actor: loads the base once, encodes a batch, writes it as one shard (temp name + rename)."""
 
-    def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str):
+    def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str, threads: int = 1):
         import torch
 
         from cli_module.bases import load_base
 
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        torch.set_num_threads(threads)
         self.base = load_base(base_name)
         n = self.base.num_vision_layers + 1
         self.layers, self.pool, self.dtype, self.out = [k % n for k in layers], pool, dtype, out
@@ -257,9 +258,10 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
                         fn_kwargs={"processor": base.image_processor, "max_pixels": job.max_pixels})
     ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
     ds = ds.map_batches(Encoder, batch_size=job.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=job.concurrency),
+                        compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.cpus_per_actor,
                         fn_constructor_kwargs={"base_name": job.base, "layers": job.layers, "pool": job.pool,
-                                               "dtype": job.dtype, "out": job.out})
+                                               "dtype": job.dtype, "out": job.out,
+                                               "threads": max(1, int(job.cpus_per_actor))})
     rows = ds.take_all()
     skipped = len(sources) - len(rows)
     failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}
@@ -343,7 +345,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", type=int, default=1)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per encoder actor")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.set_defaults(func=_cmd)
 
@@ -351,7 +354,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     job = FeatureJob(src=args.src, out=args.out, base=args.base, layers=args.layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
-                     max_pixels=args.max_pixels)
+                     cpus_per_actor=args.cpus_per_actor, max_pixels=args.max_pixels)
     try:
         summary = run_features(job)
     except storage.SourceError as err:
