@@ -78,33 +78,29 @@ class Captioner:
         import torch
 
         from cli_module.prompting import chat_prompt
-        from pipelines.features import cache_key_for, load_cache_table, read_cache_info, table_to_numpy
+        from pipelines.features import check_serves, load_cache_table, table_to_numpy
 
         torch.set_num_threads(1)
         self.job = job
         self.model, self.adapter_id = load_model(job.adapter, job.base)
         self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt)
-        self.cache, self.cache_rows, self.cache_dtype = None, {}, None
-        if job.features:
-            info = read_cache_info(job.features)
+        self.cache, self.cache_rows, self.cache_dtype, self.index = None, {}, None, None
+        if job.features:  # refuses a cache made for other layers or pooling
+            info, self.index = check_serves(job.features, self.model.base, self.model.feature_layer_ids,
+                                            self.model.config.pool)
             self.cache_dtype = info["key"]["dtype"]
-            expect = cache_key_for(self.model.base, self.model.feature_layer_ids, self.model.config.pool,
-                                   self.cache_dtype)
-            read_cache_info(job.features, expect)  # refuses a cache made for other layers or pooling
             self.cache = table_to_numpy(load_cache_table(job.features))
             self.cache_rows = {i: r for r, i in enumerate(self.cache["image_id"])}
 
     def _features(self, batch: dict[str, np.ndarray], good: list[int]):
         import torch
 
-        from cli_module.model import VisionFeatures
-        from pipelines.features import decode_column
+        from pipelines.features import batch_to_features
 
         rows = [self.cache_rows.get(batch["image_id"][i]) for i in good]
         if self.cache is not None and all(r is not None for r in rows):
             sub = {k: v[rows] for k, v in self.cache.items() if k not in ("image_id", "source")}
-            return VisionFeatures(select=decode_column(sub, "select", self.cache_dtype),
-                                  layers=decode_column(sub, "layers", self.cache_dtype) if "layers" in sub else None)
+            return batch_to_features(sub, self.cache_dtype, self.index)
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
         return self.model.encode_images(pixels)
 
@@ -181,10 +177,9 @@ def run_caption(job: CaptionJob) -> dict:
     todo = [s for s in sources if s not in done]
     model, _ = load_model(job.adapter, job.base)  # fail fast on a bad adapter, and get the processor
     if job.features:  # refuse a cache made for other layers or pooling before any work
-        from .features import cache_key_for, read_cache_info
+        from .features import check_serves
 
-        dtype = read_cache_info(job.features)["key"]["dtype"]
-        read_cache_info(job.features, cache_key_for(model.base, model.feature_layer_ids, model.config.pool, dtype))
+        check_serves(job.features, model.base, model.feature_layer_ids, model.config.pool)
     processor = model.base.image_processor
     del model
     if not ray.is_initialized():

@@ -91,6 +91,11 @@ def image_processor_settings(proc: Any) -> dict[str, Any]:
 
 def cache_key_for(base: Any, layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
     n = base.num_vision_layers + 1
+    for k in layers:
+        if not -n <= k < n:
+            raise ValueError(f"layer {k} is out of range for an encoder with {n - 1} layers: use {-n}..{n - 1}")
+    if len({k % n for k in layers}) != len(layers):
+        raise ValueError(f"layers {layers} name the same layer twice on an encoder with {n - 1} layers")
     return CacheKey(base=base.name, revision=base.revision, image_processor=image_processor_settings(base.image_processor),
                     select_layer=base.select_layer % n, layers=[k % n for k in layers], pool=pool, dtype=dtype)
 
@@ -304,6 +309,25 @@ def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any
     return info
 
 
+def check_serves(cache: str, base: Any, layer_ids: list[int], pool: int) -> tuple[dict[str, Any], list[int]]:
+    """Check that a cache can feed a model whose plug-in reads hidden_states ``layer_ids`` pooled by ``pool``:
+    same base, revision, image processor and select layer; its layers include those (same pooling when any
+    are needed). Returns cache.json and the positions of ``layer_ids`` in the cache's `layers` column."""
+    info = read_cache_info(cache)
+    have = CacheKey(**info["key"])
+    want = cache_key_for(base, layer_ids, pool if layer_ids else have.pool, have.dtype)
+    problems = [d for d in have.diff(want) if not d.startswith(("layers:", "pool:"))]
+    missing = [k for k in want.layers if k not in have.layers]
+    if missing:
+        problems.append(f"layers: cache has {have.layers}, the model needs {want.layers} (missing {missing})")
+    if layer_ids and have.pool != want.pool:
+        problems.append(f"pool: cache has {have.pool}, the model needs {want.pool}")
+    if problems:
+        raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(problems)}; "
+                         f"rebuild it with matching --base/--layers/--pool")
+    return info, [have.layers.index(k) for k in want.layers]
+
+
 def read_cache(cache: str, expect: CacheKey | None = None):
     """The cache as a Ray Dataset (image_id, source, select, layers[, scales])."""
     import ray
@@ -327,11 +351,16 @@ def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
-def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype):
-    """A numpy batch of cache rows -> VisionFeatures for the fused model's features path."""
+def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype, index: list[int] | None = None):
+    """A numpy batch of cache rows -> VisionFeatures for the fused model's features path; ``index`` picks
+    (and orders) the model's layers out of the cache's (from ``check_serves``; None keeps them all)."""
     from cli_module.model import VisionFeatures
 
-    return VisionFeatures(select=decode_column(batch, "select", dtype), layers=decode_column(batch, "layers", dtype))
+    layers = None
+    if index is None or index:
+        layers = decode_column(batch, "layers", dtype)
+        layers = layers if index is None else layers[:, index]
+    return VisionFeatures(select=decode_column(batch, "select", dtype), layers=layers)
 
 
 # --- command line ------------------------------------------------------------------------------------

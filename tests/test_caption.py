@@ -80,5 +80,5 @@ def test_caption_refuses_a_cache_for_other_layers(ray_local, tmp_path, adapter, 
     capsys.readouterr()
     assert main(["caption", str(tmp_path / "imgs"), "--adapter", adapter, "--out", str(tmp_path / "out"),
                  "--features", str(tmp_path / "cache")]) == 2
-    assert "layers: cache has [1, 2], expected [0, 1, 2]" in capsys.readouterr().err
+    assert "layers: cache has [1, 2], the model needs [0, 1, 2] (missing [0])" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("part-*"))

@@ -229,3 +229,22 @@ def test_killed_run_leaves_no_partial_shard_and_rerun_completes(tmp_path):
     assert summary["rows"] == n and summary["skipped"] >= len(shards) and summary["done"] == n - summary["skipped"]
     assert not list(cache.glob(".tmp-*"))
     assert load_cache_table(str(cache)).num_rows == n
+
+
+def test_cache_serves_models_that_need_a_subset_of_its_layers(ray_local, tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    assert features(str(tmp_path / "imgs"), "--out", str(tmp_path / "cache"), "--base", "tiny",
+                    "--layers", "2", "0", "1") == 0
+    from pipelines.features import check_serves
+
+    base = load_base("tiny")
+    _, index = check_serves(str(tmp_path / "cache"), base, [1, 2], 1)
+    assert index == [2, 0]  # positions of the model's layers in the cache's order
+    assert check_serves(str(tmp_path / "cache"), base, [], 1)[1] == []  # one_to_one needs only `select`
+    with pytest.raises(ValueError, match="pool: cache has 1, the model needs 2"):
+        check_serves(str(tmp_path / "cache"), base, [1], 2)
+    with pytest.raises(ValueError, match=r"layer 7 is out of range for an encoder with 2 layers: use -3\.\.2"):
+        check_serves(str(tmp_path / "cache"), base, [7], 1)
+    table = table_to_numpy(load_cache_table(str(tmp_path / "cache")))
+    feats = batch_to_features(table, "float16", index)
+    np.testing.assert_array_equal(feats.layers[:, 0].numpy(), table["layers"][:, 2].astype(np.float32))
