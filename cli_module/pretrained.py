@@ -229,16 +229,16 @@ def _dinov2_config():
     )
 
 
-def _dinov2_image_processor():
-    """DINOv2's processor (a BiT one) at 224: shortest edge 224 bicubic, center-crop 224, ImageNet stats."""
+def _dinov2_image_processor(side: int = ONNX_INPUT_SIZE):
+    """DINOv2's processor (a BiT one): shortest edge ``side`` bicubic, center-crop ``side``, ImageNet stats."""
     from transformers.image_utils import PILImageResampling
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
     # The PIL backend needs no torchvision; it saves as "BitImageProcessor", and AutoImageProcessor loads
     # whichever backend is installed.
     return BitImageProcessorPil(
-        do_resize=True, size={"shortest_edge": ONNX_INPUT_SIZE}, resample=PILImageResampling.BICUBIC,
-        do_center_crop=True, crop_size={"height": ONNX_INPUT_SIZE, "width": ONNX_INPUT_SIZE},
+        do_resize=True, size={"shortest_edge": side}, resample=PILImageResampling.BICUBIC,
+        do_center_crop=True, crop_size={"height": side, "width": side},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
     )
@@ -323,14 +323,15 @@ def smollm2_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------
 # The `small` base: DINOv2-S + a fresh 2-layer MLP projector + SmolLM2-135M, as a ComposedVLM folder
 
-SMALL_FOLDER = "small-base-v1"
+SMALL_FOLDER = "small-base-112"
 SMALL_IMAGE_TOKEN = "<image>"
 SMALL_SELECT_LAYER = -1  # the last encoder layer feeds the LLM input, as one-to-one VLMs do
+SMALL_IMAGE_SIDE = 112  # 8x8 = 64 image tokens: sequences of about 100 tokens keep CPU training steps short
 
 
 def _build_small(_source: Path, folder: Path) -> None:
     import torch
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from .bases import ComposedVLM, MLPProjector, save_composed
 
@@ -343,7 +344,7 @@ def _build_small(_source: Path, folder: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same fresh projector in every process
         projector = MLPProjector(vision.config.hidden_size, lm.config.hidden_size)
-    save_composed(ComposedVLM(vision, projector, lm), tok, AutoImageProcessor.from_pretrained(vision_dir), folder,
+    save_composed(ComposedVLM(vision, projector, lm), tok, _dinov2_image_processor(SMALL_IMAGE_SIDE), folder,
                   image_token=SMALL_IMAGE_TOKEN, select_layer=SMALL_SELECT_LAYER, select_strategy="default")
 
 

@@ -223,7 +223,7 @@ def test_image_token_count_mismatch_is_clear(tiny_base):
 def test_small_base_answers_a_text_prompt():
     """The real pretrained `small` base (DINOv2-S + SmolLM2-135M, converted from pip packages) in the fused model."""
     base = load_base("small")
-    assert base.num_vision_layers == 12 and base.num_text_layers == 30 and base.grid == 16
+    assert base.num_vision_layers == 12 and base.num_text_layers == 30 and base.grid == 8
     model = FusedVLM(base, CLIConfig(vision_layers=[3, 6, 9, 12], inject_layers=[0, 10, 20, 29], pool=2))
     prompt = chat_prompt(base.tokenizer, "What is the capital of France?", with_image=False)
     inputs, _ = model.prepare_inputs([prompt])
