@@ -118,10 +118,9 @@ def _place_dots(rng: np.random.Generator, size: int, objects: list[dict], want: 
     """Rejection-sample dot centres in the free space; a dot keeps a gap from objects and other dots."""
     r = max(1, round(size / 64))
     gap = max(1, r)
-    busy = np.zeros((size, size), dtype=bool)
+    busy = np.zeros((size, size), dtype=bool)                         # (S, S): objects' pixels, then dots' boxes
     for o in objects:
-        (cx, cy), h = o["center"], o["size"] + gap
-        busy[max(0, cy - h): cy + h + 1, max(0, cx - h): cx + h + 1] = True
+        busy |= _shape_mask(o, size)
     dots: list[dict] = []
     for _ in range(200 * want):
         if len(dots) == want:
@@ -141,9 +140,7 @@ def render(scene: dict[str, Any]) -> Image.Image:
     img[:] = scene["background"]
     yy, xx = np.mgrid[0:size, 0:size]                                  # (S, S) each
     for o in scene["objects"]:
-        mask_img = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(mask_img), o["shape"], *o["center"], o["size"])
-        mask = np.asarray(mask_img) > 0                               # (S, S)
+        mask = _shape_mask(o, size)                                    # (S, S)
         rgb = np.array(COLORS[o["color"]], dtype=np.uint8)
         img[mask] = rgb
         if o["texture"] == "striped":
@@ -157,6 +154,12 @@ def render(scene: dict[str, Any]) -> Image.Image:
         (x, y), r = d["center"], d["size"]
         draw.ellipse([x - r, y - r, x + r, y + r], fill=DOT_RGB)
     return out
+
+
+def _shape_mask(obj: dict[str, Any], size: int) -> np.ndarray:
+    mask = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(mask), obj["shape"], *obj["center"], obj["size"])
+    return np.asarray(mask) > 0
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int) -> None:
@@ -299,6 +302,9 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         _write_atomic(cfg.out / f"{split}.jsonl", _jsonl(records[lo:hi]))
         per_type = Counter(r["type"] for r in records[lo:hi])
         counts[split] = {"total": hi - lo, "per_type": {t: per_type.get(t, 0) for t in TYPES}}
+    for stale in (cfg.out / "images").glob("[0-9]*.png"):            # left by an earlier, larger run
+        if stale.stem.isdigit() and int(stale.stem) >= cfg.n:
+            stale.unlink()
     _write_atomic(cfg.out / "captions.jsonl", _jsonl(captions))
     _write_atomic(cfg.out / "scenes.jsonl", _jsonl(scenes))
     meta = {"n": cfg.n, "seed": cfg.seed, "image_size": cfg.image_size, "val_frac": cfg.val_frac,
