@@ -43,7 +43,9 @@ class AMP(nn.Module):
 
     def forward(self, layers: torch.Tensor, projector: nn.Module) -> torch.Tensor:
         """layers (B, K, N, Dv) vision hidden states (already pooled) -> (B, K, N, D) tokens in the LLM space."""
-        out = projector(layers.to(next(projector.parameters()).dtype))  # (B, K, N, D)
+        weight = next(projector.parameters())
+        layers = layers.to(weight.device)
+        out = projector(layers.to(weight.dtype))  # (B, K, N, D)
         if self.rank:
             x = self.dropout(layers).to(self.lora_A.dtype)
             low = torch.einsum("bknv,krv->bknr", x, self.lora_A)  # (B, K, N, r)

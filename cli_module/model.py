@@ -149,9 +149,9 @@ class FusedVLM(nn.Module):
         """Project the features for the input path and compute AMP tokens and AGF keys/values (once per image)."""
         if self.config.method == "input_fusion":
             extra = [vf.layers[:, self.layer_ids.index(k)] for k in self.fusion_ids]  # each (B, N, Dv)
-            image_embeds = self.fusion_projector(torch.cat([vf.select, *extra], dim=-1).to(self._dtype()))
+            image_embeds = self.fusion_projector(torch.cat([vf.select, *extra], dim=-1).to(*self._where()))
         else:
-            image_embeds = self.base.projector(vf.select.to(self._dtype()))  # (C, N, D)
+            image_embeds = self.base.projector(vf.select.to(*self._where()))  # (C, N, D)
         if self.base.kind == "llava_onevision":
             m = self.base.model.model
             per_image = torch.split(image_embeds, vf.crops or [1] * image_embeds.shape[0])
@@ -170,8 +170,9 @@ class FusedVLM(nn.Module):
             kv = [agf.project_kv(tokens) for agf in self.agf]
         return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts)
 
-    def _dtype(self) -> torch.dtype:
-        return next(self.base.projector.parameters()).dtype
+    def _where(self) -> tuple[torch.device, torch.dtype]:
+        p = next(self.base.projector.parameters())
+        return p.device, p.dtype
 
     # --- language model with injection ---------------------------------------------------------------
 
@@ -220,7 +221,7 @@ class FusedVLM(nn.Module):
                        "gates": [] if return_gates else None}
         try:
             out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                     cache=cache, use_cache=use_cache)
+                     use_cache=use_cache, **{_cache_kwarg(lm): cache})
             gates = torch.stack(self._state["gates"], dim=2) if return_gates and self._state["gates"] else None
         finally:
             self._state = None
@@ -231,7 +232,8 @@ class FusedVLM(nn.Module):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return FusedOutput(logits=logits, loss=loss, cache=out.cache if use_cache else None, gates=gates)
+        kv = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return FusedOutput(logits=logits, loss=loss, cache=kv if use_cache else None, gates=gates)
 
     # --- inputs ----------------------------------------------------------------------------------------
 
@@ -257,7 +259,8 @@ class FusedVLM(nn.Module):
         tok = self.base.tokenizer
         tok.padding_side = "left"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, visual
+        device = self._where()[0]
+        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}, visual
 
     # --- generation ------------------------------------------------------------------------------------
 
@@ -273,12 +276,12 @@ class FusedVLM(nn.Module):
         if visual is None and (pixel_values is not None or features is not None):
             visual = self.prepare_visual(features if features is not None else
                                          self.encode_images(pixel_values, image_sizes))
-        b = input_ids.shape[0]
+        b, device = input_ids.shape[0], input_ids.device
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
         pad = self.base.tokenizer.pad_token_id if self.base.tokenizer is not None else 0
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        finished = torch.zeros(b, dtype=torch.bool)
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
         cache = DynamicCache(config=self.base.text_config) if use_cache else None
         seq, step_ids = input_ids, input_ids
         for _ in range(max_new_tokens):
@@ -319,8 +322,8 @@ def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], 
         crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                  for s in image_sizes]
         pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)])
-    dtype = next(base.vision_tower.parameters()).dtype
-    hidden = base.vision_tower(pixel_values.to(dtype), output_hidden_states=True).hidden_states
+    weight = next(base.vision_tower.parameters())
+    hidden = base.vision_tower(pixel_values.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states
     first = torch.tensor([0, *torch.tensor(crops).cumsum(0)[:-1].tolist()]) if crops else slice(None)
     select = base.select(hidden[base.select_layer])  # (C, N, Dv)
     layers = None
@@ -328,6 +331,13 @@ def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], 
         layers = torch.stack([base.select(hidden[k])[first] for k in layer_ids], 1)  # (B, K, N, Dv)
         layers = pool_tokens(layers, pool)  # (B, K, N', Dv)
     return VisionFeatures(select=select, layers=layers, crops=crops, image_sizes=image_sizes)
+
+
+def _cache_kwarg(lm: nn.Module) -> str:
+    """transformers renamed the decoder's ``past_key_values`` argument to ``cache`` (5.2x); accept both."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:

@@ -1,0 +1,342 @@
+"""Online serving over real Ray Serve and real HTTP on 127.0.0.1: the official openai client against the API.
+
+One Serve instance for the module, two applications: "main" at / (two adapters over the tiny base, small
+limits) and "secure" at /secure (the bare base, API key from a file). Answers are checked against the same
+adapters run in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import free_port, perturb, random_images
+
+KEY = "sk-test-0123456789"
+LIMITS = {"max_body_bytes": 64 * 1024, "max_image_bytes": 32 * 1024, "max_image_pixels": 128 * 128, "max_tokens": 32,
+          "default_max_tokens": 8, "max_prompt_tokens": 256, "api_key_env": None, "ingress_num_cpus": 0.1}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_data_url(image=None, size: tuple[int, int] = (16, 16)) -> str:
+    buf = io.BytesIO()
+    (image or random_images(1, size=size)[0]).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(question: str, *urls: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    import torch
+
+    from cli_module.adapter import save_adapter
+    from cli_module.bases import load_base
+    from cli_module.config import CLIConfig
+    from cli_module.model import FusedVLM
+
+    torch.manual_seed(0)  # AGF's random init: the same adapters, so the same answers, in every run
+    root = tmp_path_factory.mktemp("adapters")
+    cfg = CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)
+    base = load_base("tiny")
+    plain, tuned = FusedVLM(base, cfg), FusedVLM(base, cfg)
+    perturb(tuned)
+    save_adapter(plain, root / "plain")
+    save_adapter(tuned, root / "tuned")
+    return {"plain": root / "plain", "tuned": root / "tuned"}
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, adapters, tmp_path_factory):
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    key_file = tmp_path_factory.mktemp("secret") / "api_key"
+    key_file.write_text(KEY + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    main = app_builder({"adapters": [str(adapters["plain"]), str(adapters["tuned"])], "base": "tiny",
+                        "max_batch_size": 8, "batch_wait_timeout_s": 0.3, "num_cpus": 0.5, **LIMITS})
+    secure = app_builder({"base": "tiny", "api_key_file": str(key_file), "num_cpus": 0.25, **LIMITS})
+    serve.run_many([serve.RunTarget(main, name="main", route_prefix="/"),
+                    serve.RunTarget(secure, name="secure", route_prefix="/secure")])
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(adapters):
+    """The served adapters, loaded here: greedy answers and prompt token counts to compare with."""
+    from cli_module.adapter import load_adapter
+    from cli_module.prompting import chat_prompt
+
+    models = {name: load_adapter(path) for name, path in adapters.items()}
+
+    def answer(name: str, question: str, image, max_tokens: int = 8) -> tuple[str, int, int]:
+        model = models[name]
+        tok = model.base.tokenizer
+        enc, visual = model.prepare_inputs([chat_prompt(tok, question)], [image])
+        tokens, _ = model.generate(enc["input_ids"], enc["attention_mask"], visual=visual,
+                                   max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id)
+        ids = tokens[0].tolist()
+        text_ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+        return tok.decode(text_ids, skip_special_tokens=True), int(enc["attention_mask"].sum()), len(ids)
+
+    return answer
+
+
+def http(url: str, body: dict | bytes | None = None, headers: dict | None = None) -> tuple[int, dict | str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, raw = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read().decode()
+    try:
+        return status, json.loads(raw)
+    except json.JSONDecodeError:
+        return status, raw
+
+
+def test_models_route_to_their_adapters_with_usage(client, local):
+    image = random_images(1, seed=3)[0]
+    assert sorted(m.id for m in client.models.list().data) == ["plain", "tuned"]
+    texts = {}
+    for name in ("plain", "tuned"):
+        resp = client.chat.completions.create(model=name, messages=user("What is this?", png_data_url(image)),
+                                              temperature=0, max_tokens=8)
+        text, prompt_tokens, completion_tokens = local(name, "What is this?", image)
+        assert resp.object == "chat.completion" and resp.model == name
+        assert resp.choices[0].message.content == text
+        assert resp.usage.prompt_tokens == prompt_tokens  # text tokens + the image's 16 feature tokens
+        assert resp.usage.completion_tokens == completion_tokens
+        assert resp.usage.total_tokens == prompt_tokens + completion_tokens
+        texts[name] = text
+    assert texts["plain"] != texts["tuned"]  # the perturbed adapter really injects
+    status, body = http(f"{client.base_url}nope")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_stream_matches_non_streamed_answer(client, server):
+    messages = user("Describe the picture.", png_data_url())
+    full = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=12)
+    chunks = list(client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=12,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    status, raw = http(f"{server}/v1/chat/completions", {"model": "plain", "messages": messages, "stream": True,
+                                                         "max_tokens": 4})
+    assert status == 200 and raw.startswith("data: {") and raw.endswith("data: [DONE]\n\n")
+
+
+def test_stop_sequences_cut_the_answer_alike_in_both_modes(client):
+    messages = user("Say something.", png_data_url())
+    text = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=24)
+    text = text.choices[0].message.content
+    stop = next(c for c in text[1:] if c != "\ufffd")  # random bytes; U+FFFD can be a half-decoded character
+    cut = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=24, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=24,
+                                            stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[: text.index(stop)]
+
+
+def test_concurrent_requests_are_batched(client, server, local):
+    image = random_images(1, seed=5)[0]
+    asks = [("tuned", "Hi?"), ("plain", "What colour is it?"), ("tuned", "Count the objects, please."),
+            ("plain", "Is it day or night outside?"), ("tuned", "Why?"), ("plain", "Where?")]
+
+    def ask(model_question: tuple[str, str]):
+        model, question = model_question
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=user(question, png_data_url(image)), temperature=0, max_tokens=6)
+        return raw.parse(), int(raw.headers["x-batch-size"])
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        results = list(pool.map(ask, asks))
+    for (model, question), (resp, _) in zip(asks, results):  # left-padded rows answer as they would alone
+        assert resp.model == model
+        assert resp.choices[0].message.content == local(model, question, image, max_tokens=6)[0]
+    status, health = http(f"{server}/healthz")
+    assert status == 200 and health["status"] == "ok"
+    assert max(int(size) for size in health["batch_sizes"]) > 1, health
+    assert max(size for _, size in results) > 1
+
+
+def test_return_gates_and_heatmap(client, tmp_path):
+    import numpy as np
+
+    from cli_module.cli import main
+
+    resp = client.chat.completions.create(model="tuned", messages=user("What is this?", png_data_url()),
+                                          temperature=0, max_tokens=5, extra_body={"return_gates": True})
+    gates = resp.model_extra["gates"]
+    values = np.asarray(gates["values"])
+    assert values.shape == (resp.usage.completion_tokens, 2, 3) == tuple(gates["shape"])
+    assert gates["inject_layers"] == [0, 1] and gates["vision_layers"] == [0, 1, 2]
+    assert len(gates["tokens"]) == resp.usage.completion_tokens
+    assert ((values >= 0) & (values <= 1)).all()
+    (tmp_path / "resp.json").write_text(resp.model_dump_json())
+    assert main(["gates", str(tmp_path / "resp.json"), "--out", str(tmp_path / "heat.png")]) == 0
+    png = (tmp_path / "heat.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    chunks = list(client.chat.completions.create(model="tuned", messages=user("What?", png_data_url()), temperature=0,
+                                                 max_tokens=4, stream=True, extra_body={"return_gates": True}))
+    final = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert np.asarray(final.model_extra["gates"]["values"]).shape[1:] == (2, 3)
+
+
+def test_api_key_is_required_when_configured(server):
+    import openai
+
+    url = f"{server}/secure/v1"
+    status, body = http(f"{url}/chat/completions", {"model": "tiny", "messages": user("hi")})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert body["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    assert [m.id for m in good.models.list().data] == ["tiny"]
+    resp = good.chat.completions.create(model="tiny", messages=user("hi"), max_tokens=3, temperature=0)
+    assert resp.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("name", ["body", "images", "max_tokens", "base64", "not_image", "image_bytes", "pixels",
+                                  "model", "loopback_url", "json", "prompt_tokens", "n"])
+def test_limits_and_bad_requests(server, name):
+    from PIL import Image
+
+    url = f"{server}/v1/chat/completions"
+    ok = {"model": "plain", "messages": user("hi", png_data_url()), "max_tokens": 2}
+    noise = base64.b64encode(bytes(range(256)) * 150).decode()  # 38 KiB decoded: over the 32 KiB image cap
+    cases = {
+        "body": (413, "body_too_large", {**ok, "padding": "x" * 70_000}),
+        "images": (400, "too_many_images", {**ok, "messages": user("hi", png_data_url(), png_data_url())}),
+        "max_tokens": (400, "max_tokens_exceeded", {**ok, "max_tokens": 33}),
+        "base64": (400, "invalid_base64", {**ok, "messages": user("hi", "data:image/png;base64,@@not-base64@@")}),
+        "not_image": (400, "invalid_image", {**ok, "messages": user("hi", "data:image/png;base64,"
+                                                                        + base64.b64encode(b"hello").decode())}),
+        "image_bytes": (413, "image_too_large", {**ok, "messages": user("hi", f"data:image/png;base64,{noise}")}),
+        "pixels": (413, "image_too_large", {**ok, "messages": user("hi", png_data_url(Image.new("RGB", (200, 90))))}),
+        "model": (404, "model_not_found", {**ok, "model": "nope"}),
+        "loopback_url": (400, "image_url_not_allowed", {**ok, "messages": user("hi", "http://127.0.0.1:1/x.png")}),
+        "json": (400, "invalid_json", b'{"model": "plain", "messages": ['),
+        "prompt_tokens": (400, "context_length_exceeded", {**ok, "messages": user("word " * 300)}),
+        "n": (400, None, {**ok, "n": 2}),
+    }
+    status, code, body = cases[name]
+    got, answer = http(url, body)
+    assert got == status, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["code"] == code
+    if name == "max_tokens":
+        assert "32" in error["message"] and error["param"] == "max_tokens"
+    got, answer = http(url, ok)  # the server still answers a good request
+    assert got == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
+def test_serve_config_validation_and_yaml():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cli_module.cli import build_parser
+    from pipelines.serve import ServeConfig, app_builder
+
+    with pytest.raises(ValueError, match="max_ongoing_requests=4 is below max_batch_size=8"):
+        ServeConfig(max_ongoing_requests=4)
+    with pytest.raises(ValueError, match="default_max_tokens=600 exceeds max_tokens=512"):
+        ServeConfig(default_max_tokens=600)
+    with pytest.raises(ValueError, match="max_tokens must be an integer, got '512'"):
+        ServeConfig(max_tokens="512")
+    with pytest.raises(ValueError, match="max_images=3"):
+        ServeConfig(max_images=3)
+    with pytest.raises(ValueError, match="unknown serve config keys \\['max_tokenz'\\]"):
+        ServeConfig.from_dict({"max_tokenz": 3})
+    with pytest.raises(ValueError, match="used twice"):
+        ServeConfig(base="tiny", adapters=["a=/x/one", "a=/y/two"])
+    assert [i for i, _ in ServeConfig(adapters=["/x/plain", "best=/y/tuned"]).model_specs()] == ["plain", "best"]
+    path = ROOT / "cluster/serve/config.yaml"
+    text = path.read_text()
+    assert text.startswith("#") and "serve run cluster/serve/config.yaml" in text.splitlines()[0]
+    import yaml
+
+    raw = yaml.safe_load(text)
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    app = schema.applications[0]
+    assert app.import_path == "pipelines.serve:app_builder"
+    assert {d.name for d in app.deployments} == {"VLMModel", "OpenAIIngress"}
+    cfg = ServeConfig.from_yaml(path)
+    assert cfg.base == "tiny" and cfg.adapters == [] and [i for i, _ in cfg.model_specs()] == ["tiny"]
+    assert app_builder(app.args) is not None
+    args = build_parser().parse_args(["serve", "--adapter", "a", "--adapter", "b=c", "--port", "9000"])
+    assert args.adapter == ["a", "b=c"] and args.port == 9000 and args.host == "127.0.0.1"
+    assert build_parser().parse_args(["gates", "in.json", "--out", "x.png"]).out == "x.png"
+
+
+def test_image_url_fetching_rules():
+    """Allowlisted http(s) image URLs: public addresses only unless allowed, no redirects, byte cap (no Ray)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from pipelines.serve import ApiError, ServeConfig, load_image
+
+    png = base64.b64decode(png_data_url().split(",", 1)[1])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/x.png")
+                self.end_headers()
+                return
+            body = png if self.path == "/x.png" else b"x" * 40_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_port}"
+    try:
+        opened = ServeConfig(image_url_allowlist=["127.0.0.1"], allow_private_image_hosts=True, **LIMITS)
+        assert load_image(f"{url}/x.png", opened).size == (16, 16)
+        cases = [(ServeConfig(**LIMITS), "/x.png", 400, "not on this server's image_url_allowlist"),
+                 (ServeConfig(image_url_allowlist=["127.0.0.1"], **LIMITS), "/x.png", 400, "non-public address"),
+                 (opened, "/moved", 400, "could not fetch"),
+                 (opened, "/big", 413, "max_image_bytes=32768")]
+        for cfg, path, status, message in cases:
+            with pytest.raises(ApiError, match=message) as err:
+                load_image(url + path, cfg)
+            assert err.value.status == status
+        with pytest.raises(ApiError, match="malformed image URL"):
+            load_image("http://127.0.0.1:99999999/x.png", opened)
+    finally:
+        httpd.shutdown()
