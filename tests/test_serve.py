@@ -302,7 +302,7 @@ def test_image_url_fetching_rules():
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from pipelines.serve import ApiError, ServeConfig, load_image
+    from pipelines.serve_api import ApiError, ServeConfig, load_image
 
     png = base64.b64decode(png_data_url().split(",", 1)[1])
 
