@@ -64,7 +64,9 @@ def s3_server():
     from pathlib import Path
 
     port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # the venv's own server first: another moto_server on PATH (pyenv's 5.2.1 here) fails pyarrow's multipart uploads
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

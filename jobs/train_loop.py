@@ -1,0 +1,344 @@
+"""The per-worker training loop of ``crosslayer train``: Ray Train calls ``train_loop_per_worker`` on each rank.
+
+Per rank: take its shard of cached features (``ray.train.get_dataset_shard``), load the base without its vision
+encoder (features come from the cache; the tower is replaced by a weightless stand-in), wrap it in ``FusedVLM``,
+hand AdamW over the trainable parameters and a warmup + decay schedule to ``deepspeed.initialize``, resume from
+``ray.train.get_checkpoint()`` if there is one, then loop: micro-batches (a pure function of seed, epoch, step
+and rank), ``engine.backward``/``engine.step``, a metric row every ``log_every`` steps, the held-out loss and
+answer-token accuracy every ``eval_every`` steps, and every ``checkpoint_every`` steps a collective
+``engine.save_checkpoint`` plus the adapter and the metric history, reported with ``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .train_config import TrainConfig, lr_factor
+from .train_data import CacheView, MicroBatches, ShardData, order_seed
+
+STATE_FILE = "trainer_state.json"  # step, DeepSpeed tag, world size, metric history: beside DeepSpeed's files
+
+
+@dataclass
+class WorkerPlan:
+    """What the driver settled for the workers; plain values, sent as ``train_loop_config``."""
+
+    config: dict[str, Any]  # TrainConfig.to_dict()
+    cache: dict[str, Any]  # CacheView fields
+    pad_id: int  # token id used to right-pad sequences
+    train_sizes: list[int]  # training examples per rank
+    eval_sizes: list[int]  # eval examples per rank (all zero: no eval)
+    ds_config: dict[str, Any]  # the DeepSpeed config
+    run_name: str  # Ray Train run name (recorded in the adapter)
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in adapter_config.json
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+class CachedEncoder(nn.Module):
+    """Stands in for the vision tower in training workers: keeps its config (shapes), holds no weights."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the vision encoder is not loaded in training workers: features come from the cache")
+
+
+def drop_vision_tower(base: Any) -> None:
+    """Free the encoder's weights (load_base loads the whole base; training never runs the encoder)."""
+    owner = base.model if base.kind == "composed" else base.model.model
+    owner.vision_tower = CachedEncoder(base.vision_config)
+
+
+def load_projector(model: Any, adapter_dir: str) -> None:
+    """Stage 2 of the two-stage recipe: P from a stage-1 (projector_ft) adapter; the new adapter carries it."""
+    from safetensors.torch import load_file
+
+    from cli_module.adapter import WEIGHTS, base_signature, read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    if config["base_signature"] != base_signature(model.base):
+        raise ValueError(f"init_projector {adapter_dir} was trained on {config['base_model']!r}, whose shapes "
+                         f"{config['base_signature']} differ from this base's {base_signature(model.base)}")
+    state = load_file(str(Path(adapter_dir) / WEIGHTS))
+    proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    if not proj:
+        raise ValueError(f"init_projector {adapter_dir} holds no projector.* weights (method "
+                         f"{config.get('method')!r}); point it at a projector_ft adapter")
+    model.base.projector.load_state_dict(proj)
+    model.projector_modified = True
+
+
+def build_model(base: Any, cfg: TrainConfig) -> Any:
+    """FusedVLM with the plug-in initialised from trainer.seed (the same on every rank and every attempt)."""
+    from cli_module.model import FusedVLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.trainer.seed)
+        model = FusedVLM(base, cfg.cli)
+    if cfg.init_projector:
+        load_projector(model, cfg.init_projector)
+    return model
+
+
+def adapter_params(model: Any) -> list[nn.Parameter]:
+    """The parameters an adapter file holds (gathered first under ZeRO-3)."""
+    params = [p for n, p in model.named_parameters() if not n.startswith("base_model.")]
+    if model.projector_modified:
+        params += list(model.base.projector.parameters())
+    return params
+
+
+# --- DeepSpeed -----------------------------------------------------------------------------------------
+
+def skip_shm_comm_op() -> None:
+    """On CPU, DeepSpeed builds its shared-memory all-reduce op (~50 s of C++ compilation per fresh machine)
+    when its comm backend starts, though only inference_all_reduce uses it; training collectives go through the
+    process group Ray Train created (gloo). deepspeed.ops keeps its op probe results in a module dict that
+    persists edits, so marking the op incompatible there skips the build."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def make_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
+    """-> (engine, lr scheduler): AdamW over the trainable parameters only, LambdaLR warmup + decay."""
+    import deepspeed
+
+    skip_shm_comm_op()
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, optim=o, max_steps=cfg.trainer.max_steps))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_config)
+    return engine, scheduler
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+def answer_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, S, V), labels (B, S) -> [cross-entropy sum, answer tokens, correct argmax] (float64)."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]  # (B, S-1, V), (B, S-1): next-token targets
+    mask = target != -100
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+    correct = ((logits.argmax(-1) == target) & mask).sum()
+    return torch.stack([ce.double(), mask.sum().double(), correct.double()])
+
+
+@torch.no_grad()
+def eval_sums(forward: Any, data: ShardData, batch_size: int, num_batches: int,
+              device: Any = "cpu") -> torch.Tensor:
+    """Sums over ``num_batches`` batches (the same count on every rank: ZeRO-3 forwards are collective); a rank
+    out of rows repeats its first batch with weight 0."""
+    sums = torch.zeros(3, dtype=torch.float64)
+    for b in range(num_batches):
+        rows, weight = np.arange(b * batch_size, min((b + 1) * batch_size, len(data))), 1.0
+        if len(rows) == 0:
+            rows, weight = np.arange(min(batch_size, len(data))), 0.0
+        batch = data.batch(rows).to(device)
+        out = forward(batch.input_ids, batch.attention_mask, features=batch.features)
+        sums += weight * answer_sums(out.logits, batch.labels).cpu()
+    return sums
+
+
+def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+    tokens = max(float(sums[1]), 1.0)
+    return {"eval_loss": float(sums[0]) / tokens, "eval_token_acc": float(sums[2]) / tokens}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def save_checkpoint(engine: Any, model: Any, plan: WorkerPlan, cfg: TrainConfig, step: int,
+                    history: list[dict], rank: int, metrics: dict[str, Any]) -> None:
+    """Collective: DeepSpeed's files (frozen base excluded), the adapter and the state, reported to Ray Train."""
+    import deepspeed
+    import ray.train
+
+    tmp = tempfile.mkdtemp(prefix=f"crosslayer-ckpt-r{rank}-")
+    try:
+        tag = f"global_step{step}"
+        engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=True)
+        with deepspeed.zero.GatheredParameters(adapter_params(model), modifier_rank=None):
+            from cli_module.adapter import save_adapter
+
+            save_adapter(model, Path(tmp) / "adapter", is_main_process=rank == 0,
+                         extra={"train_step": step, "run_name": plan.run_name, **plan.extra})
+        if rank == 0:
+            state = {"step": step, "tag": tag, "world_size": len(plan.train_sizes), "history": history,
+                     "base": cfg.base, "cli_config": cfg.cli.to_dict(), "seed": cfg.trainer.seed}
+            Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(engine: Any, cfg: TrainConfig, world: int) -> tuple[int, list[dict]]:
+    """-> (completed steps, metric history) from the newest reported checkpoint, or (0, []) on a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = json.loads(Path(d, STATE_FILE).read_text())
+        if state["world_size"] != world:
+            raise ValueError(f"checkpoint was written by {state['world_size']} workers, this run has {world}; "
+                             f"resume with trainer.num_workers={state['world_size']}")
+        if state["base"] != cfg.base or state["cli_config"] != cfg.cli.to_dict() or state["seed"] != cfg.trainer.seed:
+            raise ValueError("the checkpoint was written with another base, cli config or seed; resume a run "
+                             "with its own config, or start a fresh run (a new trainer.run_name)")
+        path, _ = engine.load_checkpoint(d, tag=state["tag"], load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint {state['tag']} in {d}")
+    return state["step"], [h for h in state["history"] if h["step"] <= state["step"]]
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+class WorkerTrainer:
+    """One rank's run: ``setup`` (shard, model, engine, resume), ``train`` (the loop), like a torchtune recipe."""
+
+    def __init__(self, plan: WorkerPlan):
+        import ray.train
+
+        self.plan, self.cfg = plan, TrainConfig.from_dict(plan.config)
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+
+    def setup(self) -> None:
+        import ray.train
+
+        from cli_module.bases import load_base
+
+        t0, t, plan = time.perf_counter(), self.cfg.trainer, self.plan
+        torch.set_num_threads(max(1, int(t.cpus_per_worker)))
+        if self.cfg.debug.pid_dir:
+            Path(self.cfg.debug.pid_dir).mkdir(parents=True, exist_ok=True)
+            Path(self.cfg.debug.pid_dir, f"rank{self.rank}.pid").write_text(str(os.getpid()))
+        view = CacheView(**plan.cache)
+        shard = ShardData.from_iterator(ray.train.get_dataset_shard(f"rank{self.rank}"), view, plan.pad_id)
+        self.train_data = shard["train"]
+        self.eval_data = shard["eval"] if sum(plan.eval_sizes) else None
+        self.eval_batches = -(-max(plan.eval_sizes) // t.eval_batch_size)  # the same count on every rank
+        self.micro = MicroBatches(len(self.train_data), t.micro_batch_size,
+                                  min(plan.train_sizes) // t.micro_batch_size, t.seed, self.rank)
+        t1 = time.perf_counter()
+        base = load_base(self.cfg.base)
+        drop_vision_tower(base)
+        self.model = build_model(base, self.cfg)
+        t2 = time.perf_counter()
+        self.engine, self.scheduler = make_engine(self.model, self.cfg, plan.ds_config)
+        t3 = time.perf_counter()
+        self.step, self.history = restore(self.engine, self.cfg, self.world)
+        self.start = self.step
+        if self.rank == 0:
+            say(f"[train] rank 0 ready in {time.perf_counter() - t0:.1f} s: shard of {len(self.train_data)} "
+                f"train examples {t1 - t0:.1f} s, model {t2 - t1:.1f} s, deepspeed.initialize {t3 - t2:.1f} s"
+                + (f", resumed at step {self.step}" if self.step else ""))
+
+    def evaluate(self) -> dict[str, float]:
+        import torch.distributed as dist
+
+        self.engine.eval()
+        sums = eval_sums(self.engine, self.eval_data, self.cfg.trainer.eval_batch_size, self.eval_batches,
+                         self.engine.device)
+        sums = sums.to(self.engine.device)
+        dist.all_reduce(sums)
+        self.engine.train()
+        return eval_metrics(sums.cpu())
+
+    def train_step(self) -> tuple[torch.Tensor, int]:
+        """One optimizer step -> ([loss sum, micro-batches, real tokens] summed over ranks, epoch)."""
+        import torch.distributed as dist
+
+        t = self.cfg.trainer
+        sums = torch.zeros(3, dtype=torch.float64)
+        for a in range(t.grad_accum):
+            m = self.step * t.grad_accum + a  # the run's micro-batch index: resumable
+            epoch, rows = self.micro.rows(m)
+            batch = self.train_data.batch(rows).to(self.engine.device)
+            torch.manual_seed(order_seed(t.seed, m, self.rank))  # dropout masks
+            out = self.engine(batch.input_ids, batch.attention_mask, features=batch.features, labels=batch.labels)
+            self.engine.backward(out.loss)
+            self.engine.step()  # DeepSpeed steps the optimizer and the schedule at the accumulation boundary
+            sums += torch.tensor([out.loss.detach().item(), 1.0, batch.tokens], dtype=torch.float64)
+        sums = sums.to(self.engine.device)  # NCCL reduces GPU tensors only; gloo takes CPU ones
+        dist.all_reduce(sums)
+        return sums.cpu(), epoch
+
+    def train(self) -> dict[str, Any]:
+        import ray.train
+
+        t, debug = self.cfg.trainer, self.cfg.debug
+        if self.step == 0 and self.eval_data is not None:  # the untrained model's held-out loss: the first point
+            self.history.append({"step": 0, **self.evaluate()})
+        self.engine.train()
+        while self.step < t.max_steps:
+            t0 = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]
+            sums, epoch = self.train_step()
+            self.step += 1
+            elapsed, step = time.perf_counter() - t0, self.step
+            do_eval = self.eval_data is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0))
+            if do_eval or step % t.log_every == 0 or step == t.max_steps:
+                row = {"step": step, "epoch": epoch, "loss": float(sums[0] / sums[1]), "lr": lr,
+                       "tokens_per_s": float(sums[2]) / elapsed, "step_time_s": elapsed}
+                if do_eval:
+                    row.update(self.evaluate())
+                self.history.append(row)
+                if self.rank == 0:
+                    say(progress_line(row, t.max_steps))
+            if step == t.max_steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                # metrics reach Ray Train with checkpoints only: each report is a barrier that waits for a poll
+                latest = self.history[-1] if self.history[-1:] and self.history[-1]["step"] == step else {"step": step}
+                save_checkpoint(self.engine, self.model, self.plan, self.cfg, step, self.history, self.rank, latest)
+            if debug.crash_at_step == step and self.start == 0 and self.rank == 0:
+                raise RuntimeError(f"debug.crash_at_step={step}: injected failure after step {step}")
+            if debug.step_sleep_s:
+                time.sleep(debug.step_sleep_s)
+        if self.start >= t.max_steps:  # a finished run restarted: nothing to train, its newest checkpoint stands
+            ray.train.report({"step": self.step})
+        return {"step": self.step, "resumed_from": self.start}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train's entry on each rank: the plan in, the rank's run out."""
+    trainer = WorkerTrainer(WorkerPlan(**loop_config))
+    trainer.setup()
+    return trainer.train()
+
+
+def say(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver. Not ``print``: Ray Train patches it in
+    workers to both print and log, so every line would reach the driver twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
+def progress_line(row: dict[str, Any], max_steps: int) -> str:
+    line = (f"[train] step {row['step']}/{max_steps} epoch {row['epoch']} loss {row['loss']:.4f} "
+            f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s {row['step_time_s'] * 1000:.0f} ms/step")
+    if "eval_loss" in row:
+        line += f" | eval loss {row['eval_loss']:.4f} answer-token acc {row['eval_token_acc']:.3f}"
+    return line
