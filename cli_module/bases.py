@@ -46,6 +46,18 @@ class MLPProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+class VisionStub(nn.Module):
+    """Stands in for an encoder that is not loaded (training from cached features): its config, no weights."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the vision encoder is not loaded here (load_base(..., vision=False)): "
+                           "features come from the feature cache")
+
+
 class ComposedVLM(nn.Module):
     """Any transformers vision model with hidden states + an MLP projector + any causal LM."""
 
@@ -119,9 +131,16 @@ class Base:
         return hidden[:, 1:] if self.select_strategy == "default" else hidden
 
 
-def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> Base:
-    """Build a preset or load a checkpoint; all base parameters come back frozen (requires_grad False)."""
-    if name == "tiny":
+def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+              vision: bool = True) -> Base:
+    """Build a preset or load a checkpoint; all base parameters come back frozen (requires_grad False).
+    ``vision=False`` leaves the encoder out (a VisionStub keeps its config): composed bases never read its
+    weights; LLaVA checkpoints load whole and free it."""
+    if name == "small" and not vision:
+        from .pretrained import small_base_dir
+
+        base = load_composed(small_base_dir(), name="small", vision=False)
+    elif name == "tiny":
         base = build_tiny("llava")
     elif name == "tiny-onevision":
         base = build_tiny("llava_onevision")
@@ -133,6 +152,9 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
         base = build_llava_7b_shape()
     else:
         base = load_pretrained(name, revision=revision, dtype=dtype)
+    if not vision and not isinstance(base.vision_tower, VisionStub):
+        owner = base.model if base.kind == "composed" else base.model.model
+        owner.vision_tower = VisionStub(base.vision_config)
     if name != "llava-1.5-7b-shape":
         base.model.to(dtype)
     base.model.eval()
@@ -252,18 +274,22 @@ def save_composed(model: ComposedVLM, tokenizer: Any, image_processor: Any, out:
     (out / COMPOSED_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def load_composed(path: Path, name: str) -> Base:
-    from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def load_composed(path: Path, name: str, vision: bool = True) -> Base:
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    path = Path(path)
     meta = json.loads(Path(path, COMPOSED_FILE).read_text())
-    vision = AutoModel.from_pretrained(path / "vision", use_safetensors=True)
+    if vision:
+        tower = AutoModel.from_pretrained(path / "vision", use_safetensors=True)
+    else:
+        tower = VisionStub(AutoConfig.from_pretrained(path / "vision"))
     lm = AutoModelForCausalLM.from_pretrained(path / "lm", use_safetensors=True)
     projector = MLPProjector(meta["vision_dim"], meta["text_dim"])
     projector.load_state_dict(load_file(str(path / "projector.safetensors")))
     tok = AutoTokenizer.from_pretrained(path / "lm")
     proc = AutoImageProcessor.from_pretrained(path / "vision")
     image_token_id = tok.convert_tokens_to_ids(meta["image_token"])
-    return Base(name=name, kind="composed", model=ComposedVLM(vision, projector, lm), tokenizer=tok,
+    return Base(name=name, kind="composed", model=ComposedVLM(tower, projector, lm), tokenizer=tok,
                 image_processor=proc, image_token_id=image_token_id, select_layer=meta["select_layer"],
                 select_strategy=meta["select_strategy"], revision=meta.get("revision"))
 

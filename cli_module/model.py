@@ -93,7 +93,7 @@ class FusedVLM(nn.Module):
         self.layer_ids = [k % n_vis for k in config.vision_layers]  # non-negative hidden_states indices
         self.select_id = base.select_layer % n_vis
         dv, d = base.vision_config.hidden_size, base.text_config.hidden_size
-        device = next(base.model.parameters()).device
+        device = next(base.language_model.parameters()).device
         with torch.device(device):
             if config.method in ("cli", "deepstack"):
                 self.amp = AMP(len(self.layer_ids), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
@@ -322,7 +322,7 @@ def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], 
         crops = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                  for s in image_sizes]
         pixel_values = torch.cat([pv[:c] for pv, c in zip(pixel_values, crops)])
-    weight = next(base.vision_tower.parameters())
+    weight = next(base.vision_tower.parameters(), pixel_values)  # a VisionStub has none (and raises when called)
     hidden = base.vision_tower(pixel_values.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states
     first = torch.tensor([0, *torch.tensor(crops).cumsum(0)[:-1].tolist()]) if crops else slice(None)
     select = base.select(hidden[base.select_layer])  # (C, N, Dv)

@@ -1,64 +1,186 @@
-"""``crosslayer quickstart``: the fused model end to end on an embedded base, reported step by step.
+"""``crosslayer quickstart``: the project's main job end to end on an embedded base, in one process.
 
-Today: build the base, wrap it with an untrained CLI plug-in, check it reproduces the base's logits, then
-generate an answer about a drawn image with the KV cache, and write ``summary.json`` to the report folder.
+Local Ray, local files, the real pretrained ``small`` base (or ``tiny``): synthesise a VQA set, cache its
+multi-layer features (Ray Data), train stage 1 (the projector) and stage 2 (CLI) with Ray Train + DeepSpeed,
+evaluate CLI against one-to-one (the stage-1 model as is), caption a few images (Ray Data), serve the adapter
+(Ray Serve) and answer one OpenAI-style request with its gates, and write a report folder: ``results.md``,
+``loss.png``, ``gates.png``, ``captions.jsonl`` and ``summary.json``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
+import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from PIL import Image, ImageDraw
+from typing import Any
 
 
-def demo_image(size: int = 224) -> Image.Image:
-    """A red circle left of a blue square on white: something a question can be asked about."""
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    s = size // 8
-    draw.ellipse([s, 3 * s, 3 * s, 5 * s], fill="red")
-    draw.rectangle([5 * s, 3 * s, 7 * s, 5 * s], fill="blue")
-    return img
+@dataclass
+class Preset:
+    """Sizes of one quickstart run; `small` is sized for about 15 minutes on 2 CPU cores."""
+
+    base: str  # base preset
+    n: int  # synthetic images (one question each)
+    image_size: int  # synthetic image side in pixels
+    layers: list[int]  # vision hidden_states indices K
+    pool: int  # AMP token pooling
+    inject_layers: list[int]  # decoder layers T
+    attn_dim: int  # AGF width
+    stage1_steps: int  # projector steps
+    stage2_steps: int  # CLI steps
+    stage1_lr: float  # projector learning rate
+    stage2_lr: float  # CLI learning rate
+    micro_batch: int  # sequences per worker per step
+    eval_n: int  # test records evaluated
+    captions: int  # images captioned
+
+
+PRESETS = {
+    "tiny": Preset(base="tiny", n=96, image_size=32, layers=[1, 2], pool=2, inject_layers=[0, 1], attn_dim=16,
+                   stage1_steps=10, stage2_steps=10, stage1_lr=3e-3, stage2_lr=3e-3, micro_batch=8, eval_n=16,
+                   captions=4),
+    "small": Preset(base="small", n=640, image_size=112, layers=[3, 6, 9, 12], pool=2, inject_layers=[2, 10, 18, 26],
+                    attn_dim=256, stage1_steps=60, stage2_steps=60, stage1_lr=1e-3, stage2_lr=5e-4, micro_batch=4,
+                    eval_n=64, captions=6),
+}
+
+
+def say(step: int, total: int, text: str) -> None:
+    print(f"[quickstart {step}/{total}] {text}", flush=True)
+
+
+def train_stage(p: Preset, work: Path, name: str, method: str, steps: int, lr: float,
+                init_projector: str | None = None) -> dict[str, Any]:
+    from jobs.train import run_train
+    from jobs.train_config import load_config
+
+    overrides = [f"base={p.base}", f"method={method}", f"output_dir={work / name}",
+                 f"data.train={work / 'data' / 'train.jsonl'}", f"data.eval={work / 'data' / 'val.jsonl'}",
+                 f"data.features={work / 'cache'}", f"trainer.max_steps={steps}", "trainer.num_workers=2",
+                 f"trainer.micro_batch_size={p.micro_batch}", "trainer.log_every=10",
+                 f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", f"optim.lr={lr}",
+                 f"optim.warmup_steps={max(1, steps // 10)}", "deepspeed.zero_stage=2",
+                 f"cli.vision_layers={json.dumps(p.layers)}", f"cli.inject_layers={json.dumps(p.inject_layers)}",
+                 f"cli.pool={p.pool}", f"cli.attn_dim={p.attn_dim}", "cli.heads=4" if p.attn_dim % 4 == 0 else "cli.heads=2"]
+    if init_projector:
+        overrides.append(f"init_projector={init_projector}")
+    return run_train(load_config(None, overrides))
+
+
+def serve_one_request(adapter: str, base: str, image: bytes, question: str) -> dict[str, Any]:
+    """Start Ray Serve with the adapter, ask one question through the official openai client, shut down."""
+    from openai import OpenAI
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app_builder({"base": base, "adapters": [adapter]}), name="quickstart", route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        url = "data:image/png;base64," + base64.b64encode(image).decode()
+        reply = client.chat.completions.create(
+            model=model, max_tokens=8, temperature=0, extra_body={"return_gates": True},
+            messages=[{"role": "user", "content": [{"type": "text", "text": question},
+                                                   {"type": "image_url", "image_url": {"url": url}}]}])
+        return reply.model_dump()
+    finally:
+        serve.shutdown()
 
 
 def run_quickstart(preset: str, out: Path) -> int:
-    from .bases import load_base
-    from .config import CLIConfig
-    from .model import FusedVLM
-    from .prompting import chat_prompt
+    import ray
 
-    t0 = time.time()
+    from jobs.evaluate import EvalJob, run_eval
+    from pipelines.caption import CaptionJob, read_captions, run_caption
+    from pipelines.features import FeatureJob, run_features
+    from pipelines.gates import draw_gates
+    from pipelines.synth import SynthConfig, synthesize
+
+    p, total, t0 = PRESETS[preset], 8, time.time()
+    out = out.resolve()
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[1/4] loading the {preset!r} base ...", flush=True)
-    base = load_base(preset)
-    depth_v, depth_t = base.num_vision_layers, base.num_text_layers
-    cfg = CLIConfig(vision_layers=sorted({1, depth_v // 2, depth_v - 1, depth_v}),
-                    inject_layers=sorted({0, depth_t // 2, depth_t - 1}),
-                    attn_dim=16 if preset == "tiny" else 256, pool=1)
-    model = FusedVLM(base, cfg)
-    counts = model.param_counts()
-    print(f"[2/4] fused model: vision layers {cfg.vision_layers} -> decoder layers {cfg.inject_layers}; "
-          f"{counts['trainable_params']:,} of {counts['total_params']:,} parameters trainable "
-          f"({counts['trainable_percent']}%)", flush=True)
-    prompt = chat_prompt(base.tokenizer, "What is left of the blue square? Answer in a few words.")
-    inputs, visual = model.prepare_inputs([prompt], images=[demo_image()])
-    image_mask = inputs["input_ids"] == base.image_token_id
-    with torch.no_grad():
-        fused = model(**inputs, visual=visual).logits
-        plain = FusedVLM(base, CLIConfig(method="one_to_one"))(**inputs, visual=visual).logits
-    diff = float((fused - plain).abs().max())
-    print(f"[3/4] untrained plug-in vs base: max |logit difference| = {diff:.3g} over "
-          f"{inputs['input_ids'].shape[1]} tokens ({int(image_mask.sum())} image tokens)", flush=True)
-    tokens, gates = model.generate(**inputs, visual=visual, max_new_tokens=12,
-                                   eos_token_id=base.tokenizer.eos_token_id, return_gates=True)
-    answer = base.tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
-    print(f"[4/4] generated with the KV cache: {answer!r}; gate tensor {tuple(gates.shape)} "
-          f"(batch, token, injection layer, vision layer)", flush=True)
-    summary = {"preset": preset, "params": counts, "cli_config": cfg.to_dict(), "zero_init_max_abs_diff": diff,
-               "answer": answer, "gates_shape": list(gates.shape), "seconds": round(time.time() - t0, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"report: {out.resolve()}/summary.json ({summary['seconds']} s)")
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.time() - since, 1)
+        return time.time()
+
+    say(1, total, f"synthesising {p.n} images with questions at {p.image_size} px ...")
+    synthesize(SynthConfig(out=str(work / "data"), n=p.n, seed=0, image_size=p.image_size))
+    test = [json.loads(x) for x in (work / "data" / "test.jsonl").read_text().splitlines()][: p.eval_n]
+    (work / "data" / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    t = lap("synth", t0)
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    say(2, total, f"caching layers {p.layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
+    cache = run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / "cache"), base=p.base,
+                                    layers=p.layers, pool=p.pool, batch_size=16, concurrency=1, cpus_per_actor=2))
+    t = lap("features", t)
+    say(3, total, f"stage 1: training the projector for {p.stage1_steps} steps (Ray Train + DeepSpeed, 2 workers) ...")
+    s1 = train_stage(p, work, "stage1", "projector_ft", p.stage1_steps, p.stage1_lr)
+    t = lap("stage1", t)
+    say(4, total, f"stage 2: training CLI (AMP + AGF) for {p.stage2_steps} steps on the stage-1 projector ...")
+    s2 = train_stage(p, work, "stage2", "cli", p.stage2_steps, p.stage2_lr, init_projector=s1["adapter"])
+    t = lap("stage2", t)
+    say(5, total, f"evaluating CLI and one-to-one on {len(test)} held-out questions ...")
+    reports = {}
+    for label, adapter in (("one-to-one (stage-1 model)", s1["adapter"]), ("CLI (stage 2)", s2["adapter"])):
+        reports[label] = run_eval(EvalJob(data=str(work / "data" / "test-sub.jsonl"), features=str(work / "cache"),
+                                          adapter=adapter, out=str(work / f"eval-{adapter.split('/')[-2]}.json")))
+    t = lap("eval", t)
+    say(6, total, f"captioning {p.captions} images with Ray Data ...")
+    few = work / "caption-src"
+    few.mkdir()
+    for img in sorted((work / "data" / "images").iterdir())[: p.captions]:
+        shutil.copy(img, few / img.name)
+    run_caption(CaptionJob(src=str(few), out=str(work / "captions"), adapter=s2["adapter"], features=str(work / "cache"),
+                           max_new_tokens=24, batch_size=p.captions))
+    captions = sorted(read_captions(str(work / "captions")), key=lambda r: r["source"])
+    (out / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    t = lap("caption", t)
+    say(7, total, "serving the CLI adapter with Ray Serve and asking one OpenAI-style question ...")
+    question = test[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    image_bytes = (work / "data" / test[0]["image"]).read_bytes()
+    reply = serve_one_request(s2["adapter"], p.base, image_bytes, question)
+    gates = reply.get("gates") or reply.get("choices", [{}])[0].get("gates")
+    import numpy as np
+
+    draw_gates(np.asarray(gates["values"]), out / "gates.png", gates["inject_layers"], gates["vision_layers"],
+               tokens=gates.get("tokens"))
+    t = lap("serve", t)
+    ray.shutdown()
+    say(8, total, "writing the report ...")
+    shutil.copy(Path(s2["output_dir"]) / "loss.png", out / "loss.png")
+    answer = reply["choices"][0]["message"]["content"]
+    write_results(out, p, reports, s1, s2, cache, question, test[0]["answer"], answer, timings, t0)
+    print(f"report: {out}/results.md ({round(time.time() - t0)} s)")
     return 0
+
+
+def write_results(out: Path, p: Preset, reports: dict, s1: dict, s2: dict, cache: dict, question: str,
+                  truth: str, answer: str, timings: dict, t0: float) -> None:
+    types = sorted({t for r in reports.values() for t in r["per_type"]})
+    lines = [f"# Quickstart results ({p.base} base)", "",
+             f"Held-out questions: {next(iter(reports.values()))['n']}; stage 1 {p.stage1_steps} steps, "
+             f"stage 2 {p.stage2_steps} steps; {round(time.time() - t0)} s in all on this machine.", "",
+             "| model | accuracy | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    for label, r in reports.items():
+        lines.append(f"| {label} | {r['accuracy']:.3f} | " + " | ".join(f"{r['per_type'].get(t, 0):.2f}" for t in types) + " |")
+    lines += ["", f"Served request: *{question}* → **{answer!r}** (reference: {truth!r}); gates in `gates.png`.",
+              "", f"Training: stage 1 final loss {s1.get('loss')}, stage 2 final loss {s2.get('loss')} "
+              f"(eval loss {s2.get('eval_loss')}); curve in `loss.png`. Captions in `captions.jsonl`.", "",
+              "Seconds per step of the job: " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
+    (out / "results.md").write_text("\n".join(lines))
+    summary = {"preset": asdict(p), "reports": reports, "stage1": s1, "stage2": s2, "features": cache,
+               "served": {"question": question, "answer": answer, "reference": truth}, "timings_s": timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -49,44 +49,9 @@ class WorkerPlan:
 
 # --- model -------------------------------------------------------------------------------------------
 
-class CachedEncoder(nn.Module):
-    """Stands in for the vision tower in training workers: keeps its config (shapes), holds no weights."""
-
-    def __init__(self, config: Any):
-        super().__init__()
-        self.config = config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("the vision encoder is not loaded in training workers: features come from the cache")
-
-
-def drop_vision_tower(base: Any) -> None:
-    """Free the encoder's weights (load_base loads the whole base; training never runs the encoder)."""
-    owner = base.model if base.kind == "composed" else base.model.model
-    owner.vision_tower = CachedEncoder(base.vision_config)
-
-
-def load_projector(model: Any, adapter_dir: str) -> None:
-    """Stage 2 of the two-stage recipe: P from a stage-1 (projector_ft) adapter; the new adapter carries it."""
-    from safetensors.torch import load_file
-
-    from cli_module.adapter import WEIGHTS, base_signature, read_adapter_config
-
-    config = read_adapter_config(adapter_dir)
-    if config["base_signature"] != base_signature(model.base):
-        raise ValueError(f"init_projector {adapter_dir} was trained on {config['base_model']!r}, whose shapes "
-                         f"{config['base_signature']} differ from this base's {base_signature(model.base)}")
-    state = load_file(str(Path(adapter_dir) / WEIGHTS))
-    proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
-    if not proj:
-        raise ValueError(f"init_projector {adapter_dir} holds no projector.* weights (method "
-                         f"{config.get('method')!r}); point it at a projector_ft adapter")
-    model.base.projector.load_state_dict(proj)
-    model.projector_modified = True
-
-
 def build_model(base: Any, cfg: TrainConfig) -> Any:
     """FusedVLM with the plug-in initialised from trainer.seed (the same on every rank and every attempt)."""
+    from cli_module.adapter import load_projector
     from cli_module.model import FusedVLM
 
     with torch.random.fork_rng(devices=[]):
@@ -244,8 +209,7 @@ class WorkerTrainer:
         self.micro = MicroBatches(len(self.train_data), t.micro_batch_size,
                                   min(plan.train_sizes) // t.micro_batch_size, t.seed, self.rank)
         t1 = time.perf_counter()
-        base = load_base(self.cfg.base)
-        drop_vision_tower(base)
+        base = load_base(self.cfg.base, vision=False)  # features come from the cache: no encoder weights
         self.model = build_model(base, self.cfg)
         t2 = time.perf_counter()
         self.engine, self.scheduler = make_engine(self.model, self.cfg, plan.ds_config)

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
+import os
 import sys
 import time
 import uuid
@@ -64,7 +66,8 @@ class FeatureJob:
     dtype: Dtype = "float16"  # storage dtype
     batch_size: int = 16  # images per encoder call and per shard
     concurrency: int = 1  # encoder actors
-    cpus_per_actor: float = 1.0  # CPUs reserved per encoder actor; torch uses that many threads
+    cpus_per_actor: float = 1.0  # CPUs reserved per encoder actor; torch uses ceil(this) threads
+    cpus_per_decode: float = 0.5  # CPUs reserved per decode task (fractional, so decoding fits beside the actors)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
 
     def __post_init__(self) -> None:
@@ -114,7 +117,7 @@ def list_sources(src: str) -> list[str]:
         column = next((c for c in ("image", "image_path", "path", "url", "source") if records and c in records[0]), None)
         if column is None:
             raise storage.SourceError(f"{src}: manifest has no image column (image, image_path, path, url or source)")
-        root = src.rsplit("/", 1)[0]
+        root = src.rsplit("/", 1)[0] if src.startswith("s3://") else os.path.dirname(os.path.abspath(src))
         paths = [str(r[column]) for r in records if r.get(column)]
         out = sorted({p if p.startswith(("s3://", "/")) else storage.join(root, p) for p in paths})
         if not out:
@@ -259,14 +262,14 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     ds = ray.data.from_items([{"source": s} for s in sources])
-    ds = ds.map_batches(decode_batch, batch_size=job.batch_size, batch_format="numpy",
+    ds = ds.map_batches(decode_batch, batch_size=job.batch_size, batch_format="numpy", num_cpus=job.cpus_per_decode,
                         fn_kwargs={"processor": base.image_processor, "max_pixels": job.max_pixels})
     ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
     ds = ds.map_batches(Encoder, batch_size=job.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.cpus_per_actor,
                         fn_constructor_kwargs={"base_name": job.base, "layers": job.layers, "pool": job.pool,
                                                "dtype": job.dtype, "out": job.out,
-                                               "threads": max(1, int(job.cpus_per_actor))})
+                                               "threads": max(1, math.ceil(job.cpus_per_actor))})
     rows = ds.take_all()
     skipped = len(sources) - len(rows)
     failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}

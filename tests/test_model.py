@@ -65,6 +65,8 @@ def test_one_step_changes_only_plugin(tiny_base):
 
 @pytest.mark.parametrize("gate,positions", [("layer", "all"), ("channel", "text"), ("none", "image")])
 def test_cached_generation_equals_uncached_loop(tiny_base, gate, positions, monkeypatch):
+    """Token for token; the reference loop applies generate()'s one decoding rule: never emit <image>."""
+    torch.manual_seed(0)
     model = FusedVLM(tiny_base, CLIConfig(**{**CLI, "gate": gate, "positions": positions}))
     perturb(model)
     (inputs, _), images = inputs_for(model, n=2)  # two prompts of different length: left padding
@@ -80,6 +82,7 @@ def test_cached_generation_equals_uncached_loop(tiny_base, gate, positions, monk
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for step in range(8):
         logits = model(ids, mask, pixel_values=pixels).logits[:, -1]
+        logits[:, tiny_base.image_token_id] = float("-inf")
         nxt = logits.argmax(-1)
         assert torch.equal(nxt, cached[:, step])
         ids = torch.cat([ids, nxt[:, None]], 1)
@@ -229,3 +232,18 @@ def test_small_base_answers_a_text_prompt():
     inputs, _ = model.prepare_inputs([prompt])
     tokens, _ = model.generate(**inputs, max_new_tokens=12, eos_token_id=base.tokenizer.eos_token_id)
     assert "Paris" in base.tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
+def test_base_without_encoder_runs_the_features_path(tiny_base):
+    """Training workers load the base with vision=False: no encoder weights, features from the cache only."""
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    (inputs, _), images = inputs_for(model)
+    pixels = tiny_base.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    feats = model.encode_images(pixels)
+    want = model(**inputs, features=feats).logits
+    light = load_base("tiny", vision=False)
+    assert sum(p.numel() for p in light.vision_tower.parameters()) == 0 and light.grid == tiny_base.grid
+    other = FusedVLM(light, CLIConfig(**CLI))
+    torch.testing.assert_close(other(**inputs, features=feats).logits, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="the vision encoder is not loaded here"):
+        other(**inputs, pixel_values=pixels)
