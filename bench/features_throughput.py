@@ -70,12 +70,14 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         cpus = os.cpu_count() or 1
         results = {}
-        # actors reserve all CPUs but half a core, which the decode tasks (0.5 CPU each) use
-        for label, conc, per_actor in [(f"1 actor x {cpus} threads", 1, cpus - 0.5),
-                                       (f"{cpus} actors x 1 thread", cpus, (cpus - 0.5) / cpus)]:
+        # Ray Data cannot start an actor that reserves more than its share of the CPUs, so the one-actor run
+        # reserves 1 CPU and uses all threads; decode tasks reserve half a CPU each
+        for label, conc, per_actor, threads in [(f"1 actor x {cpus} threads", 1, 1.0, cpus),
+                                                (f"{cpus} actors x 1 thread", cpus, 0.5, 1)]:
             out = work / f"cache-{conc}"
             job = FeatureJob(src=str(work / "images"), out=str(out), base=args.base, layers=args.layers,
-                             pool=args.pool, batch_size=args.batch_size, concurrency=conc, cpus_per_actor=per_actor)
+                             pool=args.pool, batch_size=args.batch_size, concurrency=conc, cpus_per_actor=per_actor,
+                             threads=threads)
             summary = run_features(job)
             mtimes = sorted(f.stat().st_mtime for f in out.glob("part-*.parquet"))
             # steady state: images in shards 2..last over the time between the first and last shard
@@ -86,7 +88,7 @@ def main() -> None:
             out = work / f"cache-{dtype}"
             s = run_features(FeatureJob(src=str(work / "images"), out=str(out), base=args.base, layers=args.layers,
                                         pool=args.pool, batch_size=args.batch_size, dtype=dtype,
-                                        concurrency=1, cpus_per_actor=cpus - 0.5))
+                                        concurrency=1, threads=cpus))
             size = sum(f.stat().st_size for f in out.glob("part-*.parquet"))
             shutil_sizes[dtype] = size / s["rows"]
         ray.shutdown()

@@ -66,7 +66,8 @@ class FeatureJob:
     dtype: Dtype = "float16"  # storage dtype
     batch_size: int = 16  # images per encoder call and per shard
     concurrency: int = 1  # encoder actors
-    cpus_per_actor: float = 1.0  # CPUs reserved per encoder actor; torch uses ceil(this) threads
+    cpus_per_actor: float = 1.0  # CPUs Ray reserves per encoder actor (keep <= 1 on a 2-core machine)
+    threads: int = 0  # torch threads per encoder actor; 0 = ceil(cpus_per_actor)
     cpus_per_decode: float = 0.5  # CPUs reserved per decode task (fractional, so decoding fits beside the actors)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
 
@@ -269,7 +270,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
                         compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.cpus_per_actor,
                         fn_constructor_kwargs={"base_name": job.base, "layers": job.layers, "pool": job.pool,
                                                "dtype": job.dtype, "out": job.out,
-                                               "threads": max(1, math.ceil(job.cpus_per_actor))})
+                                               "threads": job.threads or max(1, math.ceil(job.cpus_per_actor))})
     rows = ds.take_all()
     skipped = len(sources) - len(rows)
     failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}
@@ -378,7 +379,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and torch threads) per encoder actor")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per encoder actor")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per encoder actor (0: from --cpus-per-actor)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.set_defaults(func=_cmd)
 
@@ -386,7 +388,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     job = FeatureJob(src=args.src, out=args.out, base=args.base, layers=args.layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
-                     cpus_per_actor=args.cpus_per_actor, max_pixels=args.max_pixels)
+                     cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels)
     try:
         summary = run_features(job)
     except storage.SourceError as err:
