@@ -101,26 +101,23 @@ def apply_adapter_state(model: FusedVLM, state: dict[str, torch.Tensor], source:
                 raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
             own[k].copy_(v)
     if proj:
-        _set_projector(model, proj)
+        model.base.projector.load_state_dict(proj)
+        model.projector_modified = True
 
 
-def load_projector(model: FusedVLM, adapter_dir: str | os.PathLike) -> None:
-    """Two-stage recipe: P from a stage-1 (projector_ft) adapter replaces the base's; the new adapter carries it."""
+def load_projector(base: Base, adapter_dir: str | os.PathLike) -> None:
+    """Two-stage recipe: P from a stage-1 (projector_ft) adapter replaces the base's, before the fused model is
+    built (so input_fusion widens the trained P); mark the model ``projector_modified`` so its adapter carries P."""
     config = read_adapter_config(adapter_dir)
-    if config["base_signature"] != base_signature(model.base):
+    if config["base_signature"] != base_signature(base):
         raise ValueError(f"init_projector {adapter_dir} was trained on {config['base_model']!r}, whose shapes "
-                         f"{config['base_signature']} differ from this base's {base_signature(model.base)}")
+                         f"{config['base_signature']} differ from this base's {base_signature(base)}")
     state = load_file(str(Path(adapter_dir) / WEIGHTS))
     proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
     if not proj:
         raise ValueError(f"init_projector {adapter_dir} holds no projector.* weights (method "
                          f"{config.get('method')!r}); point it at a projector_ft adapter")
-    _set_projector(model, proj)
-
-
-def _set_projector(model: FusedVLM, proj: dict[str, torch.Tensor]) -> None:
-    model.base.projector.load_state_dict(proj)
-    model.projector_modified = True
+    base.projector.load_state_dict(proj)
 
 
 def _atomic(path: Path, write) -> None:

@@ -65,7 +65,7 @@ def train_stage(p: Preset, work: Path, name: str, method: str, steps: int, lr: f
                  f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", f"optim.lr={lr}",
                  f"optim.warmup_steps={max(1, steps // 10)}", "deepspeed.zero_stage=2",
                  f"cli.vision_layers={json.dumps(p.layers)}", f"cli.inject_layers={json.dumps(p.inject_layers)}",
-                 f"cli.pool={p.pool}", f"cli.attn_dim={p.attn_dim}", "cli.heads=4" if p.attn_dim % 4 == 0 else "cli.heads=2"]
+                 f"cli.pool={p.pool}", f"cli.attn_dim={p.attn_dim}", "cli.heads=4"]
     if init_projector:
         overrides.append(f"init_projector={init_projector}")
     return run_train(load_config(None, overrides))
@@ -102,6 +102,8 @@ def run_quickstart(preset: str, out: Path) -> int:
     from jobs.evaluate import EvalJob, run_eval
     from pipelines.caption import CaptionJob, read_captions, run_caption
     from pipelines.features import FeatureJob, run_features
+    import numpy as np
+
     from pipelines.gates import draw_gates
     from pipelines.synth import SynthConfig, synthesize
 
@@ -121,10 +123,12 @@ def run_quickstart(preset: str, out: Path) -> int:
     test = [json.loads(x) for x in (work / "data" / "test.jsonl").read_text().splitlines()][: p.eval_n]
     (work / "data" / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     t = lap("synth", t0)
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     say(2, total, f"caching layers {p.layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
     cache = run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / "cache"), base=p.base,
-                                    layers=p.layers, pool=p.pool, batch_size=16, concurrency=1, cpus_per_actor=2))
+                                    layers=p.layers, pool=p.pool, batch_size=16, concurrency=1, threads=2))
     t = lap("features", t)
     say(3, total, f"stage 1: training the projector for {p.stage1_steps} steps (Ray Train + DeepSpeed, 2 workers) ...")
     s1 = train_stage(p, work, "stage1", "projector_ft", p.stage1_steps, p.stage1_lr)
@@ -152,15 +156,15 @@ def run_quickstart(preset: str, out: Path) -> int:
     question = test[0]["conversations"][0]["value"].replace("<image>", "").strip()
     image_bytes = (work / "data" / test[0]["image"]).read_bytes()
     reply = serve_one_request(s2["adapter"], p.base, image_bytes, question)
-    gates = reply.get("gates") or reply.get("choices", [{}])[0].get("gates")
-    import numpy as np
-
+    gates = reply["gates"]
     draw_gates(np.asarray(gates["values"]), out / "gates.png", gates["inject_layers"], gates["vision_layers"],
                tokens=gates.get("tokens"))
     t = lap("serve", t)
-    ray.shutdown()
+    if own_ray:
+        ray.shutdown()
     say(8, total, "writing the report ...")
-    shutil.copy(Path(s2["output_dir"]) / "loss.png", out / "loss.png")
+    shutil.copy(Path(s2["adapter"]).parent / "loss.png", out / "loss.png")
+    shutil.copy(Path(s1["adapter"]).parent / "loss.png", out / "loss-stage1.png")
     answer = reply["choices"][0]["message"]["content"]
     write_results(out, p, reports, s1, s2, cache, question, test[0]["answer"], answer, timings, t0)
     print(f"report: {out}/results.md ({round(time.time() - t0)} s)")
@@ -179,7 +183,7 @@ def write_results(out: Path, p: Preset, reports: dict, s1: dict, s2: dict, cache
     lines += ["", f"Served request: *{question}* → **{answer!r}** (reference: {truth!r}); gates in `gates.png`.",
               "", f"Training: stage 1 final loss {s1.get('loss')}, stage 2 final loss {s2.get('loss')} "
               f"(eval loss {s2.get('eval_loss')}); curve in `loss.png`. Captions in `captions.jsonl`.", "",
-              "Seconds per step of the job: " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
+              "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
     (out / "results.md").write_text("\n".join(lines))
     summary = {"preset": asdict(p), "reports": reports, "stage1": s1, "stage2": s2, "features": cache,
                "served": {"question": question, "answer": answer, "reference": truth}, "timings_s": timings}

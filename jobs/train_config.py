@@ -145,8 +145,6 @@ class TrainConfig:
         if self.optim.warmup_steps > self.trainer.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds trainer.max_steps "
                              f"({self.trainer.max_steps})")
-        if self.init_projector is not None and self.cli.method == "input_fusion":
-            raise ValueError("init_projector loads a trained P, but input_fusion replaces P with a widened one")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -54,11 +54,12 @@ def build_model(base: Any, cfg: TrainConfig) -> Any:
     from cli_module.adapter import load_projector
     from cli_module.model import FusedVLM
 
+    if cfg.init_projector:
+        load_projector(base, cfg.init_projector)  # first: input_fusion widens the trained P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.trainer.seed)
         model = FusedVLM(base, cfg.cli)
-    if cfg.init_projector:
-        load_projector(model, cfg.init_projector)
+    model.projector_modified = model.projector_modified or bool(cfg.init_projector)
     return model
 
 

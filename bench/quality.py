@@ -1,0 +1,119 @@
+"""The benchmark that matters: CLI versus its baselines on the `small` base (DINOv2-S + SmolLM2-135M).
+
+Same synthetic data, same seeds. Stage 1 trains the projector once (projector_ft); every method then starts
+from that stage-1 projector: `one_to_one` is the stage-1 model as is, and each other method trains its own
+parameters for the same number of stage-2 steps on top of it (projector_ft trains P further; deepstack,
+input_fusion, AMP only (several layers, gate fixed at 1), AGF only (one vision layer, no low-rank adapter)
+and full CLI). Reports mean and spread over seeds, overall and per question type, and trainable parameters.
+
+    .venv/bin/python bench/quality.py --n 1000 --stage1-steps 150 --stage2-steps 60 --seeds 0 1
+
+Writes bench/quality-results.json and prints a Markdown table (copy it into bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LAYERS, INJECT = [3, 6, 9, 12], [2, 10, 18, 26]
+METHODS: dict[str, list[str]] = {  # stage-2 overrides per method (all on top of the stage-1 projector)
+    "projector_ft": ["method=projector_ft"],
+    "deepstack": ["method=deepstack", "cli.pool=1"],
+    "input_fusion": ["method=input_fusion", "cli.pool=1"],
+    "amp_only": ["method=cli", "cli.gate=none"],
+    "agf_only": ["method=cli", "cli.vision_layers=[12]", "cli.lora_rank=0"],
+    "cli": ["method=cli"],
+}
+
+
+def train(work: Path, name: str, steps: int, lr: float, seed: int, cache: str, extra: list[str]) -> dict:
+    from jobs.train import run_train
+    from jobs.train_config import load_config
+
+    overrides = ["base=small", f"output_dir={work / name}", f"data.train={work / 'data' / 'train.jsonl'}",
+                 f"data.eval={work / 'data' / 'val.jsonl'}", f"data.features={work / cache}",
+                 f"trainer.max_steps={steps}", "trainer.num_workers=2", "trainer.micro_batch_size=4",
+                 "trainer.log_every=20", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
+                 f"trainer.seed={seed}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
+                 f"cli.vision_layers={json.dumps(LAYERS)}", f"cli.inject_layers={json.dumps(INJECT)}",
+                 "cli.pool=2", "cli.attn_dim=256", "cli.heads=4", "cli.lora_rank=16", "cli.lora_alpha=32", *extra]
+    return run_train(load_config(None, overrides))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--image-size", type=int, default=112)
+    ap.add_argument("--stage1-steps", type=int, default=150)
+    ap.add_argument("--stage2-steps", type=int, default=60)
+    ap.add_argument("--stage1-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-lr", type=float, default=5e-4)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument("--work", default="out/quality")
+    args = ap.parse_args()
+
+    import ray
+
+    from jobs.evaluate import EvalJob, run_eval
+    from pipelines.features import FeatureJob, run_features
+    from pipelines.synth import SynthConfig, synthesize
+
+    t0, work = time.time(), Path(args.work).resolve()
+    synthesize(SynthConfig(out=str(work / "data"), n=args.n, seed=0, image_size=args.image_size))
+    test = (work / "data" / "test.jsonl").read_text().splitlines()[: args.eval_n]
+    (work / "data" / "test-sub.jsonl").write_text("\n".join(test) + "\n")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    for cache, pool in (("cache-pool2", 2), ("cache-pool1", 1)):
+        run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / cache), base="small",
+                                layers=LAYERS, pool=pool, batch_size=16, threads=2))
+    stage1 = train(work, "stage1", args.stage1_steps, args.stage1_lr, 0, "cache-pool2", ["method=projector_ft"])
+    print(f"[quality] stage 1 done: loss {stage1['loss']} ({time.time() - t0:.0f} s)", flush=True)
+
+    def evaluate(adapter: str, cache: str) -> dict:
+        return run_eval(EvalJob(data=str(work / "data" / "test-sub.jsonl"), features=str(work / cache),
+                                adapter=adapter, out=str(Path(adapter).parent / "eval.json")))
+
+    results: dict[str, list[dict]] = {"one_to_one": [evaluate(stage1["adapter"], "cache-pool2")]}
+    params = {"one_to_one": 0}
+    for seed in args.seeds:
+        for method, extra in METHODS.items():
+            cache = "cache-pool1" if "cli.pool=1" in extra else "cache-pool2"
+            run = train(work, f"{method}-seed{seed}", args.stage2_steps, args.stage2_lr, seed, cache,
+                        [*extra, f"init_projector={stage1['adapter']}"])
+            report = evaluate(run["adapter"], cache)
+            results.setdefault(method, []).append(report)
+            params[method] = run["params"]["trainable_params"]
+            print(f"[quality] {method} seed {seed}: accuracy {report['accuracy']:.3f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    ray.shutdown()
+
+    types = sorted({t for rs in results.values() for r in rs for t in r["per_type"]})
+    lines = ["| method | trainable params | accuracy (mean ± spread) | " + " | ".join(types) + " |",
+             "|---|---|---|" + "---|" * len(types)]
+    summary = {}
+    for method, reports in results.items():
+        acc = [r["accuracy"] for r in reports]
+        mean, spread = statistics.mean(acc), (max(acc) - min(acc)) / 2
+        per_type = {t: statistics.mean(r["per_type"].get(t, 0.0) for r in reports) for t in types}
+        summary[method] = {"accuracy": acc, "mean": mean, "spread": spread, "per_type": per_type,
+                           "trainable_params": params[method]}
+        lines.append(f"| {method} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | "
+                     + " | ".join(f"{per_type[t]:.2f}" for t in types) + " |")
+    table = "\n".join(lines)
+    out = {"args": vars(args), "seconds": round(time.time() - t0), "stage1_loss": stage1["loss"],
+           "methods": summary, "table": table}
+    Path("bench/quality-results.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(table)
+    print(f"[quality] {round(time.time() - t0)} s in all")
+
+
+if __name__ == "__main__":
+    main()
