@@ -184,10 +184,18 @@ def build_tiny_tokenizer() -> Any:
 
 def build_tiny(kind: Kind, seed: int = 0) -> Base:
     """Random tiny LLaVA-1.5 or LLaVA-OneVision; the same seed gives the same weights in every process."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaOnevisionConfig,
-                              LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil,
-                              Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     tok = build_tiny_tokenizer()
     image_token_id = tok.convert_tokens_to_ids("<image>")
@@ -238,8 +246,13 @@ def build_llava_7b_shape() -> Base:
 
 def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> Base:
     """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle."""
-    from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration,
-                              LlavaOnevisionForConditionalGeneration)
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     path = fetch_s3_prefix(source) if source.startswith("s3://") else source
     if Path(path, COMPOSED_FILE).is_file():

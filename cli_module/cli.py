@@ -74,10 +74,12 @@ def _extensions():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.storage import SourceError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, SourceError) as err:
         print(f"crosslayer {args.command}: error: {err}", file=sys.stderr)
         return 2
 

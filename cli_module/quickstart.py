@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,13 +97,12 @@ def serve_one_request(adapter: str, base: str, image: bytes, question: str) -> d
 
 
 def run_quickstart(preset: str, out: Path) -> int:
+    import numpy as np
     import ray
 
     from jobs.evaluate import EvalJob, run_eval
     from pipelines.caption import CaptionJob, read_captions, run_caption
     from pipelines.features import FeatureJob, run_features
-    import numpy as np
-
     from pipelines.gates import draw_gates
     from pipelines.synth import SynthConfig, synthesize
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,11 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     job = EvalJob(data=args.data, features=args.features, adapter=args.adapter, base=args.base, out=args.out,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, concurrency=args.concurrency)
-    try:
-        report = run_eval(job)
-    except storage.SourceError as err:
-        print(f"crosslayer eval: {err}", file=sys.stderr)
-        return 2
+    report = run_eval(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     per_type = ", ".join(f"{k} {v:.3f}" for k, v in sorted(report["per_type"].items()))
     print(f"eval: accuracy {report['accuracy']:.3f} on {report['n']} records ({per_type})")
     print(json.dumps({k: report[k] for k in ("accuracy", "n", "per_type")}))

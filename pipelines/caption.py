@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -167,7 +166,6 @@ def read_captions(out: str) -> list[dict]:
 def run_caption(job: CaptionJob) -> dict:
     import ray
 
-    from cli_module.bases import load_base
 
     t0 = time.time()
     sources = list_sources(job.src)
@@ -219,11 +217,7 @@ def _cmd(args: argparse.Namespace) -> int:
     job = CaptionJob(src=args.src, out=args.out, adapter=args.adapter, base=args.base, prompt=args.prompt,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, concurrency=args.concurrency,
                      features=args.features, format=args.format, max_pixels=args.max_pixels)
-    try:
-        summary = run_caption(job)
-    except storage.SourceError as err:
-        print(f"crosslayer caption: {err}", file=sys.stderr)
-        return 2
+    summary = run_caption(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     print(f"caption: {summary['captioned']} captioned, {summary['failed']} failed (rows with an error), "
           f"{summary['skipped']} already in {job.out}")
     print(json.dumps(summary))

@@ -19,7 +19,6 @@ import io
 import json
 import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -389,11 +388,7 @@ def _cmd(args: argparse.Namespace) -> int:
     job = FeatureJob(src=args.src, out=args.out, base=args.base, layers=args.layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
                      cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels)
-    try:
-        summary = run_features(job)
-    except storage.SourceError as err:
-        print(f"crosslayer features: {err}", file=sys.stderr)
-        return 2
+    summary = run_features(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     print(f"features: {summary['done']} images encoded, {summary['skipped']} skipped (already cached), "
           f"{summary['failed']} failed (see {ERRORS_FILE}), {summary['rows']} rows in the cache, "
           f"{summary['bytes_written']:,} bytes written, {summary['img_per_s']} img/s")

@@ -294,12 +294,12 @@ class VLMModel:
                     for idx in groups.values()]
 
         running = await loop.run_in_executor(self.pool, start)
-        for group, idx in running:
+        for _, idx in running:
             self.batch_sizes[len(idx)] += 1
         while running:
             results = await loop.run_in_executor(self.pool, lambda now=running: [g.step() for g, _ in now])
             events: list[Any] = [StopIteration] * len(items)
-            for (group, idx), group_events in zip(running, results):
+            for (_, idx), group_events in zip(running, results):
                 for i, event in zip(idx, group_events):
                     events[i] = event
             yield events

@@ -22,8 +22,16 @@ from cli_module.bases import load_base
 from cli_module.cli import main
 from cli_module.config import CLIConfig
 from cli_module.model import FusedVLM
-from pipelines.features import (CacheKey, batch_to_features, cache_key_for, load_cache_table, read_cache,
-                                read_cache_info, shard_uris, table_to_numpy)
+from pipelines.features import (
+    CacheKey,
+    batch_to_features,
+    cache_key_for,
+    load_cache_table,
+    read_cache,
+    read_cache_info,
+    shard_uris,
+    table_to_numpy,
+)
 
 LAYERS = ["0", "1", "2"]
 
@@ -166,7 +174,7 @@ def test_reader_refuses_a_different_key(ray_local, tmp_path):
 def test_early_errors_are_one_line_before_any_work(ray_local, tmp_path, s3_server, capsys):
     cases = [
         ([str(tmp_path / "nope"), "--out", str(tmp_path / "c1")], "no such file or folder"),
-        ([str((tmp_path / "empty")), "--out", str(tmp_path / "c2")], "no files found"),
+        ([str(tmp_path / "empty"), "--out", str(tmp_path / "c2")], "no files found"),
         (["s3://no-such-bucket-xyz/imgs", "--out", str(tmp_path / "c3")], "does not exist"),
     ]
     (tmp_path / "empty").mkdir()
@@ -194,7 +202,7 @@ def test_wrong_credentials_fail_early(tmp_path):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 2
         last = res.stderr.strip().splitlines()[-1]
-        assert "crosslayer features: s3://some-bucket/imgs: access denied" in last
+        assert "crosslayer features: error: s3://some-bucket/imgs: access denied" in last
         assert "credentials" in last or "denied" in last.lower() or "InvalidAccessKeyId" in last, last
     finally:
         proc.terminate()
