@@ -58,7 +58,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--work", default="out/quality")
+    ap.add_argument("--report-only", action="store_true",
+                    help="tabulate the eval.json files already in --work (e.g. of an interrupted run)")
     args = ap.parse_args()
+    if args.report_only:
+        return report_only(Path(args.work).resolve(), args)
 
     import ray
 
@@ -95,6 +99,26 @@ def main() -> None:
                   f"({time.time() - t0:.0f} s)", flush=True)
     ray.shutdown()
 
+    write_table(results, params, args, t0, stage1["loss"])
+
+
+def report_only(work: Path, args: argparse.Namespace) -> None:
+    """Rebuild the table from eval.json and summary.json files on disk."""
+    results: dict[str, list[dict]] = {}
+    params: dict[str, int] = {}
+    s1 = json.loads((work / "stage1" / "summary.json").read_text())
+    results["one_to_one"] = [json.loads((work / "stage1" / "eval.json").read_text())]
+    params["one_to_one"] = 0
+    for method in METHODS:
+        for run in sorted(work.glob(f"{method}-seed*")):
+            if (run / "eval.json").is_file():
+                results.setdefault(method, []).append(json.loads((run / "eval.json").read_text()))
+                params[method] = json.loads((run / "summary.json").read_text())["params"]["trainable_params"]
+    write_table(results, params, args, time.time(), s1["loss"])
+
+
+def write_table(results: dict[str, list[dict]], params: dict[str, int], args: argparse.Namespace, t0: float,
+                stage1_loss: float) -> None:
     types = sorted({t for rs in results.values() for r in rs for t in r["per_type"]})
     lines = ["| method | trainable params | accuracy (mean ± spread) | " + " | ".join(types) + " |",
              "|---|---|---|" + "---|" * len(types)]
@@ -108,7 +132,7 @@ def main() -> None:
         lines.append(f"| {method} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | "
                      + " | ".join(f"{per_type[t]:.2f}" for t in types) + " |")
     table = "\n".join(lines)
-    out = {"args": vars(args), "seconds": round(time.time() - t0), "stage1_loss": stage1["loss"],
+    out = {"args": vars(args), "seconds": round(time.time() - t0), "stage1_loss": stage1_loss,
            "methods": summary, "table": table}
     Path("bench/quality-results.json").write_text(json.dumps(out, indent=2) + "\n")
     print(table)

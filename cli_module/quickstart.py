@@ -124,7 +124,7 @@ def run_quickstart(preset: str, out: Path) -> int:
     t = lap("synth", t0)
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)  # workers print progress
     say(2, total, f"caching layers {p.layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
     cache = run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / "cache"), base=p.base,
                                     layers=p.layers, pool=p.pool, batch_size=16, concurrency=1, threads=2))
