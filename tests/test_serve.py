@@ -165,25 +165,51 @@ def test_stop_sequences_cut_the_answer_alike_in_both_modes(client):
 
 
 def test_concurrent_requests_are_batched(client, server, local):
-    image = random_images(1, seed=5)[0]
-    asks = [("tuned", "Hi?"), ("plain", "What colour is it?"), ("tuned", "Count the objects, please."),
-            ("plain", "Is it day or night outside?"), ("tuned", "Why?"), ("plain", "Where?")]
+    """16 concurrent requests, each with its own image: every answer equals its sequential (in-process) answer
+    and the deployment reports batches of more than one request."""
+    images = random_images(16, seed=5)
+    questions = ["Hi?", "What colour is it?", "Count the objects, please.", "Is it day or night outside?", "Why?",
+                 "Where?", "What is this?", "Describe it."]
+    asks = [("tuned" if i % 2 == 0 else "plain", questions[i % len(questions)], images[i]) for i in range(16)]
 
-    def ask(model_question: tuple[str, str]):
-        model, question = model_question
+    def ask(model_question_image: tuple):
+        model, question, image = model_question_image
         raw = client.chat.completions.with_raw_response.create(
-            model=model, messages=user(question, png_data_url(image)), temperature=0, max_tokens=6)
+            model=model, messages=user(question, png_data_url(image)), temperature=0, max_tokens=4)
         return raw.parse(), int(raw.headers["x-batch-size"])
 
     with ThreadPoolExecutor(len(asks)) as pool:
         results = list(pool.map(ask, asks))
-    for (model, question), (resp, _) in zip(asks, results):  # left-padded rows answer as they would alone
+    for (model, question, image), (resp, _) in zip(asks, results):  # left-padded rows answer as they would alone
         assert resp.model == model
-        assert resp.choices[0].message.content == local(model, question, image, max_tokens=6)[0]
+        assert resp.choices[0].message.content == local(model, question, image, max_tokens=4)[0]
     status, health = http(f"{server}/healthz")
     assert status == 200 and health["status"] == "ok"
     assert max(int(size) for size in health["batch_sizes"]) > 1, health
     assert max(size for _, size in results) > 1
+
+
+def test_request_rejection_and_token_counters(client, server):
+    """The /healthz tallies (kept next to the crosslayer_* Ray metrics counters): requests, rejections by reason,
+    generated tokens == the usage's completion tokens."""
+
+    def health() -> dict:
+        status, body = http(f"{server}/healthz")
+        assert status == 200, body
+        return body
+
+    before = health()
+    url = f"{server}/v1/chat/completions"
+    good = client.chat.completions.create(model="plain", messages=user("Count.", png_data_url()), temperature=0,
+                                          max_tokens=5)
+    assert http(url, {"model": "nope", "messages": user("hi")})[0] == 404  # rejected by the ingress
+    assert http(url, {"model": "plain", "messages": user("word " * 300)})[0] == 400  # by the model replica
+    after = health()
+    assert after["requests"] - before["requests"] == 3
+    assert after["rejected"] - before["rejected"] == 2
+    by_reason = {k: v - before["rejected_by_reason"].get(k, 0) for k, v in after["rejected_by_reason"].items()}
+    assert {k: v for k, v in by_reason.items() if v} == {"model_not_found": 1, "context_length_exceeded": 1}
+    assert after["generated_tokens"] - before["generated_tokens"] == good.usage.completion_tokens
 
 
 def test_return_gates_and_heatmap(client, tmp_path):

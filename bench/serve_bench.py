@@ -1,0 +1,278 @@
+"""Inference benchmarks, one run, one JSON object on stdout:
+
+  decode      decode tokens/s of a CLI adapter ÷ the one-to-one base with the same LM (KV cache on, same prompt
+              and image, in-process ``FusedVLM.stream``; only the decode steps after prefill are timed, EOS
+              disabled; median of ``--runs`` interleaved runs). Goal >= 0.9.
+  serve       Ray Serve throughput (completion tokens/s) at ``--clients`` concurrent clients ÷ one client, with
+              dynamic batching, plus p50/p99 request latency (in-process Ray + Serve on a free port, an adapter
+              saved to a temp dir, requests over real HTTP from threads, fixed max_tokens). Goal >= 3x.
+  caption     ``pipelines.caption.run_caption`` images/s on a temp folder of synthetic images ÷ a bare loop of
+              ``prepare_inputs`` + ``generate`` with the same model over the same images in the same batches
+              (both end to end including model load and image decoding, and the bare loop's steady state).
+
+Run by hand (the figures in the report came from this command; one torch thread: on a shared CPU two threads
+per process oversubscribe the cores and OpenMP spin-waits, which slowed decoding ~20x here):
+    .venv/bin/python bench/serve_bench.py --base small --serve-base small --threads 1 --caption-n 32
+Shorter: add --quick (3 decode runs, 16 max_tokens, 1 request per concurrent client, 16 caption images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+CLI = {"vision_layers": [3, 6, 9, 12], "inject_layers": [2, 10, 18, 26], "pool": 2, "attn_dim": 256, "heads": 4}
+QUESTION = "Describe the image in detail."
+
+
+def cli_config(base_name: str):
+    from cli_module.config import CLIConfig
+
+    if base_name == "small":
+        return CLIConfig(**CLI)
+    return CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)  # tiny
+
+
+def perturb(model, std: float = 0.02, seed: int = 0) -> None:
+    """Non-zero plug-in weights (AGF's output projection starts at zero), as after training."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * std)
+
+
+def images(n: int, size: int = 224, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def make_cli(base_name: str):
+    from cli_module.bases import load_base
+    from cli_module.model import FusedVLM
+
+    torch.manual_seed(0)
+    model = FusedVLM(load_base(base_name), cli_config(base_name))
+    perturb(model)
+    return model.eval()
+
+
+# --- a. decode tokens/s --------------------------------------------------------------------------------------
+
+def decode_rate(model, image, tokens: int) -> float:
+    """Decode tokens/s after prefill: the first step (prefill + first token) is not timed; EOS disabled."""
+    from cli_module.prompting import chat_prompt
+
+    enc, visual = model.prepare_inputs([chat_prompt(model.base.tokenizer, QUESTION)], [image])
+    steps = model.stream(enc["input_ids"], enc["attention_mask"], visual=visual, max_new_tokens=tokens + 1,
+                         eos_token_id=None)
+    next(steps)  # prefill
+    t0 = time.perf_counter()
+    n = sum(1 for _ in steps)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_decode(base_name: str, tokens: int, runs: int) -> dict:
+    from cli_module.bases import load_base
+    from cli_module.config import CLIConfig
+    from cli_module.model import FusedVLM
+
+    cli = make_cli(base_name)
+    base = FusedVLM(load_base(base_name), CLIConfig(method="one_to_one")).eval()  # own base: no CLI hooks on it
+    image = images(1)[0]
+    decode_rate(cli, image, 4), decode_rate(base, image, 4)  # warm-up
+    cli_rates, base_rates = [], []
+    for _ in range(runs):  # interleaved, so load from other jobs hits both alike
+        cli_rates.append(decode_rate(cli, image, tokens))
+        base_rates.append(decode_rate(base, image, tokens))
+    c, b = statistics.median(cli_rates), statistics.median(base_rates)
+    return {"base": base_name, "decode_tokens": tokens, "runs": runs, "cli_tok_s": round(c, 2),
+            "one_to_one_tok_s": round(b, 2), "ratio": round(c / b, 3), "goal": ">= 0.9"}
+
+
+# --- b. served throughput ------------------------------------------------------------------------------------
+
+def bench_serve(base_name: str, adapter: Path, clients: int, per_client: int, single: int, max_tokens: int,
+                threads: int) -> dict:
+    import base64
+    import io
+    import socket
+    import urllib.request
+
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = app_builder({"adapters": [f"cli={adapter}"], "base": base_name, "max_batch_size": clients,
+                       "max_ongoing_requests": max(32, 2 * clients), "batch_wait_timeout_s": 0.1,
+                       "num_cpus": threads, "ingress_num_cpus": 0.1, "api_key_env": None,
+                       "max_image_pixels": 512 * 512, "max_image_bytes": 1 << 20, "max_body_bytes": 2 << 20})
+    serve.run(app, name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    urls = []
+    for img in images(1 + single + clients * per_client, seed=1):  # warm-up, one client, concurrent
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+
+    def ask(i: int) -> tuple[float, int]:
+        body = {"model": "cli", "temperature": 0, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i]}},
+                                                          {"type": "text", "text": QUESTION}]}]}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            answer = json.loads(resp.read())
+        return time.perf_counter() - t0, answer["usage"]["completion_tokens"]
+
+    ask(0)  # warm-up
+
+    def run(n_clients: int, jobs: list[int]) -> dict:
+        results: list[tuple[float, int]] = []
+        lock = threading.Lock()
+        queue = list(jobs)
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    i = queue.pop()
+                r = ask(i)
+                with lock:
+                    results.append(r)
+
+        t0 = time.perf_counter()
+        pool = [threading.Thread(target=worker) for _ in range(n_clients)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        wall = time.perf_counter() - t0
+        lat = sorted(r[0] for r in results)
+        tokens = sum(r[1] for r in results)
+        return {"clients": n_clients, "requests": len(results), "completion_tokens": tokens,
+                "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 2), "req_s": round(len(results) / wall, 3),
+                "p50_s": round(float(np.percentile(lat, 50)), 3), "p99_s": round(float(np.percentile(lat, 99)), 3)}
+
+    one = run(1, list(range(1, 1 + single)))
+    many = run(clients, list(range(1 + single, 1 + single + clients * per_client)))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as resp:
+        health = json.loads(resp.read())
+    serve.shutdown()
+    return {"base": base_name, "max_tokens": max_tokens, "model_replica_threads": threads, "one_client": one,
+            "concurrent": many, "throughput_ratio": round(many["tok_s"] / one["tok_s"], 3), "goal": ">= 3",
+            "batch_sizes": health["batch_sizes"], "healthz_generated_tokens": health["generated_tokens"]}
+
+
+# --- c. batch captioning -------------------------------------------------------------------------------------
+
+def bench_caption(base_name: str, adapter: Path, n: int, batch: int, max_tokens: int, work: Path) -> dict:
+    from PIL import Image
+
+    from cli_module.prompting import chat_prompt
+    from pipelines.caption import CaptionJob, load_model, run_caption
+
+    folder = work / "images"
+    folder.mkdir()
+    for i, img in enumerate(images(n, seed=2)):
+        img.save(folder / f"{i:05d}.png")
+    job = CaptionJob(src=str(folder), out=str(work / "captions"), adapter=str(adapter), base=base_name,
+                     max_new_tokens=max_tokens, batch_size=batch, format="jsonl")
+    summary = run_caption(job)
+
+    torch.set_num_threads(1)  # as the Captioner actor does
+    t0 = time.perf_counter()
+    model, _ = load_model(str(adapter), base_name)
+    model.eval()
+    tok = model.base.tokenizer
+    prompt = chat_prompt(tok, job.prompt)
+    paths = sorted(folder.iterdir())
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            chunk = [Image.open(p).convert("RGB") for p in paths[i:i + batch]]
+            inputs, visual = model.prepare_inputs([prompt] * len(chunk), chunk)
+            model.generate(**inputs, visual=visual, max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id)
+    t2 = time.perf_counter()
+    bare_e2e, bare_steady = n / (t2 - t0), n / (t2 - t1)
+    return {"base": base_name, "images": n, "batch_size": batch, "max_new_tokens": max_tokens,
+            "run_caption": summary, "run_caption_img_s": summary["img_per_s"],
+            "bare_loop_img_s_with_load": round(bare_e2e, 3), "bare_loop_img_s_steady": round(bare_steady, 3),
+            "ratio_vs_bare_with_load": round(summary["img_per_s"] / bare_e2e, 3),
+            "ratio_vs_bare_steady": round(summary["img_per_s"] / bare_steady, 3), "threads": 1}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="small", help="base for the decode comparison")
+    p.add_argument("--serve-base", default="small", help="base for the serve and caption parts (small or tiny)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (driver and model replica)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--per-client", type=int, default=2, help="requests per concurrent client")
+    p.add_argument("--single", type=int, default=6, help="requests of the one-client run")
+    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every served request")
+    p.add_argument("--caption-n", type=int, default=64)
+    p.add_argument("--caption-batch", type=int, default=8)
+    p.add_argument("--caption-tokens", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="fewer runs/requests/images (a few minutes on a CPU)")
+    p.add_argument("--skip", action="append", default=[], choices=["decode", "serve", "caption"])
+    a = p.parse_args()
+    if a.quick:
+        a.runs, a.per_client, a.single, a.max_tokens, a.caption_n, a.caption_tokens = 3, 1, 3, 16, 16, 8
+    torch.set_num_threads(a.threads)
+    out: dict = {"torch_threads": a.threads, "cpu_count": os.cpu_count(),
+                 "device": "cuda" if torch.cuda.is_available() else "cpu", "quick": a.quick}
+    t0 = time.perf_counter()
+    if "decode" not in a.skip:
+        out["decode"] = bench_decode(a.base, a.decode_tokens, a.runs)
+        print(json.dumps({"decode": out["decode"]}), file=sys.stderr, flush=True)  # progress
+    if not {"serve", "caption"} <= set(a.skip):
+        import ray
+
+        from cli_module.adapter import save_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter = Path(tmp) / "cli"
+            save_adapter(make_cli(a.serve_base), adapter)
+            ray.init(num_cpus=a.threads + 1, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+            try:
+                if "serve" not in a.skip:
+                    out["serve"] = bench_serve(a.serve_base, adapter, a.clients, a.per_client, a.single,
+                                               a.max_tokens, a.threads)
+                    print(json.dumps({"serve": out["serve"]}), file=sys.stderr, flush=True)
+                if "caption" not in a.skip:
+                    out["caption"] = bench_caption(a.serve_base, adapter, a.caption_n, a.caption_batch,
+                                                   a.caption_tokens, Path(tmp))
+            finally:
+                ray.shutdown()
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
