@@ -34,13 +34,17 @@ METHODS: dict[str, list[str]] = {  # stage-2 overrides per method (all on top of
 
 
 def train(work: Path, name: str, steps: int, lr: float, seed: int, cache: str, extra: list[str]) -> dict:
+    """One training run; a finished one (summary.json on disk) is reused, so an interrupted benchmark resumes."""
     from jobs.train import run_train
     from jobs.train_config import load_config
 
+    done = work / name / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
     overrides = ["base=small", f"output_dir={work / name}", f"data.train={work / 'data' / 'train.jsonl'}",
                  f"data.eval={work / 'data' / 'val.jsonl'}", f"data.features={work / cache}",
                  f"trainer.max_steps={steps}", "trainer.num_workers=2", "trainer.micro_batch_size=4",
-                 "trainer.log_every=20", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
+                 "trainer.log_every=20", "trainer.max_failures=2", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
                  f"trainer.seed={seed}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
                  f"cli.vision_layers={json.dumps(LAYERS)}", f"cli.inject_layers={json.dumps(INJECT)}",
                  "cli.pool=2", "cli.attn_dim=256", "cli.heads=4", "cli.lora_rank=16", "cli.lora_alpha=32", *extra]
@@ -82,6 +86,9 @@ def main() -> None:
     print(f"[quality] stage 1 done: loss {stage1['loss']} ({time.time() - t0:.0f} s)", flush=True)
 
     def evaluate(adapter: str, cache: str) -> dict:
+        done = Path(adapter).parent / "eval.json"
+        if done.is_file():
+            return json.loads(done.read_text())
         return run_eval(EvalJob(data=str(work / "data" / "test-sub.jsonl"), features=str(work / cache),
                                 adapter=adapter, out=str(Path(adapter).parent / "eval.json")))
 
