@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYERS, INJECT = [3, 6, 9, 12], [2, 10, 18, 26]
 METHODS: dict[str, list[str]] = {  # stage-2 overrides per method (all on top of the stage-1 projector)
+    "cli": ["method=cli"],
     "projector_ft": ["method=projector_ft"],
+    "agf_only": ["method=cli", "cli.vision_layers=[12]", "cli.lora_rank=0"],
+    "amp_only": ["method=cli", "cli.gate=none"],
     "deepstack": ["method=deepstack", "cli.pool=1"],
     "input_fusion": ["method=input_fusion", "cli.pool=1"],
-    "amp_only": ["method=cli", "cli.gate=none"],
-    "agf_only": ["method=cli", "cli.vision_layers=[12]", "cli.lora_rank=0"],
-    "cli": ["method=cli"],
 }
 
 
@@ -94,8 +94,8 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {"one_to_one": [evaluate(stage1["adapter"], "cache-pool2")]}
     params = {"one_to_one": 0}
-    for seed in args.seeds:
-        for method, extra in METHODS.items():
+    for method, extra in METHODS.items():  # every seed of a method before the next method
+        for seed in args.seeds:
             cache = "cache-pool1" if "cli.pool=1" in extra else "cache-pool2"
             run = train(work, f"{method}-seed{seed}", args.stage2_steps, args.stage2_lr, seed, cache,
                         [*extra, f"init_projector={stage1['adapter']}"])
