@@ -18,6 +18,7 @@ import numpy as np
 from pipelines import storage
 
 from .scoring import answer_of, score
+from .train_data import read_records, resolve_image
 
 
 @dataclass
@@ -41,27 +42,26 @@ class EvalJob:
                              f"concurrency ({self.concurrency}) must be >= 1")
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-    text = storage.read_bytes(path).decode()
-    if path.endswith(".json"):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def image_source(record: dict[str, Any], data_path: str) -> str:
-    """The record's image as the feature cache names it (absolute path or s3:// URI)."""
-    image = str(record.get("image", ""))
-    if image.startswith(("s3://", "/")):
-        return image
-    return storage.join(data_path.rsplit("/", 1)[0] if "/" in data_path else ".", image)
+def load_records(path: str) -> list[dict[str, Any]]:
+    """The file's records; a malformed line is an error naming it (evaluation skips nothing silently)."""
+    rows = read_records(path)
+    bad = [(n, err) for n, _, err in rows if err]
+    if bad:
+        raise ValueError(f"{path}: record {bad[0][0]}: {bad[0][1]} ({len(bad)} bad in all)")
+    return [r for _, r, _ in rows]
 
 
 def join_to_cache(records: list[dict[str, Any]], data_path: str, cache_sources: dict[str, str]) -> list[str]:
     """image_id of each record; ValueError naming the first records whose image is not cached."""
     ids, missing = [], []
     known = set(cache_sources.values())
+    root = data_path.rsplit("/", 1)[0] if "/" in data_path else "."
     for r in records:
-        image_id = r.get("image_id") if r.get("image_id") in known else cache_sources.get(image_source(r, data_path))
+        try:
+            source = resolve_image(r, root)
+        except KeyError:
+            source = None
+        image_id = r.get("image_id") if r.get("image_id") in known else cache_sources.get(source)
         if image_id is None:
             missing.append(str(r.get("id", r.get("image"))))
         ids.append(image_id)
@@ -118,9 +118,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     from pipelines.caption import load_model
     from pipelines.features import check_serves, load_cache_table
 
-    records = read_records(job.data)
-    if not records:
-        raise ValueError(f"{job.data}: no records")
+    records = load_records(job.data)
     model, _ = load_model(job.adapter, job.base)
     check_serves(job.features, model.base, model.feature_layer_ids, model.config.pool)
     del model
