@@ -7,7 +7,10 @@ input_fusion, AMP only (several layers, gate fixed at 1), AGF only (one vision l
 and full CLI). Reports mean and spread over seeds, overall and per question type, and trainable parameters.
 
     .venv/bin/python bench/quality.py --n 1000 --stage1-steps 150 --stage2-steps 60 --seeds 0 1
+    .venv/bin/python bench/quality.py ... --ablations --ablation-seeds 0   # then the design-choice ablations
 
+`--ablations` also runs the paper's ablations of CLI, one design choice changed at a time (injection layers,
+positions, gate granularity, LoRA rank, vision layers, pooling), and tabulates them against full CLI.
 Writes bench/quality-results.json and prints a Markdown table (copy it into bench/RESULTS.md).
 """
 
@@ -30,6 +33,20 @@ METHODS: dict[str, list[str]] = {  # stage-2 overrides per method (all on top of
     "amp_only": ["method=cli", "cli.gate=none"],
     "deepstack": ["method=deepstack", "cli.pool=1"],
     "input_fusion": ["method=input_fusion", "cli.pool=1"],
+}
+ABLATIONS: dict[str, tuple[str, list[str]]] = {  # name: (what changes from full CLI, overrides)
+    "abl-inject-dense": ("injection at 10 decoder layers (0, 3, ..., 27)",
+                         ["method=cli", f"cli.inject_layers={json.dumps(list(range(0, 30, 3)))}"]),
+    "abl-inject-early": ("injection at 2 early decoder layers (2, 6)", ["method=cli", "cli.inject_layers=[2,6]"]),
+    "abl-inject-late": ("injection at 2 late decoder layers (22, 26)", ["method=cli", "cli.inject_layers=[22,26]"]),
+    "abl-positions-text": ("AGF updates text positions only", ["method=cli", "cli.positions=text"]),
+    "abl-positions-image": ("AGF updates image positions only", ["method=cli", "cli.positions=image"]),
+    "abl-gate-channel": ("gate per channel instead of per vision layer", ["method=cli", "cli.gate=channel"]),
+    "abl-rank-0": ("no low-rank adapter (rank 0: V_k through P only)", ["method=cli", "cli.lora_rank=0"]),
+    "abl-rank-4": ("LoRA rank 4", ["method=cli", "cli.lora_rank=4", "cli.lora_alpha=8"]),
+    "abl-rank-64": ("LoRA rank 64", ["method=cli", "cli.lora_rank=64", "cli.lora_alpha=128"]),
+    "abl-layers-2": ("2 vision layers (6, 12) instead of 4", ["method=cli", "cli.vision_layers=[6,12]"]),
+    "abl-pool-1": ("no pooling (64 visual tokens per layer instead of 16)", ["method=cli", "cli.pool=1"]),
 }
 
 
@@ -62,6 +79,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--work", default="out/quality")
+    ap.add_argument("--ablations", action="store_true", help="also run the CLI ablations (one change each)")
+    ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--report-only", action="store_true",
                     help="tabulate the eval.json files already in --work (e.g. of an interrupted run)")
     args = ap.parse_args()
@@ -94,8 +113,11 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {"one_to_one": [evaluate(stage1["adapter"], "cache-pool2")]}
     params = {"one_to_one": 0}
-    for method, extra in METHODS.items():  # every seed of a method before the next method
-        for seed in args.seeds:
+    runs = [(m, extra, args.seeds) for m, extra in METHODS.items()]
+    if args.ablations:
+        runs += [(name, extra, args.ablation_seeds) for name, (_, extra) in ABLATIONS.items()]
+    for method, extra, seeds in runs:  # every seed of a method before the next method
+        for seed in seeds:
             cache = "cache-pool1" if "cli.pool=1" in extra else "cache-pool2"
             run = train(work, f"{method}-seed{seed}", args.stage2_steps, args.stage2_lr, seed, cache,
                         [*extra, f"init_projector={stage1['adapter']}"])
@@ -116,7 +138,7 @@ def report_only(work: Path, args: argparse.Namespace) -> None:
     s1 = json.loads((work / "stage1" / "summary.json").read_text())
     results["one_to_one"] = [json.loads((work / "stage1" / "eval.json").read_text())]
     params["one_to_one"] = 0
-    for method in METHODS:
+    for method in [*METHODS, *ABLATIONS]:
         for run in sorted(work.glob(f"{method}-seed*")):
             if (run / "eval.json").is_file():
                 results.setdefault(method, []).append(json.loads((run / "eval.json").read_text()))
@@ -127,8 +149,9 @@ def report_only(work: Path, args: argparse.Namespace) -> None:
 def write_table(results: dict[str, list[dict]], params: dict[str, int], args: argparse.Namespace, t0: float,
                 stage1_loss: float) -> None:
     types = sorted({t for rs in results.values() for r in rs for t in r["per_type"]})
-    lines = ["| method | trainable params | accuracy (mean ± spread) | " + " | ".join(types) + " |",
-             "|---|---|---|" + "---|" * len(types)]
+    header = ["| method | trainable params | accuracy (mean ± spread) | " + " | ".join(types) + " |",
+              "|---|---|---|" + "---|" * len(types)]
+    main_lines, ablation_lines = list(header), list(header)
     summary = {}
     for method, reports in results.items():
         acc = [r["accuracy"] for r in reports]
@@ -136,15 +159,21 @@ def write_table(results: dict[str, list[dict]], params: dict[str, int], args: ar
         per_type = {t: statistics.mean(r["per_type"].get(t, 0.0) for r in reports) for t in types}
         summary[method] = {"accuracy": acc, "mean": mean, "spread": spread, "per_type": per_type,
                            "trainable_params": params[method]}
-        lines.append(f"| {method} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | "
-                     + " | ".join(f"{per_type[t]:.2f}" for t in types) + " |")
-    table = "\n".join(lines)
+        label = f"{method}: {ABLATIONS[method][0]}" if method in ABLATIONS else method
+        row = (f"| {label} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | "
+               + " | ".join(f"{per_type[t]:.2f}" for t in types) + " |")
+        (ablation_lines if method in ABLATIONS else main_lines).append(row)
+        if method == "cli":
+            ablation_lines.append(row.replace("| cli |", "| full CLI (reference) |"))
+    table = "\n".join(main_lines)
+    ablations = "\n".join(ablation_lines) if len(ablation_lines) > len(header) + 1 else ""
     out = {"args": vars(args), "seconds": round(time.time() - t0), "stage1_loss": stage1_loss,
-           "methods": summary, "table": table}
+           "methods": summary, "table": table, "ablation_table": ablations}
     Path("bench/quality-results.json").write_text(json.dumps(out, indent=2) + "\n")
     print(table)
+    if ablations:
+        print("\n" + ablations)
     print(f"[quality] {round(time.time() - t0)} s in all")
-
 
 if __name__ == "__main__":
     main()
