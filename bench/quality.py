@@ -53,18 +53,15 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {  # name: (what changes from full
 def train(work: Path, name: str, steps: int, lr: float, seed: int, cache: str, extra: list[str]) -> dict:
     """One training run; a finished one (summary.json on disk) is reused, so an interrupted benchmark resumes."""
     from jobs.train import run_train
-    from jobs.train_config import load_config
+    from jobs.train_config import load_config, recipe_overrides
 
     done = work / name / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
-    overrides = ["base=small", f"output_dir={work / name}", f"data.train={work / 'data' / 'train.jsonl'}",
-                 f"data.eval={work / 'data' / 'val.jsonl'}", f"data.features={work / cache}",
-                 f"trainer.max_steps={steps}", "trainer.num_workers=2", "trainer.micro_batch_size=4",
-                 "trainer.log_every=20", "trainer.max_failures=2", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
-                 f"trainer.seed={seed}", f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
-                 f"cli.vision_layers={json.dumps(LAYERS)}", f"cli.inject_layers={json.dumps(INJECT)}",
-                 "cli.pool=2", "cli.attn_dim=256", "cli.heads=4", "cli.lora_rank=16", "cli.lora_alpha=32", *extra]
+    overrides = [*recipe_overrides(base="small", output_dir=work / name, data_dir=work / "data",
+                                   features=work / cache, steps=steps, lr=lr, micro_batch=4, vision_layers=LAYERS,
+                                   inject_layers=INJECT, pool=2, attn_dim=256, seed=seed, log_every=20),
+                 "trainer.max_failures=2", "cli.lora_rank=16", "cli.lora_alpha=32", *extra]
     return run_train(load_config(None, overrides))
 
 

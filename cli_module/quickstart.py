@@ -56,16 +56,13 @@ def say(step: int, total: int, text: str) -> None:
 def train_stage(p: Preset, work: Path, name: str, method: str, steps: int, lr: float,
                 init_projector: str | None = None) -> dict[str, Any]:
     from jobs.train import run_train
-    from jobs.train_config import load_config
+    from jobs.train_config import load_config, recipe_overrides
 
-    overrides = [f"base={p.base}", f"method={method}", f"output_dir={work / name}",
-                 f"data.train={work / 'data' / 'train.jsonl'}", f"data.eval={work / 'data' / 'val.jsonl'}",
-                 f"data.features={work / 'cache'}", f"trainer.max_steps={steps}", "trainer.num_workers=2",
-                 f"trainer.micro_batch_size={p.micro_batch}", "trainer.log_every=10",
-                 f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", f"optim.lr={lr}",
-                 f"optim.warmup_steps={max(1, steps // 10)}", "deepspeed.zero_stage=2",
-                 f"cli.vision_layers={json.dumps(p.layers)}", f"cli.inject_layers={json.dumps(p.inject_layers)}",
-                 f"cli.pool={p.pool}", f"cli.attn_dim={p.attn_dim}", "cli.heads=4"]
+    overrides = [*recipe_overrides(base=p.base, output_dir=work / name, data_dir=work / "data",
+                                   features=work / "cache", steps=steps, lr=lr, micro_batch=p.micro_batch,
+                                   vision_layers=p.layers, inject_layers=p.inject_layers, pool=p.pool,
+                                   attn_dim=p.attn_dim),
+                 f"method={method}", "deepspeed.zero_stage=2"]
     if init_projector:
         overrides.append(f"init_projector={init_projector}")
     return run_train(load_config(None, overrides))

@@ -11,6 +11,7 @@ and the valid ones, a value of the wrong type fails with the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +170,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for item in overrides:
         apply_override(data, item)
     return TrainConfig.from_dict(data)
+
+
+def recipe_overrides(*, base: str, output_dir: str | Path, data_dir: str | Path, features: str | Path, steps: int,
+                     lr: float, micro_batch: int, vision_layers: list[int], inject_layers: list[int], pool: int,
+                     attn_dim: int, heads: int = 4, workers: int = 2, seed: int = 0, log_every: int = 10) -> list[str]:
+    """Overrides of one run of the quickstart / quality-benchmark recipe: train.jsonl and val.jsonl of a synthetic
+    set (``crosslayer data synth``), a feature cache, evaluation and checkpoint once at the end, warmup a tenth."""
+    data_dir = Path(data_dir)
+    return [f"base={base}", f"output_dir={output_dir}", f"data.train={data_dir / 'train.jsonl'}",
+            f"data.eval={data_dir / 'val.jsonl'}", f"data.features={features}", f"trainer.max_steps={steps}",
+            f"trainer.num_workers={workers}", f"trainer.micro_batch_size={micro_batch}", f"trainer.seed={seed}",
+            f"trainer.log_every={log_every}", f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}",
+            f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
+            f"cli.vision_layers={json.dumps(vision_layers)}", f"cli.inject_layers={json.dumps(inject_layers)}",
+            f"cli.pool={pool}", f"cli.attn_dim={attn_dim}", f"cli.heads={heads}"]
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
