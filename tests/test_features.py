@@ -142,6 +142,7 @@ def test_cached_features_give_pixel_path_logits(ray_local, tmp_path, dtype, atol
     assert features(str(tmp_path / "imgs"), "--out", str(tmp_path / "cache"), "--base", "tiny",
                     "--layers", *LAYERS, "--pool", "2", "--dtype", dtype) == 0
     base = load_base("tiny")
+    torch.manual_seed(0)  # the plug-in's random init would otherwise depend on which tests ran before
     model = FusedVLM(base, CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, lora_rank=4,
                                      pool=2))
     perturb(model)
