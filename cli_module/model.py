@@ -8,8 +8,9 @@ The base's own input path is untouched; AGF runs as a forward hook after each de
 per-call ``VisualState`` whose AGF keys/values were computed once per image, so decoding with the base's KV
 cache costs one query and one gate per injection layer and step. Precomputed features (the feature cache)
 enter as ``VisionFeatures`` and skip the encoder. Baselines share every line except their trainable part:
-``one_to_one`` (nothing), ``projector_ft`` (P), ``deepstack`` (V̂_k added at the image positions of layer t_k
-with a zero-initialised static scale), ``input_fusion`` (layers concatenated into a widened projector).
+``one_to_one`` (nothing), ``projector_ft`` (P), ``deepstack`` (W_i V̂_{k_i} added at the image positions of layer
+t_i, W_i a zero-initialised D x D map like AGF's W_o), ``input_fusion`` (layers concatenated into a widened
+projector).
 """
 
 from __future__ import annotations
@@ -101,7 +102,11 @@ class FusedVLM(nn.Module):
                 self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.layer_ids), config.heads, config.gate,
                                              config.dropout) for _ in config.inject_layers)
             if config.method == "deepstack":
-                self.deepstack_scale = nn.Parameter(torch.zeros(len(config.inject_layers)))
+                # zero-initialised per-layer output maps: the untrained baseline adds exactly zero. (A zero-init
+                # scalar scale cannot grow past ~lr per Adam step, so that baseline barely trained.)
+                self.deepstack_out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in config.inject_layers)
+                for layer in self.deepstack_out:
+                    nn.init.zeros_(layer.weight)
             if config.method == "input_fusion":
                 self.fusion_ids = [k for k in self.layer_ids if k != self.select_id]
                 self.fusion_projector = FusionProjector(base.projector, len(self.fusion_ids))
@@ -189,7 +194,7 @@ class FusedVLM(nn.Module):
             else:  # deepstack: static add of V̂_{k_i} at this layer's image positions (prefill only)
                 img = state["image_mask"]
                 if img is not None and img.any():
-                    add = state["visual"].tokens[:, i].flatten(0, 1) * self.deepstack_scale[i]  # (B*N, D)
+                    add = self.deepstack_out[i](state["visual"].tokens[:, i].flatten(0, 1))  # (B*N, D)
                     hidden = hidden.masked_scatter(img.unsqueeze(-1), hidden[img] + add.to(hidden.dtype))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -126,7 +126,7 @@ def test_baselines_start_at_the_base_and_train_their_own_part(tiny_base, method)
     ref = tiny_base.model(**inputs, pixel_values=pixels).logits
     torch.testing.assert_close(model(**inputs, visual=visual).logits, ref, rtol=0, atol=1e-6)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected_prefix = {"deepstack": ("amp.", "deepstack_scale"), "input_fusion": ("fusion_projector.",),
+    expected_prefix = {"deepstack": ("amp.", "deepstack_out."), "input_fusion": ("fusion_projector.",),
                        "projector_ft": ("base_model.model.multi_modal_projector.",), "one_to_one": ()}[method]
     assert all(n.startswith(expected_prefix) for n in names)
     assert bool(names) == (method != "one_to_one")
