@@ -108,7 +108,7 @@ def main() -> None:
         return run_eval(EvalJob(data=str(work / "data" / "test-sub.jsonl"), features=str(work / cache),
                                 adapter=adapter, out=str(Path(adapter).parent / "eval.json")))
 
-    results: dict[str, list[dict]] = {"one_to_one": [evaluate(stage1["adapter"], "cache-pool2")]}
+    results: dict[str, list[dict]] = {"one_to_one": [with_val(evaluate(stage1["adapter"], "cache-pool2"), stage1)]}
     params = {"one_to_one": 0}
     runs = [(m, extra, args.seeds) for m, extra in METHODS.items() if m in args.methods]
     if args.ablations:
@@ -118,7 +118,7 @@ def main() -> None:
             cache = "cache-pool1" if "cli.pool=1" in extra else "cache-pool2"
             run = train(work, f"{method}-seed{seed}", args.stage2_steps, args.stage2_lr, seed, cache,
                         [*extra, f"init_projector={stage1['adapter']}"])
-            report = evaluate(run["adapter"], cache)
+            report = with_val(evaluate(run["adapter"], cache), run)
             results.setdefault(method, []).append(report)
             params[method] = run["params"]["trainable_params"]
             print(f"[quality] {method} seed {seed}: accuracy {report['accuracy']:.3f} "
@@ -133,31 +133,41 @@ def report_only(work: Path, args: argparse.Namespace) -> None:
     results: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
     s1 = json.loads((work / "stage1" / "summary.json").read_text())
-    results["one_to_one"] = [json.loads((work / "stage1" / "eval.json").read_text())]
+    results["one_to_one"] = [with_val(json.loads((work / "stage1" / "eval.json").read_text()), s1)]
     params["one_to_one"] = 0
     for method in [*METHODS, *ABLATIONS]:
         for run in sorted(work.glob(f"{method}-seed*")):
             if (run / "eval.json").is_file():
-                results.setdefault(method, []).append(json.loads((run / "eval.json").read_text()))
-                params[method] = json.loads((run / "summary.json").read_text())["params"]["trainable_params"]
+                summary = json.loads((run / "summary.json").read_text())
+                results.setdefault(method, []).append(with_val(json.loads((run / "eval.json").read_text()), summary))
+                params[method] = summary["params"]["trainable_params"]
     write_table(results, params, args, time.time(), s1["loss"])
+
+
+def with_val(report: dict, summary: dict) -> dict:
+    """The test report plus the run's teacher-forced validation figures (100 questions, less noisy than greedy
+    exact match): answer-token loss and accuracy."""
+    return {**report, "val_loss": summary["eval_loss"], "val_token_acc": summary["eval_token_acc"]}
 
 
 def write_table(results: dict[str, list[dict]], params: dict[str, int], args: argparse.Namespace, t0: float,
                 stage1_loss: float) -> None:
     types = sorted({t for rs in results.values() for r in rs for t in r["per_type"]})
-    header = ["| method | trainable params | accuracy (mean ± spread) | " + " | ".join(types) + " |",
-              "|---|---|---|" + "---|" * len(types)]
+    header = ["| method | trainable params | accuracy (mean ± spread) | val loss | val token acc | "
+              + " | ".join(types) + " |", "|---|---|---|---|---|" + "---|" * len(types)]
     main_lines, ablation_lines = list(header), list(header)
     summary = {}
     for method, reports in results.items():
         acc = [r["accuracy"] for r in reports]
         mean, spread = statistics.mean(acc), (max(acc) - min(acc)) / 2
         per_type = {t: statistics.mean(r["per_type"].get(t, 0.0) for r in reports) for t in types}
+        val_loss = statistics.mean(r["val_loss"] for r in reports)
+        val_acc = statistics.mean(r["val_token_acc"] for r in reports)
         summary[method] = {"accuracy": acc, "mean": mean, "spread": spread, "per_type": per_type,
-                           "trainable_params": params[method]}
+                           "val_loss": val_loss, "val_token_acc": val_acc, "trainable_params": params[method]}
         label = f"{method}: {ABLATIONS[method][0]}" if method in ABLATIONS else method
-        row = (f"| {label} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | "
+        row = (f"| {label} | {params[method]:,} | {mean:.3f} ± {spread:.3f} (n={len(acc)}) | {val_loss:.3f} | "
+               f"{val_acc:.3f} | "
                + " | ".join(f"{per_type[t]:.2f}" for t in types) + " |")
         (ablation_lines if method in ABLATIONS else main_lines).append(row)
         if method == "cli":
