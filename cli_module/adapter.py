@@ -100,8 +100,8 @@ def apply_adapter_state(model: FusedVLM, state: dict[str, torch.Tensor], source:
             if own[k].shape != v.shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
             own[k].copy_(v)
-    if proj:
-        model.base.projector.load_state_dict(proj)
+    if proj:  # a meta-device model (load_base(weights=False)) takes the small projector's tensors as they are
+        model.base.projector.load_state_dict(proj, assign=next(model.base.projector.parameters()).is_meta)
         model.projector_modified = True
 
 

@@ -132,14 +132,16 @@ class Base:
 
 
 def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
-              vision: bool = True) -> Base:
+              vision: bool = True, weights: bool = True) -> Base:
     """Build a preset or load a checkpoint; all base parameters come back frozen (requires_grad False).
     ``vision=False`` leaves the encoder out (a VisionStub keeps its config): composed bases never read its
-    weights; LLaVA checkpoints load whole and free it."""
-    if name == "small" and not vision:
+    weights; LLaVA checkpoints load whole and free it. ``weights=False`` reads only configs, tokenizer and image
+    processor and puts every parameter on the meta device: enough to validate an adapter, a config or a cache
+    key on a driver without the model's memory (tiny presets are built as usual)."""
+    if name == "small" and (not vision or not weights):
         from .pretrained import small_base_dir
 
-        base = load_composed(small_base_dir(), name="small", vision=False)
+        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights)
     elif name == "tiny":
         base = build_tiny("llava")
     elif name == "tiny-onevision":
@@ -151,7 +153,7 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
     elif name == "llava-1.5-7b-shape":
         base = build_llava_7b_shape()
     else:
-        base = load_pretrained(name, revision=revision, dtype=dtype)
+        base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights)
     if not vision and not isinstance(base.vision_tower, VisionStub):
         owner = base.model if base.kind == "composed" else base.model.model
         owner.vision_tower = VisionStub(base.vision_config)
@@ -244,8 +246,10 @@ def build_llava_7b_shape() -> Base:
 
 # --- checkpoints: hub id, local folder, s3:// ---------------------------------------------------------
 
-def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32) -> Base:
-    """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle."""
+def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                    weights: bool = True) -> Base:
+    """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle.
+    ``weights=False``: the model is built from its config on the meta device and no weight file is read."""
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -256,7 +260,7 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
 
     path = fetch_s3_prefix(source) if source.startswith("s3://") else source
     if Path(path, COMPOSED_FILE).is_file():
-        return load_composed(Path(path), name=source)
+        return load_composed(Path(path), name=source, weights=weights)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"{source}: no config.json or {COMPOSED_FILE}; point --base at a model folder")
     config = AutoConfig.from_pretrained(path, revision=revision)
@@ -264,7 +268,12 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
     if config.model_type not in classes:
         raise ValueError(f"{source}: model_type {config.model_type!r} is not supported; use one of "
                          f"{sorted(classes)} or a composed base folder with {COMPOSED_FILE}")
-    model = classes[config.model_type].from_pretrained(path, revision=revision, dtype=dtype, use_safetensors=True)
+    if weights:
+        model = classes[config.model_type].from_pretrained(path, revision=revision, dtype=dtype,
+                                                           use_safetensors=True)
+    else:
+        with torch.device("meta"):
+            model = classes[config.model_type]._from_config(config)
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
     proc = AutoImageProcessor.from_pretrained(path, revision=revision)
     return Base(name=source, kind=config.model_type, model=model, tokenizer=tok, image_processor=proc,
@@ -287,18 +296,26 @@ def save_composed(model: ComposedVLM, tokenizer: Any, image_processor: Any, out:
     (out / COMPOSED_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def load_composed(path: Path, name: str, vision: bool = True) -> Base:
+def load_composed(path: Path, name: str, vision: bool = True, weights: bool = True) -> Base:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     meta = json.loads(Path(path, COMPOSED_FILE).read_text())
-    if vision:
+    if not vision:
+        tower = VisionStub(AutoConfig.from_pretrained(path / "vision"))
+    elif weights:
         tower = AutoModel.from_pretrained(path / "vision", use_safetensors=True)
     else:
-        tower = VisionStub(AutoConfig.from_pretrained(path / "vision"))
-    lm = AutoModelForCausalLM.from_pretrained(path / "lm", use_safetensors=True)
-    projector = MLPProjector(meta["vision_dim"], meta["text_dim"])
-    projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+        with torch.device("meta"):
+            tower = AutoModel.from_config(AutoConfig.from_pretrained(path / "vision"))
+    if weights:
+        lm = AutoModelForCausalLM.from_pretrained(path / "lm", use_safetensors=True)
+        projector = MLPProjector(meta["vision_dim"], meta["text_dim"])
+        projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    else:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / "lm"))
+            projector = MLPProjector(meta["vision_dim"], meta["text_dim"])
     tok = AutoTokenizer.from_pretrained(path / "lm")
     proc = AutoImageProcessor.from_pretrained(path / "vision")
     image_token_id = tok.convert_tokens_to_ids(meta["image_token"])

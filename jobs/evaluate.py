@@ -119,7 +119,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     from pipelines.features import check_serves, load_cache_table
 
     records = load_records(job.data)
-    model, _ = load_model(job.adapter, job.base)
+    model, _ = load_model(job.adapter, job.base, weights=False)  # checks adapter and cache; no weights in memory
     check_serves(job.features, model.base, model.feature_layer_ids, model.config.pool)
     del model
     table = load_cache_table(job.features).select(["image_id", "source"])

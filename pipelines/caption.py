@@ -56,17 +56,18 @@ class CaptionJob:
                              f"concurrency ({self.concurrency}) must be >= 1")
 
 
-def load_model(adapter: str | None, base_name: str | None):
-    """The fused model: an adapter over its (or the given) base, or the base as is."""
+def load_model(adapter: str | None, base_name: str | None, weights: bool = True):
+    """The fused model: an adapter over its (or the given) base, or the base as is. ``weights=False`` builds it
+    on the meta device from configs (the adapter is still read and checked): what a driver needs to fail fast."""
     from cli_module.adapter import load_adapter, read_adapter_config
     from cli_module.bases import load_base
     from cli_module.config import CLIConfig
     from cli_module.model import FusedVLM
 
     if adapter is None:
-        return FusedVLM(load_base(base_name), CLIConfig(method="one_to_one")), f"base:{base_name}"
+        return FusedVLM(load_base(base_name, weights=weights), CLIConfig(method="one_to_one")), f"base:{base_name}"
     config = read_adapter_config(adapter)
-    base = load_base(base_name or config["base_model"])
+    base = load_base(base_name or config["base_model"], weights=weights)
     return load_adapter(adapter, base=base), adapter.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -173,7 +174,7 @@ def run_caption(job: CaptionJob) -> dict:
     storage.remove_temporaries(job.out)
     done = {r["source"] for r in read_captions(job.out)}
     todo = [s for s in sources if s not in done]
-    model, _ = load_model(job.adapter, job.base)  # fail fast on a bad adapter, and get the processor
+    model, _ = load_model(job.adapter, job.base, weights=False)  # fail fast on a bad adapter; the processor
     if job.features:  # refuse a cache made for other layers or pooling before any work
         from .features import check_serves
 

@@ -207,6 +207,43 @@ def test_mismatched_base_and_pickles_are_refused(tiny_base, tmp_path):
     assert (tmp_path / "adapter" / WEIGHTS).is_file()
 
 
+def test_weightless_bases_validate_like_loaded_ones(tiny_base, tmp_path):
+    """load_base(weights=False) on a LLaVA folder and on a composed folder: every parameter on the meta device,
+    the same shapes, tokenizer and processor, and adapters are checked (and refused) exactly as on the real base."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+    from cli_module.bases import ComposedVLM, MLPProjector, save_composed
+
+    llava = tmp_path / "llava"
+    tiny_base.model.save_pretrained(llava)
+    tiny_base.tokenizer.save_pretrained(llava)
+    tiny_base.image_processor.save_pretrained(llava)
+    vision = AutoModel.from_config(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=16, patch_size=4))
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=4,
+                                                      vocab_size=len(tiny_base.tokenizer)))
+    composed = tmp_path / "composed"
+    save_composed(ComposedVLM(vision, MLPProjector(32, 32), lm), tiny_base.tokenizer, tiny_base.image_processor,
+                  composed, image_token="<image>", select_layer=-2, select_strategy="default")
+    assert AutoConfig.from_pretrained(composed / "lm").num_hidden_layers == 2
+    model = FusedVLM(tiny_base, CLIConfig(**CLI))
+    save_adapter(model, tmp_path / "adapter")
+    for folder in (llava, composed):
+        real, meta = load_base(str(folder)), load_base(str(folder), weights=False)
+        assert all(p.is_meta for p in meta.model.parameters())
+        assert not any(p.is_meta for p in real.model.parameters())
+        assert {n: p.shape for n, p in meta.model.named_parameters()} == \
+            {n: p.shape for n, p in real.model.named_parameters()}
+        assert (meta.num_vision_layers, meta.num_text_layers, meta.grid, meta.image_token_id) == \
+            (real.num_vision_layers, real.num_text_layers, real.grid, real.image_token_id)
+        assert meta.image_processor.to_dict() == real.image_processor.to_dict()
+    assert load_adapter(tmp_path / "adapter", base=load_base(str(llava), weights=False)).config == model.config
+    (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(ValueError, match="refusing pickle files"):
+        load_adapter(tmp_path / "adapter", base=load_base(str(llava), weights=False))
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(vision_layers=[30]), "vision layer 30 is out of range for an encoder with 2 layers: use hidden_states indices -3..2"),
     (dict(inject_layers=[5]), "inject layer 5 is out of range for a decoder with 2 layers: use 0..1"),
