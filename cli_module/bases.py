@@ -132,16 +132,18 @@ class Base:
 
 
 def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
-              vision: bool = True, weights: bool = True) -> Base:
+              vision: bool = True, weights: bool = True, language: bool = True) -> Base:
     """Build a preset or load a checkpoint; all base parameters come back frozen (requires_grad False).
     ``vision=False`` leaves the encoder out (a VisionStub keeps its config): composed bases never read its
     weights; LLaVA checkpoints load whole and free it. ``weights=False`` reads only configs, tokenizer and image
     processor and puts every parameter on the meta device: enough to validate an adapter, a config or a cache
-    key on a driver without the model's memory (tiny presets are built as usual)."""
-    if name == "small" and (not vision or not weights):
+    key on a driver without the model's memory (tiny presets are built as usual). ``language=False`` is the
+    mirror of ``vision=False`` for encoding only (the feature cache): the LLM and projector end on the meta
+    device (composed bases never read them; LLaVA checkpoints load whole and free them)."""
+    if name == "small" and (not vision or not weights or not language):
         from .pretrained import small_base_dir
 
-        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights)
+        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights, language=language)
     elif name == "tiny":
         base = build_tiny("llava")
     elif name == "tiny-onevision":
@@ -157,6 +159,9 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
     if not vision and not isinstance(base.vision_tower, VisionStub):
         owner = base.model if base.kind == "composed" else base.model.model
         owner.vision_tower = VisionStub(base.vision_config)
+    if not language:  # frees the weights, keeps every shape and config
+        for module in (base.language_model, base.lm_head, base.projector):
+            module.to("meta")
     if name != "llava-1.5-7b-shape":
         base.model.to(dtype)
     base.model.eval()
@@ -296,7 +301,7 @@ def save_composed(model: ComposedVLM, tokenizer: Any, image_processor: Any, out:
     (out / COMPOSED_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def load_composed(path: Path, name: str, vision: bool = True, weights: bool = True) -> Base:
+def load_composed(path: Path, name: str, vision: bool = True, weights: bool = True, language: bool = True) -> Base:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -308,7 +313,7 @@ def load_composed(path: Path, name: str, vision: bool = True, weights: bool = Tr
     else:
         with torch.device("meta"):
             tower = AutoModel.from_config(AutoConfig.from_pretrained(path / "vision"))
-    if weights:
+    if weights and language:
         lm = AutoModelForCausalLM.from_pretrained(path / "lm", use_safetensors=True)
         projector = MLPProjector(meta["vision_dim"], meta["text_dim"])
         projector.load_state_dict(load_file(str(path / "projector.safetensors")))

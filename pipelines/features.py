@@ -163,7 +163,8 @@ def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) 
 
 
 class Encoder:
-    """Actor: loads the base once, encodes a batch, writes it as one shard (temp name + rename)."""
+    """Actor: loads the base's encoder once (the LLM stays on the meta device), encodes a batch, writes it as one
+    shard (temp name + rename)."""
 
     def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str, threads: int = 1):
         import torch
@@ -171,7 +172,7 @@ class Encoder:
         from cli_module.bases import load_base
 
         torch.set_num_threads(threads)
-        self.base = load_base(base_name)
+        self.base = load_base(base_name, language=False)
         n = self.base.num_vision_layers + 1
         self.layers, self.pool, self.dtype, self.out = [k % n for k in layers], pool, dtype, out
 
@@ -249,7 +250,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     t0 = time.time()
     sources = list_sources(job.src)
     storage.check_writable(job.out)
-    base = load_base(job.base)
+    base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
     key = cache_key_for(base, job.layers, job.pool, job.dtype)
     cache_json = storage.join(job.out, CACHE_FILE)
     if storage.exists(cache_json):

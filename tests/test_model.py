@@ -11,7 +11,7 @@ from conftest import perturb, random_images
 from cli_module.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
 from cli_module.bases import load_base
 from cli_module.config import CLIConfig
-from cli_module.model import FusedVLM, VisionFeatures
+from cli_module.model import FusedVLM, VisionFeatures, encode_images
 from cli_module.prompting import chat_prompt
 
 CLI = dict(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)
@@ -238,6 +238,12 @@ def test_weightless_bases_validate_like_loaded_ones(tiny_base, tmp_path):
         assert (meta.num_vision_layers, meta.num_text_layers, meta.grid, meta.image_token_id) == \
             (real.num_vision_layers, real.num_text_layers, real.grid, real.image_token_id)
         assert meta.image_processor.to_dict() == real.image_processor.to_dict()
+        encoder = load_base(str(folder), language=False)  # the feature cache's actors: encoder weights only
+        assert all(p.is_meta for p in [*encoder.language_model.parameters(), *encoder.projector.parameters()])
+        pixels = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            ours, ref = (encode_images(b, pixels, [1, 2], 1) for b in (encoder, real))
+        assert torch.equal(ours.select, ref.select) and torch.equal(ours.layers, ref.layers)
     assert load_adapter(tmp_path / "adapter", base=load_base(str(llava), weights=False)).config == model.config
     (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="refusing pickle files"):
