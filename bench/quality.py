@@ -41,6 +41,7 @@ ABLATIONS: dict[str, tuple[str, list[str]]] = {  # name: (what changes from full
     "abl-positions-text": ("AGF updates text positions only", ["method=cli", "cli.positions=text"]),
     "abl-positions-image": ("AGF updates image positions only", ["method=cli", "cli.positions=image"]),
     "abl-gate-channel": ("gate per channel instead of per vision layer", ["method=cli", "cli.gate=channel"]),
+    "abl-gate-open": ("gates start 0.88 open (gate_init 2) instead of 0.5", ["method=cli", "cli.gate_init=2.0"]),
     "abl-rank-0": ("no low-rank adapter (rank 0: V_k through P only)", ["method=cli", "cli.lora_rank=0"]),
     "abl-rank-64": ("LoRA rank 64", ["method=cli", "cli.lora_rank=64", "cli.lora_alpha=128"]),
     "abl-layers-2": ("2 vision layers (6, 12) instead of 4", ["method=cli", "cli.vision_layers=[6,12]"]),

@@ -19,7 +19,7 @@ from .config import Gate
 
 class AGF(nn.Module):
     def __init__(self, dim: int, attn_dim: int, num_vision_layers: int, heads: int, gate: Gate,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, gate_init: float = 0.0):
         super().__init__()
         self.heads, self.attn_dim, self.gate_kind = heads, attn_dim, gate
         self.norm_q = nn.LayerNorm(dim)
@@ -30,7 +30,7 @@ class AGF(nn.Module):
         width = {"layer": 1, "channel": attn_dim, "none": 0}[gate]
         if width:
             self.gate_proj = nn.Linear(dim + attn_dim, width)  # controller over [h ; c_k], shared by layers
-            self.gate_bias = nn.Parameter(torch.zeros(num_vision_layers, width))  # per-vision-layer bias b_k
+            self.gate_bias = nn.Parameter(torch.full((num_vision_layers, width), float(gate_init)))  # b_k
         self.out_proj = nn.Linear(attn_dim, dim, bias=False)
         nn.init.zeros_(self.out_proj.weight)  # untrained AGF adds exactly zero
         self.dropout = nn.Dropout(dropout)

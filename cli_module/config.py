@@ -27,6 +27,7 @@ class CLIConfig:
     heads: int = 4  # AGF cross-attention heads (must divide attn_dim)
     attn_dim: int = 256  # AGF query/key/value width (a bottleneck: keeps 7B-scale bases under 1% trainable)
     gate: Gate = "layer"  # gate per vision layer (scalar), per channel, or none (always 1: AMP only)
+    gate_init: float = 0.0  # initial gate bias b_k: every gate opens sigmoid(gate_init) at step 0 (0 -> half)
     positions: Positions = "all"  # which sequence positions receive the AGF update
     dropout: float = 0.0  # dropout on AMP inputs and AGF attention output during training
 
@@ -54,6 +55,8 @@ class CLIConfig:
             raise ValueError(f"heads must be >= 1, got {self.heads}")
         if self.attn_dim < 1 or self.attn_dim % self.heads:
             raise ValueError(f"attn_dim={self.attn_dim} must be a positive multiple of heads={self.heads}")
+        if not -20.0 <= self.gate_init <= 20.0:
+            raise ValueError(f"gate_init must be in [-20, 20] (a logit: sigmoid(20) is already 1.0), got {self.gate_init}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.method == "deepstack" and len(self.vision_layers) != len(self.inject_layers):

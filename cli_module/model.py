@@ -100,7 +100,7 @@ class FusedVLM(nn.Module):
                 self.amp = AMP(len(self.layer_ids), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
             if config.method == "cli":
                 self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.layer_ids), config.heads, config.gate,
-                                             config.dropout) for _ in config.inject_layers)
+                                             config.dropout, config.gate_init) for _ in config.inject_layers)
             if config.method == "deepstack":
                 # zero-initialised per-layer output maps: the untrained baseline adds exactly zero. (A zero-init
                 # scalar scale cannot grow past ~lr per Adam step, so that baseline barely trained.)

@@ -33,9 +33,10 @@ def test_zero_init_matches_llava_base_exactly(tiny_base):
     assert model.param_counts()["trainable_params"] > 0
 
 
-@pytest.mark.parametrize("gate", ["layer", "channel"])
-def test_zero_init_matches_onevision_base(tiny_ov_base, gate):
-    model = FusedVLM(tiny_ov_base, CLIConfig(**{**CLI, "gate": gate}))
+@pytest.mark.parametrize("gate,gate_init", [("layer", 0.0), ("channel", 2.0)])
+def test_zero_init_matches_onevision_base(tiny_ov_base, gate, gate_init):
+    model = FusedVLM(tiny_ov_base, CLIConfig(**{**CLI, "gate": gate, "gate_init": gate_init}))
+    assert torch.equal(model.agf[0].gate_bias, torch.full_like(model.agf[0].gate_bias, gate_init))
     (inputs, visual), images = inputs_for(model, sizes=[(30, 20)])  # anyres: several crops
     proc = tiny_ov_base.image_processor(images=images, return_tensors="pt")
     assert proc["pixel_values"].shape[1] > 1
@@ -265,6 +266,7 @@ def test_config_errors_against_base(tiny_base, kwargs, message):
     (dict(gate="sometimes"), "gate='sometimes' is not one of"),
     (dict(positions="middle"), "positions='middle' is not one of"),
     (dict(lora_rank=-1), "lora_rank must be >= 0, got -1"),
+    (dict(gate_init=50.0), r"gate_init must be in \[-20, 20\].*got 50.0"),
     (dict(heads=3, attn_dim=16), "attn_dim=16 must be a positive multiple of heads=3"),
     (dict(method="deepstack", vision_layers=[1, 2], inject_layers=[0]), "deepstack pairs"),
     (dict(vision_layers=[1, 1]), "duplicates"),
