@@ -79,6 +79,7 @@ def main() -> None:
                     help="the stage-2 methods to run (default: all)")
     ap.add_argument("--ablations", action="store_true", help="also run the CLI ablations (one change each)")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--results", default="bench/quality-results.json", help="where the JSON summary goes")
     ap.add_argument("--report-only", action="store_true",
                     help="tabulate the eval.json files already in --work (e.g. of an interrupted run)")
     args = ap.parse_args()
@@ -177,7 +178,7 @@ def write_table(results: dict[str, list[dict]], params: dict[str, int], args: ar
     ablations = "\n".join(ablation_lines) if len(ablation_lines) > len(header) + 1 else ""
     out = {"args": vars(args), "seconds": round(time.time() - t0), "stage1_loss": stage1_loss,
            "methods": summary, "table": table, "ablation_table": ablations}
-    Path("bench/quality-results.json").write_text(json.dumps(out, indent=2) + "\n")
+    Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
     print(table)
     if ablations:
         print("\n" + ablations)
