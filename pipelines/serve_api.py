@@ -56,8 +56,8 @@ class ServeConfig:
     image_url_allowlist: list[str] = field(default_factory=list)  # hosts http(s) image URLs may name ("*.x.org" ok)
     allow_private_image_hosts: bool = False  # let allowlisted hosts resolve to loopback/private/link-local addresses
     image_fetch_timeout_s: float = 5.0  # timeout of one http(s) image fetch
-    max_batch_size: int = 8  # @serve.batch: most requests decoded together in one replica
-    batch_wait_timeout_s: float = 0.05  # @serve.batch: how long a batch waits to fill up
+    max_batch_size: int = 8  # most requests decoded together in one replica (one engine round)
+    batch_wait_timeout_s: float = 0.05  # @serve.batch: how long a batch waits to fill up while the model is idle
     max_ongoing_requests: int = 32  # per model replica; must be >= max_batch_size or batches stay small
     min_replicas: int = 1  # autoscaling floor of model replicas
     max_replicas: int = 1  # autoscaling ceiling of model replicas
