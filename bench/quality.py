@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--ablations", action="store_true", help="also run the CLI ablations (one change each)")
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--results", default="bench/quality-results.json", help="where the JSON summary goes")
+    ap.add_argument("--suffix", default="", help="appended to stage-2 run folders (e.g. -long: another budget, "
+                                                 "same data, caches and stage 1)")
     ap.add_argument("--report-only", action="store_true",
                     help="tabulate the eval.json files already in --work (e.g. of an interrupted run)")
     args = ap.parse_args()
@@ -118,7 +121,7 @@ def main() -> None:
     for method, extra, seeds in runs:  # every seed of a method before the next method
         for seed in seeds:
             cache = "cache-pool1" if "cli.pool=1" in extra else "cache-pool2"
-            run = train(work, f"{method}-seed{seed}", args.stage2_steps, args.stage2_lr, seed, cache,
+            run = train(work, f"{method}-seed{seed}{args.suffix}", args.stage2_steps, args.stage2_lr, seed, cache,
                         [*extra, f"init_projector={stage1['adapter']}"])
             report = with_val(evaluate(run["adapter"], cache), run)
             results.setdefault(method, []).append(report)
@@ -139,7 +142,8 @@ def report_only(work: Path, args: argparse.Namespace) -> None:
     params["one_to_one"] = 0
     for method in [*METHODS, *ABLATIONS]:
         for run in sorted(work.glob(f"{method}-seed*")):
-            if (run / "eval.json").is_file():
+            if re.fullmatch(rf"{re.escape(method)}-seed\d+{re.escape(args.suffix)}", run.name) and \
+                    (run / "eval.json").is_file():
                 summary = json.loads((run / "summary.json").read_text())
                 results.setdefault(method, []).append(with_val(json.loads((run / "eval.json").read_text()), summary))
                 params[method] = summary["params"]["trainable_params"]
