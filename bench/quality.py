@@ -8,6 +8,8 @@ and full CLI). Reports mean and spread over seeds, overall and per question type
 
     .venv/bin/python bench/quality.py --n 1000 --stage1-steps 150 --stage2-steps 60 --seeds 0 1
     .venv/bin/python bench/quality.py ... --ablations --ablation-seeds 0   # then the design-choice ablations
+    .venv/bin/python bench/quality.py ... --stage2-steps 120 --methods cli amp_only --seeds 0 --suffix=-long120 \
+        --results bench/quality-long-results.json                        # another stage-2 budget, same stage 1
 
 `--ablations` also runs the paper's ablations of CLI, one design choice changed at a time (injection layers,
 positions, gate granularity, LoRA rank, vision layers, pooling), and tabulates them against full CLI.
