@@ -140,18 +140,14 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
     key on a driver without the model's memory (tiny presets are built as usual). ``language=False`` is the
     mirror of ``vision=False`` for encoding only (the feature cache): the LLM and projector end on the meta
     device (composed bases never read them; LLaVA checkpoints load whole and free them)."""
-    if name == "small" and (not vision or not weights or not language):
-        from .pretrained import small_base_dir
-
-        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights, language=language)
-    elif name == "tiny":
+    if name == "tiny":
         base = build_tiny("llava")
     elif name == "tiny-onevision":
         base = build_tiny("llava_onevision")
     elif name == "small":
         from .pretrained import small_base_dir
 
-        base = load_composed(small_base_dir(), name="small")
+        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights, language=language)
     elif name == "llava-1.5-7b-shape":
         base = build_llava_7b_shape()
     else:

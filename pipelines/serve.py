@@ -322,12 +322,10 @@ class VLMModel:
             while self.waiting and (not round_ or len(round_) + len(self.waiting[0]) <= self.cfg.max_batch_size):
                 round_.extend(self.waiting.popleft())
             try:
-                await self._run_round(round_)
+                await self._run_round(round_)  # every request's stream ends with its finishing event and a None
             except Exception as err:  # each unfinished request gets it as an error event
                 for _, queue in round_:
                     queue.put_nowait(err)
-            for _, queue in round_:
-                queue.put_nowait(None)  # end of stream (a closed request's extra None is never read)
 
     async def _run_round(self, round_: list[tuple[_Prepared, asyncio.Queue]]) -> None:
         """One round: group the requests by ``group_key`` and step every group until all are done."""
