@@ -3,7 +3,7 @@
 # The image every cluster file names (cluster/kuberay/*.yaml, cluster/launcher/aws.yaml): Ray's own GPU image
 # (CUDA, Python 3.11, Ray 2.60.0 as pinned in pyproject.toml) plus torch, DeepSpeed and this project.
 # The project lands in /home/ray/crosslayer (configs/ and cluster/ included), installed, so `crosslayer ...`
-# and `python -m cli_module.cli ...` work from any directory; jobs submitted with a working dir run that
+# and `python -m jobs.cli ...` work from any directory; jobs submitted with a working dir run that
 # code instead. Keep the Ray version here, in pyproject.toml and in every cluster file the same (tests check it).
 FROM rayproject/ray:2.60.0-py311-gpu
 
@@ -27,5 +27,5 @@ COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users configs ./configs
 COPY --chown=ray:users cluster ./cluster
 RUN pip install "torch==2.13.0" "ray[train,data,serve]==2.60.0" . \
- && python -c "import ray, torch, deepspeed, cli_module.cli; assert ray.__version__ == '2.60.0', ray.__version__" \
+ && python -c "import ray, torch, deepspeed, jobs.cli; assert ray.__version__ == '2.60.0', ray.__version__" \
  && crosslayer --help > /dev/null

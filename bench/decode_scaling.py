@@ -29,8 +29,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
     torch.set_num_threads(args.threads)

@@ -33,7 +33,7 @@ def bare_loop(base_name: str, folder: Path, layers: list[int], pool: int, batch_
     """Encoder only, on images decoded and preprocessed beforehand (not timed): images/s."""
     from PIL import Image
 
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
     from cli_module.model import encode_images
 
     torch.set_num_threads(threads)
@@ -93,7 +93,7 @@ def main() -> None:
             shutil_sizes[dtype] = size / s["rows"]
         ray.shutdown()
         bare = bare_loop(args.base, work / "images", args.layers, args.pool, args.batch_size, cpus)
-        from cli_module.bases import load_base
+        from cli_module.loading import load_base
 
         base = load_base(args.base)
         grid = base.grid

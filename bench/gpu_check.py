@@ -39,8 +39,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with a GPU", file=sys.stderr)
         return 2
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
     from cli_module.prompting import chat_prompt
 

@@ -46,7 +46,8 @@ def small_shape_base():
     from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
 
     from cli_module import pretrained
-    from cli_module.bases import Base, ComposedVLM, MLPProjector
+    from cli_module.bases import Base
+    from cli_module.composed import ComposedVLM, MLPProjector
 
     side = getattr(pretrained, "SMALL_IMAGE_SIDE", 224)
     vision = Dinov2Model(Dinov2Config(image_size=side, **DINOV2_S))
@@ -97,8 +98,8 @@ def main() -> int:
         print(f"gpu_step.py: deepspeed is not installed ({err}); pip install deepspeed", file=sys.stderr)
         return 2
 
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM, VisionFeatures
 
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def main() -> int:
 
     dev, b = torch.device("cuda"), args.batch
     n = base.grid ** 2  # image tokens per image (select strategy drops CLS)
-    dv, k = base.vision_config.hidden_size, len(model.feature_layer_ids)
+    dv, k = base.vision_config.hidden_size, len(model.vision_layers)
     seq = n + args.text_tokens
     ids = torch.randint(3, base.text_config.vocab_size - 2, (b, seq), device=dev)  # (B, S)
     ids[ids == base.image_token_id] += 1  # placeholders only where the image goes:
@@ -121,7 +122,7 @@ def main() -> int:
     labels = torch.full_like(ids, -100)
     labels[:, -args.answer_tokens:] = ids[:, -args.answer_tokens:]
     mask = torch.ones_like(ids)
-    features = VisionFeatures(select=torch.randn(b, n, dv, device=dev, dtype=torch.bfloat16),  # (B, N, Dv)
+    features = VisionFeatures(select_features=torch.randn(b, n, dv, device=dev, dtype=torch.bfloat16),  # (B, N, Dv)
                               layers=torch.randn(b, k, n, dv, device=dev, dtype=torch.bfloat16))  # (B, K, N, Dv)
     side = base.vision_config.image_size
     pixels = torch.randn(b, 3, side, side, device=dev, dtype=torch.bfloat16)  # (B, 3, H, W)

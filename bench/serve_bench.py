@@ -64,7 +64,7 @@ def images(n: int, size: int = 224, seed: int = 0):
 
 
 def make_cli(base_name: str):
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
     torch.manual_seed(0)
@@ -89,8 +89,8 @@ def decode_rate(model, image, tokens: int) -> float:
 
 
 def bench_decode(base_name: str, tokens: int, runs: int) -> dict:
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
     cli = make_cli(base_name)
@@ -190,8 +190,9 @@ def bench_serve(base_name: str, adapter: Path, clients: int, per_client: int, si
 def bench_caption(base_name: str, adapter: Path, n: int, batch: int, max_tokens: int, work: Path) -> dict:
     from PIL import Image
 
+    from cli_module.adapter import load_model
     from cli_module.prompting import chat_prompt
-    from pipelines.caption import CaptionJob, load_model, run_caption
+    from pipelines.caption import CaptionJob, run_caption
 
     folder = work / "images"
     folder.mkdir()

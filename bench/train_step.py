@@ -48,7 +48,7 @@ def build_data(work: Path, cfg_path: str, n: int, image_size: int) -> tuple[Path
     """Synthetic data + a feature cache holding the layers the config's method reads (once per --work)."""
     import ray
 
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
     from jobs.train_config import load_config
     from jobs.train_loop import build_model
     from pipelines.features import FeatureJob, run_features
@@ -56,7 +56,7 @@ def build_data(work: Path, cfg_path: str, n: int, image_size: int) -> tuple[Path
 
     cfg = load_config(cfg_path, ["init_projector=null"])
     base = load_base(cfg.base)
-    layers = build_model(base, cfg).feature_layer_ids or [base.select_layer % (base.num_vision_layers + 1)]
+    layers = build_model(base, cfg).vision_layers or [base.select_layer % (base.num_vision_layers + 1)]
     data = work / f"synth-{n}-{image_size}"
     if not (data / "meta.json").exists():
         synthesize(SynthConfig(out=data, n=n, image_size=image_size, val_frac=0.0, test_frac=0.0))
@@ -75,7 +75,7 @@ class LocalSteps:
     def __init__(self, cfg, s, batch_size: int):
         from PIL import Image
 
-        from cli_module.bases import load_base
+        from cli_module.loading import load_base
         from jobs.train_data import MicroBatches, cache_index, local_shard
         from jobs.train_loop import build_model
 

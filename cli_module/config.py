@@ -74,16 +74,7 @@ class CLIConfig:
         """Check indices against a base: ``vision_layers``/``text_layers`` are depths, ``grid`` the token side."""
         if self.method in ("one_to_one", "projector_ft"):
             return  # neither reads extra vision layers nor touches decoder layers
-        lo, hi = -(vision_layers + 1), vision_layers
-        for k in self.vision_layers:
-            if not lo <= k <= hi:
-                raise ValueError(
-                    f"vision layer {k} is out of range for an encoder with {vision_layers} layers: "
-                    f"use hidden_states indices {lo}..{hi} (0 = embeddings, negative counts from the end)"
-                )
-        normalised = [k % (vision_layers + 1) for k in self.vision_layers]
-        if len(set(normalised)) != len(normalised):
-            raise ValueError(f"vision_layers {self.vision_layers} name the same layer twice on this encoder")
+        resolve_vision_layers(self.vision_layers, vision_layers)
         for t in self.inject_layers:
             if not 0 <= t < text_layers:
                 raise ValueError(
@@ -106,6 +97,20 @@ class CLIConfig:
         if unknown:
             raise ValueError(f"unknown CLIConfig keys {unknown}; valid keys are {sorted(known)}")
         return cls(**data)
+
+
+def resolve_vision_layers(vision_layers: list[int], depth: int) -> list[int]:
+    """hidden_states indices (0 = embeddings, negative counts from the end) of an encoder with ``depth`` layers,
+    made non-negative; refuses an index out of range or a layer named twice. The one place indices resolve."""
+    lo, hi = -(depth + 1), depth
+    for k in vision_layers:
+        if not lo <= k <= hi:
+            raise ValueError(f"vision layer {k} is out of range for an encoder with {depth} layers: "
+                             f"use hidden_states indices {lo}..{hi} (0 = embeddings, negative counts from the end)")
+    resolved = [k % (depth + 1) for k in vision_layers]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"vision layers {vision_layers} name the same layer twice on an encoder with {depth} layers")
+    return resolved
 
 
 def _check_literal(name: str, value: Any, kind: Any) -> None:

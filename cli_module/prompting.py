@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bases import TINY_CHAT_TEMPLATE
+from .presets import TINY_CHAT_TEMPLATE
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE = "<image>"

@@ -77,32 +77,25 @@ class Answerer:
     def __init__(self, job: EvalJob):
         import torch
 
-        from pipelines.caption import load_model
-        from pipelines.features import check_serves, load_cache_table, table_to_numpy
+        from cli_module.adapter import load_model
+        from pipelines.feature_cache import CacheLookup
 
         torch.set_num_threads(1)
         self.job = job
         self.model, _ = load_model(job.adapter, job.base)
-        info, self.index = check_serves(job.features, self.model.base, self.model.feature_layer_ids,
-                                        self.model.config.pool)
-        self.dtype = info["key"]["dtype"]
-        self.cache = table_to_numpy(load_cache_table(job.features))
-        self.rows = {i: r for r, i in enumerate(self.cache["image_id"])}
+        self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from cli_module.prompting import render, to_messages
-        from pipelines.features import batch_to_features
 
         tok = self.model.base.tokenizer
         prompts = []
         for conv in batch["conversations"]:
             first_user = next(m for m in to_messages(json.loads(conv)) if m["role"] == "user")
             prompts.append(render(tok, [first_user], add_generation_prompt=True))
-        rows = [self.rows[i] for i in batch["image_id"]]
-        sub = {k: v[rows] for k, v in self.cache.items() if k not in ("image_id", "source")}
-        feats = batch_to_features(sub, self.dtype, self.index)
+        feats = self.cache.features(list(batch["image_id"]))
         with torch.no_grad():
             inputs, visual = self.model.prepare_inputs(prompts, features=feats)
             tokens, _ = self.model.generate(**inputs, visual=visual, max_new_tokens=self.job.max_new_tokens,
@@ -114,13 +107,13 @@ class Answerer:
 def run_eval(job: EvalJob) -> dict[str, Any]:
     import ray
 
-    from cli_module.adapter import read_adapter_config
-    from pipelines.caption import load_model
-    from pipelines.features import check_serves, load_cache_table
+    from cli_module.adapter import load_model
+    from pipelines.feature_cache import check_serves, load_cache_table
 
     records = load_records(job.data)
     model, _ = load_model(job.adapter, job.base, weights=False)  # checks adapter and cache; no weights in memory
-    check_serves(job.features, model.base, model.feature_layer_ids, model.config.pool)
+    check_serves(job.features, model.base, model.vision_layers, model.config.pool)
+    method = model.config.method
     del model
     table = load_cache_table(job.features).select(["image_id", "source"])
     sources = dict(zip(table["source"].to_pylist(), table["image_id"].to_pylist()))
@@ -137,7 +130,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
               for i, r in enumerate(records)]
     report = {**score(scored), "data": job.data, "features": job.features,
               "model": job.adapter or f"base:{job.base}",
-              "method": read_adapter_config(job.adapter)["method"] if job.adapter else "one_to_one"}
+              "method": method}
     if job.out:
         storage.write_json(job.out, report)
         body = "".join(json.dumps(s) + "\n" for s in scored).encode()

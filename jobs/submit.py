@@ -7,7 +7,7 @@ What it does, in order:
 - builds the runtime environment: ``working_dir`` = this project's root (so the job runs the code you have,
   minus ``.venv``, ``.git`` and output folders; see ``DEFAULT_EXCLUDES``), merged with an optional
   ``--runtime-env`` YAML/JSON file and ``--env KEY=VALUE`` pairs;
-- submits ``python -m cli_module.cli SUB ARGS`` (the job's Python finds the package through the working dir,
+- submits ``python -m jobs.cli SUB ARGS`` (the job's Python finds the package through the working dir,
   or through the installed package in the cluster image when ``--no-working-dir`` is given);
 - prints the submission id as the first line of stdout, then (``--wait``, the default) follows the job's logs
   and exits with the job's status: 0 on SUCCEEDED; on FAILED the driver's exit code (1 if Ray has none), on
@@ -68,7 +68,7 @@ class Submission:
 
 def entrypoint(command: str, args: list[str]) -> str:
     """The shell command the job runs; ``python -m`` so the working dir's copy of the package is imported."""
-    return shlex.join(["python", "-m", "cli_module.cli", command, *args])
+    return shlex.join(["python", "-m", "jobs.cli", command, *args])
 
 
 def is_project_root(path: Path) -> bool:
@@ -127,7 +127,7 @@ def build_runtime_env(base: dict[str, Any], working_dir: str | None, env: dict[s
 def check_job_args(command: str, args: list[str]) -> int | None:
     """Parse ``crosslayer COMMAND ARGS`` with the real parser, without running anything. None if they parse;
     else the exit code argparse chose (0 after --help, 2 on an error, which argparse has printed)."""
-    from cli_module.cli import build_parser
+    from jobs.cli import build_parser
 
     try:
         build_parser().parse_args([command, *args])
@@ -353,6 +353,6 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - `crosslayer submit` is the entrypoint
-    from cli_module.cli import main
+    from jobs.cli import main
 
     sys.exit(main(["submit", *sys.argv[1:]]))

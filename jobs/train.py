@@ -51,7 +51,7 @@ def fresh_run_name() -> str:
 
 def setup(cfg: TrainConfig) -> TrainSetup:
     """Check everything that can be checked without workers; raise ValueError/FileNotFoundError if wrong."""
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
 
     started = time.time()
     cfg = absolute_paths(cfg)  # workers may run in another folder
@@ -60,7 +60,7 @@ def setup(cfg: TrainConfig) -> TrainSetup:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method {cfg.method!r} has no trainable parameters: it is the frozen base as it is; "
                          f"evaluate it without training, or pick cli, projector_ft, deepstack or input_fusion")
-    data = prepare_data(cfg, base, model.feature_layer_ids)
+    data = prepare_data(cfg, base, model.vision_layers)
     tok = base.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     run_name = cfg.trainer.run_name or fresh_run_name()

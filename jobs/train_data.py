@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from cli_module.prompting import build_example
 from pipelines import storage
-from pipelines.features import CacheKey, cache_key_for, decode_column, read_cache_info, shard_uris
+from pipelines.feature_cache import check_serves, decode_column, shard_uris
 
 SHOWN_PER_REASON = 3  # examples of each kind of bad row quoted in the error
 SPLITS = {"train": 0, "eval": 1}  # value of the `split` column in the joined rows
@@ -66,35 +66,21 @@ class PreparedData:
 
 # --- the cache against the model ---------------------------------------------------------------------
 
-def check_cache(uri: str, base: Any, feature_layers: list[int], pool: int) -> CacheView:
+def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int) -> CacheView:
     """Refuse a cache built for another base / encoder settings or lacking the layers the model reads."""
-    info = read_cache_info(uri)
-    have = CacheKey(**info["key"])
-    want = cache_key_for(base, feature_layers, pool, have.dtype)
-    problems = [line for line in have.diff(want) if line.split(":")[0] in
-                ("base", "revision", "image_processor", "select_layer")]
-    missing = [k for k in want.layers if k not in have.layers]
-    if missing:
-        problems.append(f"layers: cache has {have.layers}, the model needs {want.layers} (missing {missing})")
-    if want.layers and have.pool != pool:
-        problems.append(f"pool: cache has {have.pool}, expected {pool}")
-    if problems:
-        raise ValueError(f"feature cache {uri} does not match this model: {'; '.join(problems)}; rebuild it with "
-                         f"`crosslayer features SRC --out DIR --base {base.name} --layers "
-                         f"{' '.join(map(str, want.layers or have.layers))} --pool {pool}`")
+    info, layer_index = check_serves(uri, base, vision_layers, pool)
+    dtype = info["key"]["dtype"]
     shards = shard_uris(uri)
     if not shards:
         raise ValueError(f"feature cache {uri} holds no shards; build it with `crosslayer features`")
     fs, path = storage.resolve(shards[0])
     schema = pq.ParquetFile(fs.open_input_file(path)).schema_arrow
     select_shape = list(schema.field("select").type.shape)  # (N, Dv)
-    columns = ["select"] + (["select_scale"] if have.dtype == "int8" else [])
-    layer_index = None
-    if want.layers:
-        layer_index = [have.layers.index(k) for k in want.layers]
-        columns += ["layers"] + (["layers_scale"] if have.dtype == "int8" else [])
-    return CacheView(uri=uri, shards=shards, dtype=have.dtype, columns=columns, layer_index=layer_index,
-                     image_tokens=int(select_shape[0]))
+    columns = ["select"] + (["select_scale"] if dtype == "int8" else [])
+    if vision_layers:
+        columns += ["layers"] + (["layers_scale"] if dtype == "int8" else [])
+    return CacheView(uri=uri, shards=shards, dtype=dtype, columns=columns,
+                     layer_index=layer_index if vision_layers else None, image_tokens=int(select_shape[0]))
 
 
 def cache_index(view: CacheView) -> tuple[dict[str, str], set[str]]:
@@ -198,7 +184,7 @@ def tokenise_split(uri: str, tokenizer: Any, view: CacheView, by_source: dict[st
     return examples, bad, len(rows)
 
 
-def prepare_data(cfg: Any, base: Any, feature_layers: list[int]) -> PreparedData:
+def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
     """Everything that can be wrong with the data, found before any worker starts."""
     d = cfg.data
     if not d.train:
@@ -208,7 +194,7 @@ def prepare_data(cfg: Any, base: Any, feature_layers: list[int]) -> PreparedData
     if base.kind == "llava_onevision":
         raise ValueError(f"base {base.name!r} is LLaVA-OneVision: training from cached features supports "
                          f"LLaVA-1.5 and composed bases (the cache holds no anyres tiles)")
-    view = check_cache(d.features, base, feature_layers, cfg.cli.pool)
+    view = check_cache(d.features, base, vision_layers, cfg.cli.pool)
     model_max = int(getattr(base.text_config, "max_position_embeddings", 2048))
     max_length = d.max_length or min(2048, model_max)
     if max_length > model_max:
@@ -344,7 +330,7 @@ class Batch:
         f = self.features
         layers = f.layers.to(device) if f.layers is not None else None
         return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                     labels=self.labels.to(device), features=VisionFeatures(select=f.select.to(device), layers=layers),
+                     labels=self.labels.to(device), features=VisionFeatures(select_features=f.select_features.to(device), layers=layers),
                      tokens=self.tokens)
 
 
@@ -396,7 +382,7 @@ class ShardData:
         if self.view.layer_index is not None:
             layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B, K, N', Dv)
         return Batch(input_ids=ids, attention_mask=mask, labels=labels,
-                     features=VisionFeatures(select=select, layers=layers), tokens=int(mask.sum()))
+                     features=VisionFeatures(select_features=select, layers=layers), tokens=int(mask.sum()))
 
 
 def _tensor_numpy(column: pa.ChunkedArray) -> np.ndarray:

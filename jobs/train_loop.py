@@ -195,7 +195,7 @@ class WorkerTrainer:
     def setup(self) -> None:
         import ray.train
 
-        from cli_module.bases import load_base
+        from cli_module.loading import load_base
 
         t0, t, plan = time.perf_counter(), self.cfg.trainer, self.plan
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))

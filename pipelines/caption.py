@@ -56,51 +56,31 @@ class CaptionJob:
                              f"concurrency ({self.concurrency}) must be >= 1")
 
 
-def load_model(adapter: str | None, base_name: str | None, weights: bool = True):
-    """The fused model: an adapter over its (or the given) base, or the base as is. ``weights=False`` builds it
-    on the meta device from configs (the adapter is still read and checked): what a driver needs to fail fast."""
-    from cli_module.adapter import load_adapter, read_adapter_config
-    from cli_module.bases import load_base
-    from cli_module.config import CLIConfig
-    from cli_module.model import FusedVLM
-
-    if adapter is None:
-        return FusedVLM(load_base(base_name, weights=weights), CLIConfig(method="one_to_one")), f"base:{base_name}"
-    config = read_adapter_config(adapter)
-    base = load_base(base_name or config["base_model"], weights=weights)
-    return load_adapter(adapter, base=base), adapter.rstrip("/").rsplit("/", 1)[-1]
-
-
 class Captioner:
     """Actor: loads the fused model once (and the feature cache index, if any); captions one batch per call."""
 
     def __init__(self, job: CaptionJob):
         import torch
 
+        from cli_module.adapter import load_model
         from cli_module.prompting import chat_prompt
-        from pipelines.features import check_serves, load_cache_table, table_to_numpy
+
+        from .feature_cache import CacheLookup
 
         torch.set_num_threads(1)
         self.job = job
         self.model, self.adapter_id = load_model(job.adapter, job.base)
         self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt)
-        self.cache, self.cache_rows, self.cache_dtype, self.index = None, {}, None, None
-        if job.features:  # refuses a cache made for other layers or pooling
-            info, self.index = check_serves(job.features, self.model.base, self.model.feature_layer_ids,
-                                            self.model.config.pool)
-            self.cache_dtype = info["key"]["dtype"]
-            self.cache = table_to_numpy(load_cache_table(job.features))
-            self.cache_rows = {i: r for r, i in enumerate(self.cache["image_id"])}
+        self.cache = None  # refuses a cache made for other layers or pooling
+        if job.features:
+            self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool)
 
     def _features(self, batch: dict[str, np.ndarray], good: list[int]):
         import torch
 
-        from pipelines.features import batch_to_features
-
-        rows = [self.cache_rows.get(batch["image_id"][i]) for i in good]
-        if self.cache is not None and all(r is not None for r in rows):
-            sub = {k: v[rows] for k, v in self.cache.items() if k not in ("image_id", "source")}
-            return batch_to_features(sub, self.cache_dtype, self.index)
+        ids = [batch["image_id"][i] for i in good]
+        if self.cache is not None and all(i in self.cache for i in ids):
+            return self.cache.features(ids)
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
         return self.model.encode_images(pixels)
 
@@ -167,6 +147,9 @@ def read_captions(out: str) -> list[dict]:
 def run_caption(job: CaptionJob) -> dict:
     import ray
 
+    from cli_module.adapter import load_model
+
+    from .feature_cache import check_serves
 
     t0 = time.time()
     sources = list_sources(job.src)
@@ -176,9 +159,7 @@ def run_caption(job: CaptionJob) -> dict:
     todo = [s for s in sources if s not in done]
     model, _ = load_model(job.adapter, job.base, weights=False)  # fail fast on a bad adapter; the processor
     if job.features:  # refuse a cache made for other layers or pooling before any work
-        from .features import check_serves
-
-        check_serves(job.features, model.base, model.feature_layer_ids, model.config.pool)
+        check_serves(job.features, model.base, model.vision_layers, model.config.pool)
     processor = model.base.image_processor
     del model
     if not ray.is_initialized():

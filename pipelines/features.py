@@ -7,13 +7,12 @@
 Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv) and ``layers`` (K, N', Dv) as Arrow
 fixed-shape tensors in float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token).
 A rerun encodes only images whose id is not in a shard yet; bad files become rows of ``errors.parquet``.
-The reader checks ``cache.json`` against what a model expects and names the field that differs.
+The format (key, column codecs, readers) lives in ``pipelines.feature_cache``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import json
@@ -22,35 +21,24 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .feature_cache import (
+    CACHE_FILE,
+    ERRORS_FILE,
+    CacheKey,
+    Dtype,
+    cache_key_for,
+    cached_ids,
+    encode_column,
+)
 
-Dtype = Literal["float16", "bfloat16", "int8"]
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb cap, as PIL's own default order of magnitude
-CACHE_FILE = "cache.json"
-ERRORS_FILE = "errors.parquet"
-
-
-@dataclass
-class CacheKey:
-    """Everything the cached numbers depend on; a reader refuses a cache whose key differs."""
-
-    base: str  # base preset, hub id, folder or s3:// prefix
-    revision: str | None  # base revision or seed
-    image_processor: dict[str, Any]  # the processor's settings (size, crop, mean, std, ...)
-    select_layer: int  # the base's input layer (stored unpooled as `select`)
-    layers: list[int]  # hidden_states indices K stored as `layers`, non-negative
-    pool: int  # pooling applied to `layers`
-    dtype: Dtype  # storage dtype
-
-    def diff(self, other: CacheKey) -> list[str]:
-        mine, theirs = asdict(self), asdict(other)
-        return [f"{k}: cache has {mine[k]!r}, expected {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
 @dataclass
@@ -76,31 +64,6 @@ class FeatureJob:
         if self.batch_size < 1 or self.concurrency < 1 or self.pool < 1:
             raise ValueError(f"batch_size ({self.batch_size}), concurrency ({self.concurrency}) and pool "
                              f"({self.pool}) must be >= 1")
-
-
-def image_processor_settings(proc: Any) -> dict[str, Any]:
-    keep = ("size", "crop_size", "do_center_crop", "do_resize", "do_normalize", "image_mean", "image_std",
-            "resample", "do_convert_rgb", "image_grid_pinpoints")
-    out = {}
-    for k in keep:
-        v = getattr(proc, k, None)
-        if v is not None:
-            v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
-            v = {a: b for a, b in dict(v).items() if b is not None} if isinstance(v, dict) else v
-            out[k] = json.loads(json.dumps(v, default=lambda o: getattr(o, "value", str(o))))
-    out["class"] = type(proc).__name__.removesuffix("Pil")
-    return out
-
-
-def cache_key_for(base: Any, layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
-    n = base.num_vision_layers + 1
-    for k in layers:
-        if not -n <= k < n:
-            raise ValueError(f"layer {k} is out of range for an encoder with {n - 1} layers: use {-n}..{n - 1}")
-    if len({k % n for k in layers}) != len(layers):
-        raise ValueError(f"layers {layers} name the same layer twice on an encoder with {n - 1} layers")
-    return CacheKey(base=base.name, revision=base.revision, image_processor=image_processor_settings(base.image_processor),
-                    select_layer=base.select_layer % n, layers=[k % n for k in layers], pool=pool, dtype=dtype)
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -169,7 +132,7 @@ class Encoder:
     def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str, threads: int = 1):
         import torch
 
-        from cli_module.bases import load_base
+        from cli_module.loading import load_base
 
         torch.set_num_threads(threads)
         self.base = load_base(base_name, language=False)
@@ -189,7 +152,7 @@ class Encoder:
                 feats = encode_images(self.base, pixels, self.layers, self.pool)
             columns = {"image_id": pa.array([batch["image_id"][i] for i in good]),
                        "source": pa.array([str(batch["source"][i]) for i in good])}
-            columns.update(encode_column("select", feats.select, self.dtype))
+            columns.update(encode_column("select", feats.select_features, self.dtype))
             columns.update(encode_column("layers", feats.layers, self.dtype))
             sink = io.BytesIO()
             pq.write_table(pa.table(columns), sink)
@@ -198,54 +161,13 @@ class Encoder:
         return {"source": batch["source"], "image_id": batch["image_id"], "error": batch["error"], "bytes": written}
 
 
-def encode_column(name: str, x: Any, dtype: Dtype) -> dict[str, pa.Array]:
-    """A float tensor (B, ...) -> Arrow fixed-shape tensor column(s) in the storage dtype."""
-    import torch
-
-    x = x.float()
-    if dtype == "float16":
-        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.half().numpy())}
-    if dtype == "bfloat16":
-        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.bfloat16().view(torch.int16).numpy().view(np.uint16))}
-    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0  # per token
-    q = torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(q.numpy()),
-            f"{name}_scale": pa.FixedShapeTensorArray.from_numpy_ndarray(scale.numpy().astype(np.float32))}
-
-
-def decode_column(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
-    """Inverse of ``encode_column`` on a numpy batch -> float32 torch tensor (B, ...)."""
-    import torch
-
-    x = np.ascontiguousarray(batch[name])
-    if dtype == "float16":
-        return torch.from_numpy(x.astype(np.float32))
-    if dtype == "bfloat16":
-        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(np.ascontiguousarray(batch[f"{name}_scale"])).unsqueeze(-1)
-
-
 # --- the job -----------------------------------------------------------------------------------------
-
-def shard_uris(cache: str) -> list[str]:
-    try:
-        return [u for u in storage.list_files(cache) if u.rsplit("/", 1)[-1].startswith("part-")]
-    except storage.SourceError:
-        return []
-
-
-def cached_ids(cache: str) -> set[str]:
-    ids: set[str] = set()
-    for uri in shard_uris(cache):
-        ids.update(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_id"])["image_id"].to_pylist())
-    return ids
-
 
 def run_features(job: FeatureJob) -> dict[str, Any]:
     """Build or extend a cache; returns the summary. Errors about SRC/DEST are raised before any work."""
     import ray
 
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
 
     t0 = time.time()
     sources = list_sources(job.src)
@@ -295,76 +217,6 @@ def _drop_cached(batch: dict[str, np.ndarray], done: Any) -> dict[str, np.ndarra
     done_ids = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     keep = np.array([not (i and i in done_ids) for i in batch["image_id"]], dtype=bool)
     return {k: v[keep] for k, v in batch.items()}
-
-
-# --- the reader --------------------------------------------------------------------------------------
-
-def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any]:
-    """cache.json of a cache; with ``expect``, refuse a cache made differently, naming each field."""
-    uri = storage.join(cache, CACHE_FILE)
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{cache}: no {CACHE_FILE}; build it with `crosslayer features SRC --out {cache}`")
-    info = storage.read_json(uri)
-    if expect is not None:
-        diff = CacheKey(**info["key"]).diff(expect)
-        if diff:
-            raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(diff)}; "
-                             f"rebuild it with matching --base/--layers/--pool")
-    return info
-
-
-def check_serves(cache: str, base: Any, layer_ids: list[int], pool: int) -> tuple[dict[str, Any], list[int]]:
-    """Check that a cache can feed a model whose plug-in reads hidden_states ``layer_ids`` pooled by ``pool``:
-    same base, revision, image processor and select layer; its layers include those (same pooling when any
-    are needed). Returns cache.json and the positions of ``layer_ids`` in the cache's `layers` column."""
-    info = read_cache_info(cache)
-    have = CacheKey(**info["key"])
-    want = cache_key_for(base, layer_ids, pool if layer_ids else have.pool, have.dtype)
-    problems = [d for d in have.diff(want) if not d.startswith(("layers:", "pool:"))]
-    missing = [k for k in want.layers if k not in have.layers]
-    if missing:
-        problems.append(f"layers: cache has {have.layers}, the model needs {want.layers} (missing {missing})")
-    if layer_ids and have.pool != want.pool:
-        problems.append(f"pool: cache has {have.pool}, the model needs {want.pool}")
-    if problems:
-        raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(problems)}; "
-                         f"rebuild it with matching --base/--layers/--pool")
-    return info, [have.layers.index(k) for k in want.layers]
-
-
-def read_cache(cache: str, expect: CacheKey | None = None):
-    """The cache as a Ray Dataset (image_id, source, select, layers[, scales])."""
-    import ray
-
-    read_cache_info(cache, expect)
-    return ray.data.read_parquet(shard_uris(cache))
-
-
-def load_cache_table(cache: str, expect: CacheKey | None = None) -> pa.Table:
-    """The whole cache as one Arrow table, without Ray (small caches, evaluation, tests)."""
-    read_cache_info(cache, expect)
-    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in shard_uris(cache)])
-
-
-def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
-    """Arrow table -> numpy batch, tensor columns as (rows, *shape) arrays (what Ray Data's numpy batches hold)."""
-    out = {}
-    for name in table.column_names:
-        col = table[name].combine_chunks()
-        out[name] = col.to_numpy_ndarray() if isinstance(col.type, pa.FixedShapeTensorType) else col.to_numpy(zero_copy_only=False)
-    return out
-
-
-def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype, index: list[int] | None = None):
-    """A numpy batch of cache rows -> VisionFeatures for the fused model's features path; ``index`` picks
-    (and orders) the model's layers out of the cache's (from ``check_serves``; None keeps them all)."""
-    from cli_module.model import VisionFeatures
-
-    layers = None
-    if index is None or index:
-        layers = decode_column(batch, "layers", dtype)
-        layers = layers if index is None else layers[:, index]
-    return VisionFeatures(select=decode_column(batch, "select", dtype), layers=layers)
 
 
 # --- command line ------------------------------------------------------------------------------------

@@ -195,20 +195,14 @@ def load_models(cfg: ServeConfig) -> dict[str, Any]:
     loaded, so it gets a base copy of its own; so does nothing else."""
     import torch
 
-    from cli_module.adapter import load_adapter, read_adapter_config
-    from cli_module.bases import load_base
-    from cli_module.config import CLIConfig
-    from cli_module.model import FusedVLM
+    from cli_module.adapter import load_model
+    from cli_module.loading import load_base
 
     dtype = getattr(torch, cfg.dtype)
     shared = load_base(cfg.base, dtype=dtype)
     models = {}
     for ident, path in cfg.model_specs():
-        if path is None:
-            models[ident] = FusedVLM(shared, CLIConfig(method="one_to_one"))
-        else:
-            own_projector = read_adapter_config(path).get("includes_projector", False)
-            models[ident] = load_adapter(path, base=load_base(cfg.base, dtype=dtype) if own_projector else shared)
+        models[ident], _ = load_model(path, base=cfg.base, dtype=dtype, shared=shared)
         models[ident].to(dtype).eval()
     return models
 
@@ -603,7 +597,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--config", help="YAML of ServeConfig fields, or a Serve config (first application's args)")
     p.set_defaults(func=cmd_serve)
-
-    from . import gates
-
-    gates.register(sub)

@@ -155,7 +155,7 @@ class ServeConfig:
             return self
         from cli_module.adapter import read_adapter_config
 
-        bases = {read_adapter_config(p)["base_model"]: p for _, p in self.model_specs() if p is not None}
+        bases = {read_adapter_config(p).base_model: p for _, p in self.model_specs() if p is not None}
         if len(bases) > 1:
             raise ValueError(f"adapters name different bases {sorted(bases)}; serve them separately or pass --base")
         return dataclasses.replace(self, base=next(iter(bases), "tiny"))

@@ -14,14 +14,14 @@ torch.set_num_threads(2)
 
 @pytest.fixture
 def tiny_base():
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
 
     return load_base("tiny")
 
 
 @pytest.fixture
 def tiny_ov_base():
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
 
     return load_base("tiny-onevision")
 

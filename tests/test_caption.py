@@ -11,10 +11,10 @@ from conftest import perturb
 from test_features import write_images
 
 from cli_module.adapter import save_adapter
-from cli_module.bases import load_base
-from cli_module.cli import main
 from cli_module.config import CLIConfig
+from cli_module.loading import load_base
 from cli_module.model import FusedVLM
+from jobs.cli import main
 from pipelines.caption import read_captions
 
 

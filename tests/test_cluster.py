@@ -140,7 +140,7 @@ def wait_http(url: str, timeout_s: float, want: int = 200, any_answer: bool = Fa
 
 
 def crosslayer(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli_module.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, check=False)
 
 
@@ -222,7 +222,7 @@ def test_submit_failing_job_exits_nonzero_with_its_error(head: Head, tmp_path: P
 
 
 def test_submit_checks_arguments_before_submitting(capsys: pytest.CaptureFixture) -> None:
-    from cli_module.cli import main
+    from jobs.cli import main
 
     unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens: any submission attempt would fail
     assert main(["submit", "train", "--address", unreachable, "--", "--bogus"]) == 2
@@ -357,7 +357,7 @@ def test_run_submission_exit_codes(final: FakeInfo, code: int, capsys: pytest.Ca
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == "raysubmit_fake"
     assert "line one\nline two\nTraceback: oops" in out  # every log line once, through the polling fallback
-    assert client.submitted[0]["entrypoint"] == "python -m cli_module.cli train --config c.yaml"
+    assert client.submitted[0]["entrypoint"] == "python -m jobs.cli train --config c.yaml"
     if code:
         assert "--- last 2 log lines" in err and "Traceback: oops" in err
         assert final.status in err
@@ -373,7 +373,7 @@ def test_no_wait_returns_after_submitting(capsys: pytest.CaptureFixture) -> None
 
 
 def test_submit_arguments_and_runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cli_module.cli import build_parser
+    from jobs.cli import build_parser
     from jobs.submit import DEFAULT_EXCLUDES, DEFAULTS, build_runtime_env, find_project_root, split_job_args
 
     args = build_parser().parse_args(["submit", "train", "--address", "http://h:8265", "--no-wait", "--env",
@@ -477,7 +477,7 @@ def commands_in(path: Path) -> list[str]:
 def check_command(command: str) -> list[str]:
     """Parse `crosslayer ...` with the real parser (and the job's args of a `crosslayer submit`); train configs
     are loaded with their overrides. Returns the crosslayer argv that was checked."""
-    from cli_module.cli import build_parser
+    from jobs.cli import build_parser
     from jobs.submit import DEFAULTS, split_job_args
     from jobs.train_config import load_config
 
@@ -527,7 +527,7 @@ def test_rayjobs_run_crosslayer_on_s3_and_clean_up() -> None:
     # the cache the features job builds is the one the train job reads, for the same base, layers and pooling
     feats = check_command(" ".join(jobs["rayjob-features.yaml"]["spec"]["entrypoint"].split()))
     train = check_command(" ".join(jobs["rayjob-train.yaml"]["spec"]["entrypoint"].split()))
-    from cli_module.cli import build_parser
+    from jobs.cli import build_parser
     from jobs.train_config import load_config
 
     f = build_parser().parse_args(feats[1:])

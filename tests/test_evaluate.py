@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cli_module.cli import main
+from jobs.cli import main
 from jobs.scoring import score
 
 

@@ -18,11 +18,11 @@ import torch
 from conftest import perturb, random_images
 from PIL import Image
 
-from cli_module.bases import load_base
-from cli_module.cli import main
 from cli_module.config import CLIConfig
+from cli_module.loading import load_base
 from cli_module.model import FusedVLM
-from pipelines.features import (
+from jobs.cli import main
+from pipelines.feature_cache import (
     CacheKey,
     batch_to_features,
     cache_key_for,
@@ -244,7 +244,7 @@ def test_cache_serves_models_that_need_a_subset_of_its_layers(ray_local, tmp_pat
     write_images(tmp_path / "imgs", 2)
     assert features(str(tmp_path / "imgs"), "--out", str(tmp_path / "cache"), "--base", "tiny",
                     "--layers", "2", "0", "1") == 0
-    from pipelines.features import check_serves
+    from pipelines.feature_cache import check_serves
 
     base = load_base("tiny")
     _, index = check_serves(str(tmp_path / "cache"), base, [1, 2], 1)
@@ -252,7 +252,7 @@ def test_cache_serves_models_that_need_a_subset_of_its_layers(ray_local, tmp_pat
     assert check_serves(str(tmp_path / "cache"), base, [], 1)[1] == []  # one_to_one needs only `select`
     with pytest.raises(ValueError, match="pool: cache has 1, the model needs 2"):
         check_serves(str(tmp_path / "cache"), base, [1], 2)
-    with pytest.raises(ValueError, match=r"layer 7 is out of range for an encoder with 2 layers: use -3\.\.2"):
+    with pytest.raises(ValueError, match=r"vision layer 7 is out of range for an encoder with 2 layers: use hidden_states indices -3\.\.2"):
         check_serves(str(tmp_path / "cache"), base, [7], 1)
     table = table_to_numpy(load_cache_table(str(tmp_path / "cache")))
     feats = batch_to_features(table, "float16", index)

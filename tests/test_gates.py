@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cli_module.cli import main
+from jobs.cli import main
 from pipelines.gates import draw_gates
 
 PNG = b"\x89PNG\r\n\x1a\n"

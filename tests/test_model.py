@@ -9,8 +9,8 @@ import torch
 from conftest import perturb, random_images
 
 from cli_module.adapter import CONFIG, WEIGHTS, load_adapter, save_adapter
-from cli_module.bases import load_base
 from cli_module.config import CLIConfig
+from cli_module.loading import load_base
 from cli_module.model import FusedVLM, VisionFeatures, encode_images
 from cli_module.prompting import chat_prompt
 
@@ -110,10 +110,10 @@ def test_features_path_equals_pixel_path(tiny_base):
     by_pixels = model(**inputs, pixel_values=pixels).logits
     # features built by hand from the encoder's own hidden states, as the feature cache stores them
     hidden = tiny_base.vision_tower(pixels, output_hidden_states=True).hidden_states
-    layers = torch.stack([hidden[k][:, 1:] for k in model.layer_ids], 1)  # (B, K, 16, Dv)
+    layers = torch.stack([hidden[k][:, 1:] for k in model.vision_layers], 1)  # (B, K, 16, Dv)
     pooled = layers.reshape(2, 3, 4, 4, -1).permute(0, 1, 4, 2, 3).flatten(0, 1)
     pooled = torch.nn.functional.avg_pool2d(pooled, 2).flatten(2).transpose(1, 2).reshape(2, 3, 4, -1)
-    feats = VisionFeatures(select=hidden[-2][:, 1:], layers=pooled)
+    feats = VisionFeatures(select_features=hidden[-2][:, 1:], layers=pooled)
     by_features = model(**inputs, features=feats).logits
     torch.testing.assert_close(by_features, by_pixels, rtol=0, atol=1e-5)
 
@@ -213,7 +213,7 @@ def test_weightless_bases_validate_like_loaded_ones(tiny_base, tmp_path):
     the same shapes, tokenizer and processor, and adapters are checked (and refused) exactly as on the real base."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
 
-    from cli_module.bases import ComposedVLM, MLPProjector, save_composed
+    from cli_module.composed import ComposedVLM, MLPProjector, save_composed
 
     llava = tmp_path / "llava"
     tiny_base.model.save_pretrained(llava)
@@ -244,7 +244,7 @@ def test_weightless_bases_validate_like_loaded_ones(tiny_base, tmp_path):
         pixels = torch.randn(2, 3, 16, 16)
         with torch.no_grad():
             ours, ref = (encode_images(b, pixels, [1, 2], 1) for b in (encoder, real))
-        assert torch.equal(ours.select, ref.select) and torch.equal(ours.layers, ref.layers)
+        assert torch.equal(ours.select_features, ref.select_features) and torch.equal(ours.layers, ref.layers)
     assert load_adapter(tmp_path / "adapter", base=load_base(str(llava), weights=False)).config == model.config
     (tmp_path / "adapter" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="refusing pickle files"):

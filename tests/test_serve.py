@@ -40,8 +40,8 @@ def adapters(tmp_path_factory):
     import torch
 
     from cli_module.adapter import save_adapter
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
     torch.manual_seed(0)  # AGF's random init: the same adapters, so the same answers, in every run
@@ -215,7 +215,7 @@ def test_request_rejection_and_token_counters(client, server):
 def test_return_gates_and_heatmap(client, tmp_path):
     import numpy as np
 
-    from cli_module.cli import main
+    from jobs.cli import main
 
     resp = client.chat.completions.create(model="tuned", messages=user("What is this?", png_data_url()),
                                           temperature=0, max_tokens=5, extra_body={"return_gates": True})
@@ -288,7 +288,7 @@ def test_limits_and_bad_requests(server, name):
 def test_serve_config_validation_and_yaml():
     from ray.serve.schema import ServeDeploySchema
 
-    from cli_module.cli import build_parser
+    from jobs.cli import build_parser
     from pipelines.serve import ServeConfig, app_builder
 
     with pytest.raises(ValueError, match="max_ongoing_requests=4 is below max_batch_size=8"):

@@ -153,7 +153,7 @@ def test_images_show_the_answers(synth64):
 
 
 def test_cli_entry_writes_every_file(tmp_path, capsys):
-    from cli_module.cli import main
+    from jobs.cli import main
 
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "60", "--image-size", "64"]) == 0
     for name in ("train.jsonl", "val.jsonl", "test.jsonl", "captions.jsonl", "scenes.jsonl", "meta.json"):
@@ -177,7 +177,7 @@ def test_config_validation(tmp_path, kwargs, message):
 
 
 def test_cli_reports_bad_config(tmp_path, capsys):
-    from cli_module.cli import main
+    from jobs.cli import main
 
     assert main(["data", "synth", "--out", str(tmp_path), "--n", "0"]) == 2
     assert "n must be at least 1" in capsys.readouterr().err

@@ -241,7 +241,7 @@ def test_zero2_two_workers_learns_and_adapter_reproduces_eval(reference, colour_
 @pytest.mark.parametrize("stage, method", [(0, "deepstack"), (3, "cli"), (3, "projector_ft")])
 def test_zero_stages_and_baselines_save_loadable_adapters(stage, method, colour_data, tmp_path):
     from cli_module.adapter import load_adapter
-    from cli_module.bases import load_base
+    from cli_module.loading import load_base
     from jobs.train import run_train
     from jobs.train_loop import build_model
 
@@ -261,8 +261,8 @@ def test_init_projector_takes_stage1_projector(tmp_path):
     from conftest import perturb
 
     from cli_module.adapter import save_adapter
-    from cli_module.bases import load_base
     from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
     from cli_module.model import FusedVLM
     from jobs.train_loop import build_model
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    from .bases import load_base
-    from .config import CLIConfig
-    from .model import FusedVLM
+    from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
+    from cli_module.model import FusedVLM
 
     cfg = CLIConfig.from_dict(_load_mapping(args.config).get("cli", {})) if args.config else CLIConfig()
     if args.method:
@@ -62,8 +62,8 @@ def _extensions():
     """Subcommands that live beside their code (pipelines/, jobs/); each module exposes ``register``."""
     import importlib
 
-    for name in ("pipelines.features", "jobs.train", "pipelines.caption", "pipelines.serve", "jobs.submit",
-                 "jobs.evaluate", "pipelines.synth"):
+    for name in ("pipelines.features", "jobs.train", "pipelines.caption", "pipelines.serve", "pipelines.gates",
+                 "jobs.submit", "jobs.evaluate", "pipelines.synth"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

@@ -1,0 +1,114 @@
+"""Loading a base by name: a preset (``tiny``, ``tiny-onevision``, ``small``, ``llava-1.5-7b-shape``), a Hugging
+Face hub id, a local folder or an ``s3://`` prefix (mirrored into the local cache first) holding a
+``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` checkpoint (safetensors only,
+never pickle), or a composed-base folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .bases import Base
+from .composed import COMPOSED_FILE, VisionStub, load_composed
+from .files import atomic_write, cache_root
+from .presets import build_llava_7b_shape, build_tiny
+
+PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape")
+
+
+def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+              vision: bool = True, weights: bool = True, language: bool = True) -> Base:
+    """Build a preset or load a checkpoint; all base parameters come back frozen (requires_grad False).
+    ``vision=False`` leaves the encoder out (a VisionStub keeps its config): composed bases never read its
+    weights; LLaVA checkpoints load whole and free it. ``weights=False`` reads only configs, tokenizer and image
+    processor and puts every parameter on the meta device: enough to validate an adapter, a config or a cache
+    key on a driver without the model's memory (tiny presets are built as usual). ``language=False`` is the
+    mirror of ``vision=False`` for encoding only (the feature cache): the LLM and projector end on the meta
+    device (composed bases never read them; LLaVA checkpoints load whole and free them)."""
+    if name == "tiny":
+        base = build_tiny("llava")
+    elif name == "tiny-onevision":
+        base = build_tiny("llava_onevision")
+    elif name == "small":
+        from .pretrained import small_base_dir  # converts once on first use
+
+        base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights, language=language)
+    elif name == "llava-1.5-7b-shape":
+        base = build_llava_7b_shape()
+    else:
+        base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights)
+    if not vision and not isinstance(base.vision_tower, VisionStub):
+        owner = base.model if base.kind == "composed" else base.model.model
+        owner.vision_tower = VisionStub(base.vision_config)
+    if not language:  # frees the weights, keeps every shape and config
+        for module in (base.language_model, base.lm_head, base.projector):
+            module.to("meta")
+    if name != "llava-1.5-7b-shape":
+        base.model.to(dtype)
+    base.model.eval()
+    base.model.requires_grad_(False)
+    return base
+
+
+
+# --- checkpoints: hub id, local folder, s3:// ---------------------------------------------------------
+
+def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
+                    weights: bool = True) -> Base:
+    """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle.
+    ``weights=False``: the model is built from its config on the meta device and no weight file is read."""
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        LlavaForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    path = fetch_s3_prefix(source) if source.startswith("s3://") else source
+    if Path(path, COMPOSED_FILE).is_file():
+        return load_composed(Path(path), name=source, weights=weights)
+    if os.path.isdir(path) and not Path(path, "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no config.json or {COMPOSED_FILE}; point --base at a model folder")
+    config = AutoConfig.from_pretrained(path, revision=revision)
+    classes = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
+    if config.model_type not in classes:
+        raise ValueError(f"{source}: model_type {config.model_type!r} is not supported; use one of "
+                         f"{sorted(classes)} or a composed base folder with {COMPOSED_FILE}")
+    if weights:
+        model = classes[config.model_type].from_pretrained(path, revision=revision, dtype=dtype,
+                                                           use_safetensors=True)
+    else:
+        with torch.device("meta"):
+            model = classes[config.model_type]._from_config(config)
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    proc = AutoImageProcessor.from_pretrained(path, revision=revision)
+    return Base(name=source, kind=config.model_type, model=model, tokenizer=tok, image_processor=proc,
+                image_token_id=config.image_token_id, select_layer=config.vision_feature_layer,
+                select_strategy=config.vision_feature_select_strategy, revision=revision)
+
+
+
+def fetch_s3_prefix(uri: str) -> str:
+    """Mirror an s3://bucket/prefix into the local cache (skipping files already there) and return the folder."""
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    dest = cache_root() / "s3" / bucket / prefix
+    s3 = boto3.client("s3")
+    keys = [o for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    if not keys:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix; check the bucket and prefix")
+    for obj in keys:
+        rel = obj["Key"][len(prefix):].lstrip("/")
+        if not rel or rel.endswith("/"):
+            continue
+        target = dest / rel
+        if target.is_file() and target.stat().st_size == obj["Size"]:
+            continue
+        atomic_write(target, lambda tmp, key=obj["Key"]: s3.download_file(bucket, key, tmp))
+    return str(dest)

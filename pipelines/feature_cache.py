@@ -1,0 +1,202 @@
+"""The feature cache's format, in one place: its key (``cache.json``), the tensor column codecs, the check that a
+cache serves a model, and reading it (a Ray Dataset, one Arrow table, or an in-memory lookup by image id).
+
+Layout: ``DEST/part-*.parquet`` shards + ``DEST/errors.parquet`` + ``DEST/cache.json`` (the key, row and error
+counts). Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv: the base's select layer, which
+feeds the LLM's input) and ``layers`` (K, N', Dv: the vision layers K, pooled) as Arrow fixed-shape tensors in
+float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token). ``pipelines.features`` writes
+caches; features, training, evaluation and captioning read them through this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cli_module.config import resolve_vision_layers
+
+from . import storage
+
+Dtype = Literal["float16", "bfloat16", "int8"]
+CACHE_FILE = "cache.json"
+ERRORS_FILE = "errors.parquet"
+
+
+@dataclass
+class CacheKey:
+    """Everything the cached numbers depend on; a reader refuses a cache whose key differs."""
+
+    base: str  # base preset, hub id, folder or s3:// prefix
+    revision: str | None  # base revision or seed
+    image_processor: dict[str, Any]  # the processor's settings (size, crop, mean, std, ...)
+    select_layer: int  # the base's input layer (stored unpooled as `select`)
+    layers: list[int]  # the vision layers K stored in the `layers` column, non-negative (file field name)
+    pool: int  # pooling applied to `layers`
+    dtype: Dtype  # storage dtype
+
+    def diff(self, other: CacheKey) -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k}: cache has {mine[k]!r}, expected {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def image_processor_settings(proc: Any) -> dict[str, Any]:
+    keep = ("size", "crop_size", "do_center_crop", "do_resize", "do_normalize", "image_mean", "image_std",
+            "resample", "do_convert_rgb", "image_grid_pinpoints")
+    out = {}
+    for k in keep:
+        v = getattr(proc, k, None)
+        if v is not None:
+            v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            v = {a: b for a, b in dict(v).items() if b is not None} if isinstance(v, dict) else v
+            out[k] = json.loads(json.dumps(v, default=lambda o: getattr(o, "value", str(o))))
+    out["class"] = type(proc).__name__.removesuffix("Pil")
+    return out
+
+
+def cache_key_for(base: Any, vision_layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
+    """The key of a cache of ``vision_layers`` (hidden_states indices, negative from the end) for ``base``."""
+    depth = base.num_vision_layers
+    return CacheKey(base=base.name, revision=base.revision, image_processor=image_processor_settings(base.image_processor),
+                    select_layer=resolve_vision_layers([base.select_layer], depth)[0],
+                    layers=resolve_vision_layers(vision_layers, depth), pool=pool, dtype=dtype)
+
+
+# --- tensor columns ------------------------------------------------------------------------------
+
+def encode_column(name: str, x: Any, dtype: Dtype) -> dict[str, pa.Array]:
+    """A float tensor (B, ...) -> Arrow fixed-shape tensor column(s) in the storage dtype."""
+    import torch
+
+    x = x.float()
+    if dtype == "float16":
+        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.half().numpy())}
+    if dtype == "bfloat16":
+        return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.bfloat16().view(torch.int16).numpy().view(np.uint16))}
+    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / 127.0  # per token
+    q = torch.round(x / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(q.numpy()),
+            f"{name}_scale": pa.FixedShapeTensorArray.from_numpy_ndarray(scale.numpy().astype(np.float32))}
+
+
+def decode_column(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
+    """Inverse of ``encode_column`` on a numpy batch -> float32 torch tensor (B, ...)."""
+    import torch
+
+    x = np.ascontiguousarray(batch[name])
+    if dtype == "float16":
+        return torch.from_numpy(x.astype(np.float32))
+    if dtype == "bfloat16":
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(np.ascontiguousarray(batch[f"{name}_scale"])).unsqueeze(-1)
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+def shard_uris(cache: str) -> list[str]:
+    try:
+        return [u for u in storage.list_files(cache) if u.rsplit("/", 1)[-1].startswith("part-")]
+    except storage.SourceError:
+        return []
+
+
+def cached_ids(cache: str) -> set[str]:
+    ids: set[str] = set()
+    for uri in shard_uris(cache):
+        ids.update(pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["image_id"])["image_id"].to_pylist())
+    return ids
+
+
+def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any]:
+    """cache.json of a cache; with ``expect``, refuse a cache made differently, naming each field."""
+    uri = storage.join(cache, CACHE_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{cache}: no {CACHE_FILE}; build it with `crosslayer features SRC --out {cache}`")
+    info = storage.read_json(uri)
+    if expect is not None:
+        diff = CacheKey(**info["key"]).diff(expect)
+        if diff:
+            raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(diff)}; "
+                             f"rebuild it with matching --base/--layers/--pool")
+    return info
+
+
+def check_serves(cache: str, base: Any, vision_layers: list[int], pool: int) -> tuple[dict[str, Any], list[int]]:
+    """Check that a cache can feed a model whose plug-in reads hidden_states ``vision_layers`` pooled by ``pool``:
+    same base, revision, image processor and select layer; its layers include those (same pooling when any are
+    needed). Returns cache.json and the positions of ``vision_layers`` in the cache's ``layers`` column."""
+    info = read_cache_info(cache)
+    have = CacheKey(**info["key"])
+    want = cache_key_for(base, vision_layers, pool if vision_layers else have.pool, have.dtype)
+    problems = [d for d in have.diff(want) if not d.startswith(("layers:", "pool:"))]
+    missing = [k for k in want.layers if k not in have.layers]
+    if missing:
+        problems.append(f"layers: cache has {have.layers}, the model needs {want.layers} (missing {missing})")
+    if vision_layers and have.pool != want.pool:
+        problems.append(f"pool: cache has {have.pool}, the model needs {want.pool}")
+    if problems:
+        raise ValueError(f"feature cache {cache} does not match this model: {'; '.join(problems)}; rebuild it with "
+                         f"`crosslayer features SRC --out DIR --base {base.name} --layers "
+                         f"{' '.join(map(str, want.layers or have.layers))} --pool {want.pool}`")
+    return info, [have.layers.index(k) for k in want.layers]
+
+
+class CacheLookup:
+    """A cache held in memory with its rows by image id, checked against the model it feeds (evaluation and
+    captioning read caches that fit in RAM; training streams its own rows)."""
+
+    def __init__(self, cache: str, base: Any, vision_layers: list[int], pool: int):
+        info, self.index = check_serves(cache, base, vision_layers, pool)
+        self.dtype: Dtype = info["key"]["dtype"]
+        self.columns = table_to_numpy(load_cache_table(cache))
+        self.rows = {image_id: r for r, image_id in enumerate(self.columns["image_id"])}
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.rows
+
+    def features(self, image_ids: list[str]):
+        """VisionFeatures of these images, in this order (KeyError for an image the cache lacks)."""
+        rows = [self.rows[i] for i in image_ids]
+        sub = {k: v[rows] for k, v in self.columns.items() if k not in ("image_id", "source")}
+        return batch_to_features(sub, self.dtype, self.index)
+
+
+def read_cache(cache: str, expect: CacheKey | None = None):
+    """The cache as a Ray Dataset (image_id, source, select, layers[, scales])."""
+    import ray
+
+    read_cache_info(cache, expect)
+    return ray.data.read_parquet(shard_uris(cache))
+
+
+def load_cache_table(cache: str, expect: CacheKey | None = None) -> pa.Table:
+    """The whole cache as one Arrow table, without Ray (small caches, evaluation, tests)."""
+    read_cache_info(cache, expect)
+    return pa.concat_tables([pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in shard_uris(cache)])
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Arrow table -> numpy batch, tensor columns as (rows, *shape) arrays (what Ray Data's numpy batches hold)."""
+    out = {}
+    for name in table.column_names:
+        col = table[name].combine_chunks()
+        out[name] = col.to_numpy_ndarray() if isinstance(col.type, pa.FixedShapeTensorType) else col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype, index: list[int] | None = None):
+    """A numpy batch of cache rows -> VisionFeatures for the fused model's features path; ``index`` picks
+    (and orders) the model's layers out of the cache's (from ``check_serves``; None keeps them all)."""
+    from cli_module.model import VisionFeatures
+
+    layers = None
+    if index is None or index:
+        layers = decode_column(batch, "layers", dtype)
+        layers = layers if index is None else layers[:, index]
+    return VisionFeatures(select_features=decode_column(batch, "select", dtype), layers=layers)
