@@ -29,10 +29,11 @@ def make_images(folder: Path, n: int, size: int) -> None:
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
 
 
-def bare_loop(base_name: str, folder: Path, layers: list[int], pool: int, batch_size: int, threads: int) -> float:
+def bare_loop(base_name: str, folder: Path, vision_layers: list[int], pool: int, batch_size: int, threads: int) -> float:
     """Encoder only, on images decoded and preprocessed beforehand (not timed): images/s."""
     from PIL import Image
 
+    from cli_module.config import resolve_vision_layers
     from cli_module.loading import load_base
     from cli_module.model import encode_images
 
@@ -40,8 +41,7 @@ def bare_loop(base_name: str, folder: Path, layers: list[int], pool: int, batch_
     base = load_base(base_name)
     files = sorted(folder.iterdir())
     pixels = base.image_processor(images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt")["pixel_values"]
-    n = base.num_vision_layers + 1
-    ids = [k % n for k in layers]
+    ids = resolve_vision_layers(vision_layers, base.num_vision_layers)
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(files), batch_size):
@@ -75,7 +75,7 @@ def main() -> None:
         for label, conc, per_actor, threads in [(f"1 actor x {cpus} threads", 1, 1.0, cpus),
                                                 (f"{cpus} actors x 1 thread", cpus, 0.5, 1)]:
             out = work / f"cache-{conc}"
-            job = FeatureJob(src=str(work / "images"), out=str(out), base=args.base, layers=args.layers,
+            job = FeatureJob(src=str(work / "images"), out=str(out), base=args.base, vision_layers=args.layers,
                              pool=args.pool, batch_size=args.batch_size, concurrency=conc, cpus_per_actor=per_actor,
                              threads=threads)
             summary = run_features(job)
@@ -86,7 +86,7 @@ def main() -> None:
         shutil_sizes = {}
         for dtype in ("float16", "bfloat16", "int8"):
             out = work / f"cache-{dtype}"
-            s = run_features(FeatureJob(src=str(work / "images"), out=str(out), base=args.base, layers=args.layers,
+            s = run_features(FeatureJob(src=str(work / "images"), out=str(out), base=args.base, vision_layers=args.layers,
                                         pool=args.pool, batch_size=args.batch_size, dtype=dtype,
                                         concurrency=1, threads=cpus))
             size = sum(f.stat().st_size for f in out.glob("part-*.parquet"))

@@ -104,7 +104,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     for cache, pool in (("cache-pool2", 2), ("cache-pool1", 1)):
         run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / cache), base="small",
-                                layers=LAYERS, pool=pool, batch_size=16, threads=2))
+                                vision_layers=LAYERS, pool=pool, batch_size=16, threads=2))
     stage1 = train(work, "stage1", args.stage1_steps, args.stage1_lr, 0, "cache-pool2", ["method=projector_ft"])
     print(f"[quality] stage 1 done: loss {stage1['loss']} ({time.time() - t0:.0f} s)", flush=True)
 

@@ -48,6 +48,7 @@ def build_data(work: Path, cfg_path: str, n: int, image_size: int) -> tuple[Path
     """Synthetic data + a feature cache holding the layers the config's method reads (once per --work)."""
     import ray
 
+    from cli_module.config import resolve_vision_layers
     from cli_module.loading import load_base
     from jobs.train_config import load_config
     from jobs.train_loop import build_model
@@ -56,7 +57,7 @@ def build_data(work: Path, cfg_path: str, n: int, image_size: int) -> tuple[Path
 
     cfg = load_config(cfg_path, ["init_projector=null"])
     base = load_base(cfg.base)
-    layers = build_model(base, cfg).vision_layers or [base.select_layer % (base.num_vision_layers + 1)]
+    layers = build_model(base, cfg).vision_layers or resolve_vision_layers([base.select_layer], base.num_vision_layers)
     data = work / f"synth-{n}-{image_size}"
     if not (data / "meta.json").exists():
         synthesize(SynthConfig(out=data, n=n, image_size=image_size, val_frac=0.0, test_frac=0.0))
@@ -64,7 +65,7 @@ def build_data(work: Path, cfg_path: str, n: int, image_size: int) -> tuple[Path
     if not (cache / "cache.json").exists():
         if not ray.is_initialized():
             ray.init(configure_logging=False)
-        run_features(FeatureJob(src=str(data / "images"), out=str(cache), base=cfg.base, layers=layers,
+        run_features(FeatureJob(src=str(data / "images"), out=str(cache), base=cfg.base, vision_layers=layers,
                                 pool=cfg.cli.pool, batch_size=16))
     return data, cache, layers
 

@@ -26,7 +26,7 @@ class Preset:
     base: str  # base preset
     n: int  # synthetic images (one question each)
     image_size: int  # synthetic image side in pixels
-    layers: list[int]  # vision hidden_states indices K
+    vision_layers: list[int]  # vision hidden_states indices K
     pool: int  # AMP token pooling
     inject_layers: list[int]  # decoder layers T
     attn_dim: int  # AGF width
@@ -40,10 +40,10 @@ class Preset:
 
 
 PRESETS = {
-    "tiny": Preset(base="tiny", n=96, image_size=32, layers=[1, 2], pool=2, inject_layers=[0, 1], attn_dim=16,
+    "tiny": Preset(base="tiny", n=96, image_size=32, vision_layers=[1, 2], pool=2, inject_layers=[0, 1], attn_dim=16,
                    stage1_steps=10, stage2_steps=10, stage1_lr=3e-3, stage2_lr=3e-3, micro_batch=8, eval_n=16,
                    captions=4),
-    "small": Preset(base="small", n=640, image_size=112, layers=[3, 6, 9, 12], pool=2, inject_layers=[2, 10, 18, 26],
+    "small": Preset(base="small", n=640, image_size=112, vision_layers=[3, 6, 9, 12], pool=2, inject_layers=[2, 10, 18, 26],
                     attn_dim=256, stage1_steps=60, stage2_steps=60, stage1_lr=1e-3, stage2_lr=5e-4, micro_batch=4,
                     eval_n=64, captions=6),
 }
@@ -60,7 +60,7 @@ def train_stage(p: Preset, work: Path, name: str, method: str, steps: int, lr: f
 
     overrides = [*recipe_overrides(base=p.base, output_dir=work / name, data_dir=work / "data",
                                    features=work / "cache", steps=steps, lr=lr, micro_batch=p.micro_batch,
-                                   vision_layers=p.layers, inject_layers=p.inject_layers, pool=p.pool,
+                                   vision_layers=p.vision_layers, inject_layers=p.inject_layers, pool=p.pool,
                                    attn_dim=p.attn_dim),
                  f"method={method}", "deepspeed.zero_stage=2"]
     if init_projector:
@@ -122,9 +122,9 @@ def run_quickstart(preset: str, out: Path) -> int:
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)  # workers print progress
-    say(2, total, f"caching layers {p.layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
+    say(2, total, f"caching layers {p.vision_layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
     cache = run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / "cache"), base=p.base,
-                                    layers=p.layers, pool=p.pool, batch_size=16, concurrency=1, threads=2))
+                                    vision_layers=p.vision_layers, pool=p.pool, batch_size=16, concurrency=1, threads=2))
     t = lap("features", t)
     say(3, total, f"stage 1: training the projector for {p.stage1_steps} steps (Ray Train + DeepSpeed, 2 workers) ...")
     s1 = train_stage(p, work, "stage1", "projector_ft", p.stage1_steps, p.stage1_lr)

@@ -27,6 +27,7 @@ from typing import Any
 
 from pipelines import storage
 
+from .faults import FaultPlan
 from .train_config import TrainConfig, deepspeed_config, load_config
 from .train_data import PreparedData, prepare_data, rank_datasets
 from .train_loop import STATE_FILE, WorkerPlan, build_model, train_loop_per_worker
@@ -80,8 +81,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         cfg, output_dir=fix(cfg.output_dir), init_projector=fix(cfg.init_projector),
         data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval),
                                  features=fix(cfg.data.features)),
-        trainer=dataclasses.replace(cfg.trainer, storage_path=fix(cfg.trainer.storage_path)),
-        debug=dataclasses.replace(cfg.debug, pid_dir=fix(cfg.debug.pid_dir)))
+        trainer=dataclasses.replace(cfg.trainer, storage_path=fix(cfg.trainer.storage_path)))
 
 
 def train(s: TrainSetup) -> Any:
@@ -101,7 +101,7 @@ def train(s: TrainSetup) -> Any:
     datasets, sizes = rank_datasets(s.data, t.num_workers, t.seed)
     plan = WorkerPlan(config=cfg.to_dict(), cache=asdict(s.data.cache), pad_id=s.pad_id, train_sizes=sizes["train"],
                       eval_sizes=sizes["eval"], ds_config=deepspeed_config(cfg, t.num_workers), run_name=s.run_name,
-                      extra={"feature_cache": s.data.cache.uri})
+                      extra={"feature_cache": s.data.cache.uri}, faults=FaultPlan.from_env().to_dict())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(plan),

@@ -3,21 +3,22 @@ DeepSpeed config derived from it.
 
 Sections (one dataclass each, a comment per field, checked in ``__post_init__`` with the numbers in the error):
 ``base``/``method``/``output_dir``/``init_projector`` at the top, ``cli`` (the plug-in's ``CLIConfig``),
-``data``, ``trainer``, ``optim``, ``deepspeed`` and ``debug`` (fault-injection knobs for tests). Every key is
-checked against the dataclass fields, in the YAML and in overrides alike: an unknown key fails with the bad key
-and the valid ones, a value of the wrong type fails with the key and the value.
+``data``, ``trainer``, ``optim`` and ``deepspeed`` (fault injection for tests lives in ``jobs.faults``). Every key is
+checked against the dataclass fields by ``pipelines.typed_config`` (the engine ServeConfig shares), in the YAML and
+in overrides alike: an unknown key fails with the bad key and the valid ones, a value of the wrong type fails with
+the key and the value.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 from cli_module.config import CLIConfig, Method
+from pipelines.typed_config import apply_override, build, read_yaml_mapping
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
@@ -114,19 +115,6 @@ class DeepSpeedArgs:
 
 
 @dataclass
-class DebugArgs:
-    crash_at_step: int | None = None  # rank 0 raises after this step, on an attempt that did not resume (tests)
-    pid_dir: str | None = None  # each worker writes rank<r>.pid here (fault-injection tests)
-    step_sleep_s: float = 0.0  # sleep after every step, to give a fault-injection test time to act
-
-    def __post_init__(self) -> None:
-        if self.crash_at_step is not None and self.crash_at_step < 1:
-            raise ValueError(f"debug.crash_at_step must be >= 1, got {self.crash_at_step}")
-        if self.step_sleep_s < 0:
-            raise ValueError(f"debug.step_sleep_s must be >= 0, got {self.step_sleep_s}")
-
-
-@dataclass
 class TrainConfig:
     base: str = "tiny"  # base preset, hub id, folder or s3:// prefix (the one the feature cache was built with)
     method: Method | None = None  # cli or a baseline; when set it overrides cli.method
@@ -137,7 +125,6 @@ class TrainConfig:
     trainer: TrainerArgs = field(default_factory=TrainerArgs)  # workers, steps, batches, logging, checkpoints
     optim: OptimArgs = field(default_factory=OptimArgs)  # AdamW, schedule, clipping
     deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)  # ZeRO stage and precision
-    debug: DebugArgs = field(default_factory=DebugArgs)  # fault injection for tests
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method != self.cli.method:
@@ -152,23 +139,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _build(cls, data, "")
+        return build(cls, data)
 
 
 # --- loading: YAML + dotted overrides, every key checked ----------------------------------------------
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """YAML file (or nothing) plus ``key=value`` overrides -> a validated TrainConfig."""
-    import yaml
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    data = read_yaml_mapping(path) if path is not None else {}
     for item in overrides:
-        apply_override(data, item)
+        apply_override(TrainConfig, data, item)
     return TrainConfig.from_dict(data)
 
 
@@ -185,109 +165,6 @@ def recipe_overrides(*, base: str, output_dir: str | Path, data_dir: str | Path,
             f"optim.lr={lr}", f"optim.warmup_steps={max(1, steps // 10)}",
             f"cli.vision_layers={json.dumps(vision_layers)}", f"cli.inject_layers={json.dumps(inject_layers)}",
             f"cli.pool={pool}", f"cli.attn_dim={attn_dim}", f"cli.heads={heads}"]
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in the nested mapping; the value is YAML (``8``, ``[1, 2]``, ``null``) except for
-    string fields, which take the text as it is."""
-    import yaml
-
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r} is not key=value (e.g. trainer.max_steps=10)")
-    hint = field_hint(key)
-    bare = _strip_optional(hint)
-    if bare is str and text not in ("null", "~"):
-        value: Any = text
-    else:
-        value = yaml.safe_load(text) if text else None
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"override {item!r}: {part} is not a section")  # noqa: TRY004 (a config error)
-        node = child
-    node[parts[-1]] = value
-
-
-def field_hint(key: str) -> Any:
-    """The type of a dotted key, or ValueError naming the unknown part and the valid keys there."""
-    cls: Any = TrainConfig
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(cls):
-            raise ValueError(f"unknown config key {key!r}: {'.'.join(parts[:i])} is not a section")
-        hints = get_type_hints(cls)
-        if part not in hints:
-            raise ValueError(_unknown(".".join(parts[: i + 1]), cls, ".".join(parts[:i])))
-        cls = hints[part]
-    return cls
-
-
-def _unknown(key: str, cls: Any, section: str) -> str:
-    valid = sorted(f.name for f in dataclasses.fields(cls))
-    where = f"under {section!r}" if section else "at the top level"
-    return f"unknown config key {key!r}; valid keys {where} are {valid}"
-
-
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{prefix or 'config'} must be a mapping, got {data!r}")  # noqa: TRY004 (a config error)
-    hints = get_type_hints(cls)
-    unknown = sorted(set(data) - set(hints))
-    if unknown:
-        raise ValueError(_unknown(f"{prefix}{unknown[0]}", cls, prefix.rstrip(".")))
-    values = {k: _coerce(f"{prefix}{k}", v, hints[k]) for k, v in data.items()}
-    return cls(**values)
-
-
-def _strip_optional(hint: Any) -> Any:
-    if get_origin(hint) in (Union, types.UnionType):
-        rest = [a for a in get_args(hint) if a is not type(None)]
-        return rest[0] if len(rest) == 1 else hint
-    return hint
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check (and lightly convert) one value against its annotation; errors carry the key and the value."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(key, value, _strip_optional(hint))
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{key}={value!r} is not one of {list(args)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        return value
-    return value
 
 
 # --- DeepSpeed --------------------------------------------------------------------------------------

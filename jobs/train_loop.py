@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .faults import FaultPlan
 from .train_config import TrainConfig, lr_factor
 from .train_data import CacheView, MicroBatches, ShardData, order_seed
 
@@ -45,6 +46,7 @@ class WorkerPlan:
     ds_config: dict[str, Any]  # the DeepSpeed config
     run_name: str  # Ray Train run name (recorded in the adapter)
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in adapter_config.json
+    faults: dict[str, Any] = field(default_factory=dict)  # FaultPlan fields (tests only; see jobs.faults)
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -189,6 +191,7 @@ class WorkerTrainer:
         import ray.train
 
         self.plan, self.cfg = plan, TrainConfig.from_dict(plan.config)
+        self.faults = FaultPlan(**plan.faults)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
@@ -199,9 +202,9 @@ class WorkerTrainer:
 
         t0, t, plan = time.perf_counter(), self.cfg.trainer, self.plan
         torch.set_num_threads(max(1, int(t.cpus_per_worker)))
-        if self.cfg.debug.pid_dir:
-            Path(self.cfg.debug.pid_dir).mkdir(parents=True, exist_ok=True)
-            Path(self.cfg.debug.pid_dir, f"rank{self.rank}.pid").write_text(str(os.getpid()))
+        if self.faults.pid_dir:
+            Path(self.faults.pid_dir).mkdir(parents=True, exist_ok=True)
+            Path(self.faults.pid_dir, f"rank{self.rank}.pid").write_text(str(os.getpid()))
         view = CacheView(**plan.cache)
         shard = ShardData.from_iterator(ray.train.get_dataset_shard(f"rank{self.rank}"), view, plan.pad_id)
         self.train_data = shard["train"]
@@ -255,7 +258,7 @@ class WorkerTrainer:
     def train(self) -> dict[str, Any]:
         import ray.train
 
-        t, debug = self.cfg.trainer, self.cfg.debug
+        t = self.cfg.trainer
         if self.step == 0 and self.eval_data is not None:  # the untrained model's held-out loss: the first point
             self.history.append({"step": 0, **self.evaluate()})
         self.engine.train()
@@ -278,10 +281,10 @@ class WorkerTrainer:
                 # metrics reach Ray Train with checkpoints only: each report is a barrier that waits for a poll
                 latest = self.history[-1] if self.history[-1:] and self.history[-1]["step"] == step else {"step": step}
                 save_checkpoint(self.engine, self.model, self.plan, self.cfg, step, self.history, self.rank, latest)
-            if debug.crash_at_step == step and self.start == 0 and self.rank == 0:
-                raise RuntimeError(f"debug.crash_at_step={step}: injected failure after step {step}")
-            if debug.step_sleep_s:
-                time.sleep(debug.step_sleep_s)
+            if self.faults.crash_at_step == step and self.start == 0 and self.rank == 0:
+                raise RuntimeError(f"fault injection crash_at_step={step}: injected failure after step {step}")
+            if self.faults.step_sleep_s:
+                time.sleep(self.faults.step_sleep_s)
         if self.start >= t.max_steps:  # a finished run restarted: nothing to train, its newest checkpoint stands
             ray.train.report({"step": self.step})
         return {"step": self.step, "resumed_from": self.start}

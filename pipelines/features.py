@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cli_module.config import resolve_vision_layers
+
 from . import storage
 from .feature_cache import (
     CACHE_FILE,
@@ -48,7 +50,7 @@ class FeatureJob:
     src: str  # folder, s3:// prefix, or manifest (.jsonl / .parquet with an image column)
     out: str  # destination folder or s3:// prefix
     base: str = "tiny"  # base whose encoder and image processor are used
-    layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # hidden_states indices K
+    vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # hidden_states indices K
     pool: int = 1  # average pooling of `layers` (1 = none)
     dtype: Dtype = "float16"  # storage dtype
     batch_size: int = 16  # images per encoder call and per shard
@@ -129,15 +131,16 @@ class Encoder:
     """Actor: loads the base's encoder once (the LLM stays on the meta device), encodes a batch, writes it as one
     shard (temp name + rename)."""
 
-    def __init__(self, base_name: str, layers: list[int], pool: int, dtype: Dtype, out: str, threads: int = 1):
+    def __init__(self, base_name: str, vision_layers: list[int], pool: int, dtype: Dtype, out: str,
+                 threads: int = 1):
         import torch
 
         from cli_module.loading import load_base
 
         torch.set_num_threads(threads)
         self.base = load_base(base_name, language=False)
-        n = self.base.num_vision_layers + 1
-        self.layers, self.pool, self.dtype, self.out = [k % n for k in layers], pool, dtype, out
+        self.vision_layers = resolve_vision_layers(vision_layers, self.base.num_vision_layers)
+        self.pool, self.dtype, self.out = pool, dtype, out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -149,7 +152,7 @@ class Encoder:
         if good:
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))  # (B, C, H, W)
             with torch.no_grad():
-                feats = encode_images(self.base, pixels, self.layers, self.pool)
+                feats = encode_images(self.base, pixels, self.vision_layers, self.pool)
             columns = {"image_id": pa.array([batch["image_id"][i] for i in good]),
                        "source": pa.array([str(batch["source"][i]) for i in good])}
             columns.update(encode_column("select", feats.select_features, self.dtype))
@@ -173,7 +176,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     sources = list_sources(job.src)
     storage.check_writable(job.out)
     base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
-    key = cache_key_for(base, job.layers, job.pool, job.dtype)
+    key = cache_key_for(base, job.vision_layers, job.pool, job.dtype)
     cache_json = storage.join(job.out, CACHE_FILE)
     if storage.exists(cache_json):
         old = CacheKey(**storage.read_json(cache_json)["key"])
@@ -190,7 +193,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
     ds = ds.map_batches(Encoder, batch_size=job.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.cpus_per_actor,
-                        fn_constructor_kwargs={"base_name": job.base, "layers": job.layers, "pool": job.pool,
+                        fn_constructor_kwargs={"base_name": job.base, "vision_layers": job.vision_layers, "pool": job.pool,
                                                "dtype": job.dtype, "out": job.out,
                                                "threads": job.threads or max(1, math.ceil(job.cpus_per_actor))})
     rows = ds.take_all()
@@ -226,7 +229,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="image folder, s3://bucket/prefix, or manifest (.jsonl/.parquet with an image column)")
     p.add_argument("--out", required=True, help="cache folder or s3:// prefix")
     p.add_argument("--base", default="tiny")
-    p.add_argument("--layers", type=int, nargs="+", default=[-2, -5, -8, -11], help="hidden_states indices K")
+    p.add_argument("--layers", dest="vision_layers", type=int, nargs="+", default=[-2, -5, -8, -11],
+                   help="the vision layers K to cache: hidden_states indices (negative count from the end)")
     p.add_argument("--pool", type=int, default=1)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16")
     p.add_argument("--batch-size", type=int, default=16)
@@ -238,7 +242,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    job = FeatureJob(src=args.src, out=args.out, base=args.base, layers=args.layers, pool=args.pool,
+    job = FeatureJob(src=args.src, out=args.out, base=args.base, vision_layers=args.vision_layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
                      cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels)
     summary = run_features(job)  # SourceError / ValueError become one line and exit 2 in cli.main

@@ -623,7 +623,7 @@ MULTINODE_SCRIPT = r'''
 """A head (0 CPUs) and two 1-CPU worker nodes (ray.cluster_utils.Cluster); a 2-worker `crosslayer train` run via
 jobs.train's setup/train/finish; once a checkpoint exists, the node of rank 1 is removed and a fresh node added;
 the run must finish from its checkpoint. Prints one JSON line ("RESULT {...}") for the test."""
-import json, sys, threading, time
+import json, os, sys, threading, time
 from pathlib import Path
 
 import psutil
@@ -674,7 +674,7 @@ try:
             out[rank] = next(n.node_id for r, n in by_raylet.items() if r in parents)
         return out
 
-    pid_dir = Path(cfg.debug.pid_dir)
+    pid_dir = Path(json.loads(os.environ["CROSSLAYER_FAULTS"])["pid_dir"])
     run_dir = Path(s.storage_path) / s.run_name
     deadline = time.monotonic() + 240
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -734,14 +734,14 @@ def test_multinode_training_spreads_and_survives_node_loss(synth: Path, feature_
     out, pid_dir = tmp_path / "train", tmp_path / "pids"
     steps = 16
     overrides = [*train_overrides(synth, feature_cache, out, steps=steps), "trainer.num_workers=2",
-                 "trainer.checkpoint_every=2", "trainer.log_every=1", "trainer.max_failures=2",
-                 f"debug.pid_dir={pid_dir}", "debug.step_sleep_s=0.4"]
+                 "trainer.checkpoint_every=2", "trainer.log_every=1", "trainer.max_failures=2"]
     temp_dir = tempfile.mkdtemp(prefix="clmn-", dir="/tmp")
     script = tmp_path / "multinode.py"
     script.write_text(MULTINODE_SCRIPT)
     spec = {"temp_dir": temp_dir, "port": free_port(), "agent_port": free_port(),
             "config": str(ROOT / "configs" / "tiny.yaml"), "overrides": overrides}
-    env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", PYTHONPATH=str(ROOT))
+    env = clean_env(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25", PYTHONPATH=str(ROOT),
+                    CROSSLAYER_FAULTS=json.dumps({"pid_dir": str(pid_dir), "step_sleep_s": 0.4}))
     t0 = time.monotonic()
     try:
         proc = subprocess.run([sys.executable, str(script), json.dumps(spec)], cwd=ROOT, env=env,

@@ -48,7 +48,7 @@ def colour_data(tmp_path_factory, ray_local):
             {"from": "human", "value": "<image>\nWhat colour is this image?"}, {"from": "gpt", "value": name}]})
     write_jsonl(root / "train.jsonl", records[:24])
     write_jsonl(root / "eval.jsonl", records[24:])
-    run_features(FeatureJob(src=str(root / "images"), out=str(root / "cache"), base="tiny", layers=[1, 2],
+    run_features(FeatureJob(src=str(root / "images"), out=str(root / "cache"), base="tiny", vision_layers=[1, 2],
                             pool=1, dtype="float16", batch_size=16))
     return root
 
@@ -289,14 +289,16 @@ def test_method_without_trainable_parameters(colour_data, tmp_path):
         setup(load_config(CONFIG, overrides(colour_data, tmp_path, "method=one_to_one")))
 
 
-def test_resume_after_crash_matches_uninterrupted_run(reference, colour_data, tmp_path):
+def test_resume_after_crash_matches_uninterrupted_run(reference, colour_data, tmp_path, monkeypatch):
     from ray.train import TrainingFailedError
 
     from jobs.train import run_train
 
     args = overrides(colour_data, tmp_path, "trainer.run_name=crashy")
+    monkeypatch.setenv("CROSSLAYER_FAULTS", json.dumps({"crash_at_step": 25}))
     with pytest.raises(TrainingFailedError, match="crash_at_step=25"):
-        run_train(load_config(CONFIG, [*args, "debug.crash_at_step=25"]))
+        run_train(load_config(CONFIG, args))
+    monkeypatch.delenv("CROSSLAYER_FAULTS")
     runs = tmp_path / "runs" / "crashy"
     assert sorted(p.name for p in runs.glob("checkpoint_0*")) == ["checkpoint_000010", "checkpoint_000020"]
     assert not (tmp_path / "adapter").exists()
@@ -310,12 +312,12 @@ def test_resume_after_crash_matches_uninterrupted_run(reference, colour_data, tm
 
 
 @pytest.mark.slow
-def test_killed_worker_restarts_from_checkpoint(reference, colour_data, tmp_path):
+def test_killed_worker_restarts_from_checkpoint(reference, colour_data, tmp_path, monkeypatch):
     from jobs.train import run_train
 
     pids = tmp_path / "pids"
-    cfg = load_config(CONFIG, overrides(colour_data, tmp_path, "trainer.run_name=killed", "trainer.max_failures=1",
-                                        f"debug.pid_dir={pids}", "debug.step_sleep_s=0.15"))
+    monkeypatch.setenv("CROSSLAYER_FAULTS", json.dumps({"pid_dir": str(pids), "step_sleep_s": 0.15}))
+    cfg = load_config(CONFIG, overrides(colour_data, tmp_path, "trainer.run_name=killed", "trainer.max_failures=1"))
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=run_train(cfg)), daemon=True)
     thread.start()
