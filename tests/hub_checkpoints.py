@@ -1,0 +1,139 @@
+"""Tiny random checkpoint folders in the llava-hf hub layout, for tests (a helper, not a test file).
+
+``save_tiny_checkpoint(out, family)`` writes what ``llava-hf/llava-1.5-7b-hf`` (family ``"llava"``: CLIP
+vision + Llama) or ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf`` (``"llava_onevision"``: SigLIP + Qwen2) ship,
+at toy size (hidden 32, 2 layers, 16x16 images, patch 4): ``config.json``, ``model.safetensors``,
+``generation_config.json``, tokenizer files, ``preprocessor_config.json``, ``processor_config.json`` and,
+unless ``chat_template=False``, the real llava-hf ``chat_template.jinja`` (from
+``tests/fixtures/chat_templates/``). The tokenizer is byte-level (256 byte tokens, no merges), built locally,
+with the family's specials: LLaVA-1.5's ``<unk> <s> </s> <pad> <image>`` (eos ``</s>``) or Qwen2's
+``<|endoftext|> <|im_start|> <|im_end|>`` plus ``<image> <video>`` (eos ``<|im_end|>``, as Qwen2-Instruct's).
+Like the hub tokenizers, it carries no chat template of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+Family = Literal["llava", "llava_onevision"]
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+TEMPLATE_FILES: dict[str, str] = {"llava": "llava-1.5.jinja", "llava_onevision": "llava-onevision.jinja"}
+IMAGE_SIZE, PATCH = 16, 4
+
+
+def hub_chat_template(family: Family) -> str:
+    """The llava-hf chat template of ``family``, exactly as the hub folder ships it."""
+    return (TEMPLATES / TEMPLATE_FILES[family]).read_text()
+
+
+def tiny_tokenizer(family: Family) -> Any:
+    """A byte-level fast tokenizer with the family's special tokens and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "llava":
+        specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+        named = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    else:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+        named = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, **named)
+    extra = [t for t in specials if t not in named.values()]
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    return tok
+
+
+def tiny_model(family: Family, tokenizer: Any, seed: int = 0) -> Any:
+    """A random ``LlavaForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration`` at toy size."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=IMAGE_SIZE, patch_size=PATCH)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id)
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "llava":
+            config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                                 image_token_id=image_token_id, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default")
+            return LlavaForConditionalGeneration(config)
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision),
+                                      text_config=Qwen2Config(**text), image_token_id=image_token_id,
+                                      video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                      image_grid_pinpoints=grid_pinpoints())
+        return LlavaOnevisionForConditionalGeneration(config)
+
+
+def grid_pinpoints() -> list[list[int]]:
+    """OneVision's anyres grid at toy size: one or two tiles of 16 px each way."""
+    return [[IMAGE_SIZE * h, IMAGE_SIZE * w] for h in (1, 2) for w in (1, 2)]
+
+
+def tiny_image_processor(family: Family) -> Any:
+    """CLIP's image processor (LLaVA-1.5) or OneVision's anyres one, at 16 px (PIL: no torchvision)."""
+    from transformers import CLIPImageProcessorPil, LlavaOnevisionImageProcessorPil
+
+    if family == "llava":
+        return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
+                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                           image_grid_pinpoints=grid_pinpoints())
+
+
+def processor_config(family: Family) -> dict[str, Any]:
+    """``processor_config.json`` as llava-hf folders have it (flat; the image processor has its own file)."""
+    if family == "llava":
+        return {"processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": PATCH,
+                "num_additional_image_tokens": 1, "vision_feature_select_strategy": "default"}
+    return {"processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
+            "num_image_tokens": (IMAGE_SIZE // PATCH) ** 2, "vision_feature_select_strategy": "full"}
+
+
+def save_tiny_checkpoint(out: Path, family: Family, chat_template: bool = True, *, seed: int = 0,
+                         template_format: Literal["jinja", "json"] = "jinja") -> Path:
+    """Write a tiny random ``family`` checkpoint folder in the hub's layout to ``out`` and return ``out``.
+
+    ``chat_template=False`` leaves the template out (a folder that needs the family's fallback format);
+    ``template_format="json"`` writes it as older hub folders do, ``chat_template.json`` =
+    ``{"chat_template": ...}``, instead of ``chat_template.jinja``. The files are written one by one, not
+    through the processor's ``save_pretrained``: ``LlavaOnevisionProcessor`` cannot be built without
+    torchvision (its video processor), and transformers 5 would nest the image processor's settings into
+    ``processor_config.json``. ``AutoTokenizer.from_pretrained(out)`` reads ``chat_template.jinja`` but not
+    ``chat_template.json``; ``AutoProcessor.from_pretrained(out)`` reads both (for OneVision it needs
+    torchvision)."""
+    if family not in TEMPLATE_FILES:
+        raise ValueError(f"family {family!r} is not one of {sorted(TEMPLATE_FILES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer(family)
+    tiny_model(family, tok, seed).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    tiny_image_processor(family).save_pretrained(out)
+    (out / "processor_config.json").write_text(json.dumps(processor_config(family), indent=2) + "\n")
+    if chat_template and template_format == "jinja":
+        (out / "chat_template.jinja").write_text(hub_chat_template(family))
+    elif chat_template:
+        payload = {"chat_template": hub_chat_template(family)}
+        (out / "chat_template.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return out
