@@ -73,7 +73,7 @@ def entrypoint(command: str, args: list[str]) -> str:
 
 def is_project_root(path: Path) -> bool:
     py = path / "pyproject.toml"
-    if not (py.is_file() and (path / "cli_module" / "cli.py").is_file()):
+    if not (py.is_file() and (path / "jobs" / "cli.py").is_file()):
         return False
     return f'name = "{PROJECT_NAME}"' in py.read_text(errors="replace")
 
