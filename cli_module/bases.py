@@ -73,8 +73,12 @@ class Base:
             if height:
                 size = height
                 break
-        patch = self.vision_config.patch_size
-        return size // patch if size % patch == 0 else None
+        return size // self.vision_config.patch_size  # the patch convolution rounds down: 384 px / 14 -> 27
+
+    def image_tokens(self, crop_tokens: int) -> int:
+        """Input positions an image takes when it enters as its one whole-image crop of ``crop_tokens`` features
+        (the feature cache's and every job's visual input): OneVision appends its ``image_newline`` token."""
+        return crop_tokens + 1 if self.kind == "llava_onevision" else crop_tokens
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the select strategy to one layer's hidden states (B, 1+N, Dv) -> (B, N, Dv)."""

@@ -6,17 +6,21 @@ never pickle), or a composed-base folder.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .bases import Base
 from .composed import COMPOSED_FILE, VisionStub, load_composed
 from .files import atomic_write, cache_root
-from .presets import build_llava_7b_shape, build_tiny
+from .presets import build_llava_7b_shape, build_llava_onevision_shape, build_tiny
+from .prompting import fallback_template
 
-PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape")
+PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape", "llava-onevision-0.5b-shape")
+SHAPES = {"llava-1.5-7b-shape": build_llava_7b_shape, "llava-onevision-0.5b-shape": build_llava_onevision_shape}
 
 
 def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -36,8 +40,8 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
         from .pretrained import small_base_dir  # converts once on first use
 
         base = load_composed(small_base_dir(), name="small", vision=vision, weights=weights, language=language)
-    elif name == "llava-1.5-7b-shape":
-        base = build_llava_7b_shape()
+    elif name in SHAPES:
+        base = SHAPES[name]()
     else:
         base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights)
     if not vision and not isinstance(base.vision_tower, VisionStub):
@@ -46,12 +50,27 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
     if not language:  # frees the weights, keeps every shape and config
         for module in (base.language_model, base.lm_head, base.projector):
             module.to("meta")
-    if name != "llava-1.5-7b-shape":
+    if name not in SHAPES:  # the shape presets live on the meta device
         base.model.to(dtype)
     base.model.eval()
     base.model.requires_grad_(False)
     return base
 
+
+
+def chat_template_of(path: str, tokenizer: Any, family: str, revision: str | None = None) -> str:
+    """The chat template a checkpoint folder prompts with: the tokenizer's (llava-hf folders keep it in
+    ``chat_template.jinja``, which the tokenizer reads), else an older folder's ``chat_template.json``, else the
+    format the model family was trained with (``prompting.fallback_template``: Vicuna for LLaVA-1.5, ChatML for
+    the Qwen2-based OneVision)."""
+    from transformers.utils import cached_file
+
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    found = cached_file(path, "chat_template.json", revision=revision, _raise_exceptions_for_missing_entries=False)
+    if found:
+        return json.loads(Path(found).read_text())["chat_template"]
+    return fallback_template(family)
 
 
 # --- checkpoints: hub id, local folder, s3:// ---------------------------------------------------------
@@ -85,6 +104,7 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
         with torch.device("meta"):
             model = classes[config.model_type]._from_config(config)
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    tok.chat_template = chat_template_of(path, tok, config.model_type, revision)
     proc = AutoImageProcessor.from_pretrained(path, revision=revision)
     return Base(name=source, kind=config.model_type, model=model, tokenizer=tok, image_processor=proc,
                 image_token_id=config.image_token_id, select_layer=config.vision_feature_layer,

@@ -37,6 +37,7 @@ class VisionFeatures:
     layers: torch.Tensor | None  # (B, K, N', Dv) the vision layers K of each image's first crop, pooled
     crops: list[int] | None = None  # crops per image (LLaVA-OneVision anyres); None means one each
     image_sizes: torch.Tensor | None = None  # (B, 2) original sizes, for OneVision's anyres packing
+    rows: torch.Tensor | None = None  # (R,) bool: which rows of the batch hold these B images (None: all, B = R)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class VisualState:
     tokens: torch.Tensor | None  # (B, K, N', D) AMP output V̂
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per injection layer: AGF keys, values (B, H, K, N', A/H)
     counts: list[int]  # image tokens per image: how many <image> placeholders each prompt needs
+    rows: torch.Tensor | None = None  # (R,) bool: the batch rows with an image; text-only rows get no injection
 
 
 @dataclass
@@ -170,7 +172,7 @@ class FusedVLM(nn.Module):
             tokens = self.amp(vf.layers, self.base.projector)  # (B, K, N', D)
         if self.config.method == "cli":
             kv = [agf.project_kv(tokens) for agf in self.agf]
-        return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts)
+        return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts, rows=vf.rows)
 
     def _where(self) -> tuple[torch.device, torch.dtype]:
         p = next(self.base.projector.parameters())
@@ -184,8 +186,17 @@ class FusedVLM(nn.Module):
             if state is None or state["visual"] is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output  # (B, S, D)
+            rows = state["visual"].rows  # (B,) bool, or None: every row holds an image
             if self.config.method == "cli":
-                hidden, gates = self.agf[i](hidden, state["visual"].kv[i], state["update_mask"])
+                mask = state["update_mask"]
+                if rows is None:
+                    hidden, gates = self.agf[i](hidden, state["visual"].kv[i], mask)
+                else:  # mixed batch: only the rows with an image read it; text-only rows pass unchanged
+                    sub, sub_gates = self.agf[i](hidden[rows], state["visual"].kv[i], None if mask is None else mask[rows])
+                    hidden = hidden.clone()
+                    hidden[rows] = sub
+                    gates = sub_gates.new_zeros((hidden.shape[0], *sub_gates.shape[1:]))  # (B, S, K)
+                    gates[rows] = sub_gates
                 if state["gates"] is not None:
                     state["gates"].append(gates)
             else:  # deepstack: static add of V̂_{k_i} at this layer's image positions (prefill only)
@@ -240,13 +251,19 @@ class FusedVLM(nn.Module):
     # --- inputs ----------------------------------------------------------------------------------------
 
     def prepare_inputs(self, prompts: list[str], images: list | None = None,
-                       features: VisionFeatures | None = None) -> tuple[dict[str, torch.Tensor], VisualState | None]:
+                       features: VisionFeatures | None = None, *,
+                       anyres: bool = False) -> tuple[dict[str, torch.Tensor], VisualState | None]:
         """Prompts holding one ``<image>`` each, plus PIL images or cached features -> left-padded ids and the
-        visual state; each ``<image>`` is expanded to that image's token count."""
+        visual state; each ``<image>`` is expanded to that image's token count. LLaVA-OneVision images enter as
+        their whole-image crop only (``whole_image_crop``), as the feature cache stores them, so training, eval,
+        captioning and serving see the same input; ``anyres=True`` adds the anyres tiles, as the hub model does."""
         visual = None
         if images is not None:
             proc = self.base.image_processor(images=images, return_tensors="pt")
-            features = self.encode_images(proc["pixel_values"], proc.get("image_sizes"))
+            if anyres:
+                features = self.encode_images(proc["pixel_values"], proc.get("image_sizes"))
+            else:
+                features = self.encode_images(whole_image_crop(proc["pixel_values"]))
         if features is not None:
             visual = self.prepare_visual(features)
         image_token = self.base.tokenizer.convert_ids_to_tokens(self.base.image_token_id)
@@ -309,6 +326,12 @@ class FusedVLM(nn.Module):
         tokens = torch.stack([s.tokens for s in steps], dim=1)
         gates = torch.stack([s.gates for s in steps], dim=1) if steps and steps[0].gates is not None else None
         return tokens, gates
+
+
+def whole_image_crop(pixel_values):
+    """LLaVA-OneVision's anyres pixels (B, P, C, H, W) -> the whole-image (base) crop (B, C, H, W), which comes
+    first; 4-D pixels pass as they are. Works on torch tensors and numpy arrays alike."""
+    return pixel_values[:, 0] if pixel_values.ndim == 5 else pixel_values
 
 
 @torch.no_grad()

@@ -94,3 +94,28 @@ def build_llava_7b_shape() -> Base:
         model = LlavaForConditionalGeneration(config)
     return Base(name="llava-1.5-7b-shape", kind="llava", model=model, tokenizer=None, image_processor=None,
                 image_token_id=32000, select_layer=-2, select_strategy="default")
+
+
+def build_llava_onevision_shape() -> Base:
+    """LLaVA-OneVision-0.5B's shapes as converted on the hub (``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``:
+    SigLIP-so400m with 26 layers, 384 px, patch 14 -> a 27x27 grid; Qwen2-0.5B) on the meta device."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=152000, max_position_embeddings=32768,
+                       tie_word_embeddings=True)
+    pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=151646,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9")
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    return Base(name="llava-onevision-0.5b-shape", kind="llava_onevision", model=model, tokenizer=None,
+                image_processor=None, image_token_id=151646, select_layer=-1, select_strategy="full")

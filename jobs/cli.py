@@ -9,16 +9,23 @@ from pathlib import Path
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    """Parameter counts of the fused model; with ``--config``, the whole training recipe is loaded and its
+    plug-in settings are checked against the base's real shapes (``--base`` defaults to the recipe's base; a
+    ``*-shape`` preset builds a published model's shapes on the meta device, without downloading it)."""
     from cli_module.config import CLIConfig
     from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
-    cfg = CLIConfig.from_dict(_load_mapping(args.config).get("cli", {})) if args.config else CLIConfig()
+    from .train_config import load_config
+
+    recipe = load_config(args.config) if args.config else None
+    cfg = recipe.cli if recipe else CLIConfig()
     if args.method:
         cfg = CLIConfig.from_dict({**cfg.to_dict(), "method": args.method})
-    base = load_base(args.base)
+    name = args.base or (recipe.base if recipe else "tiny")
+    base = load_base(name, weights=False)
     counts = FusedVLM(base, cfg).param_counts()
-    print(json.dumps({"base": args.base, "method": cfg.method, **counts}, indent=2))
+    print(json.dumps({"base": name, "method": cfg.method, **counts}, indent=2))
     return 0
 
 
@@ -28,23 +35,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(preset=args.preset, out=Path(args.out))
 
 
-def _load_mapping(path: str) -> dict:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a YAML mapping at the top level")
-    return data
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crosslayer", description="Dynamic Cross-Layer Injection for VLMs on Ray")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("params", help="count total and trainable parameters of a fused model")
-    p.add_argument("--base", default="tiny", help="preset (tiny, tiny-onevision, small, llava-1.5-7b-shape), "
-                                                  "hub id, local folder or s3:// prefix")
-    p.add_argument("--config", help="YAML file whose `cli:` mapping holds CLIConfig fields")
+    p.add_argument("--base", help="preset (tiny, tiny-onevision, small, llava-1.5-7b-shape, "
+                                  "llava-onevision-0.5b-shape), hub id, local folder or s3:// prefix "
+                                  "(default: the --config recipe's base, else tiny)")
+    p.add_argument("--config", help="a training recipe (crosslayer train --config): validated, and its `cli:` "
+                                    "settings checked against the base")
     p.add_argument("--method", choices=["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion"])
     p.set_defaults(func=cmd_params)
 

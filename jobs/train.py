@@ -80,7 +80,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         cfg, output_dir=fix(cfg.output_dir), init_projector=fix(cfg.init_projector),
         data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval),
-                                 features=fix(cfg.data.features)),
+                                 features=fix(cfg.data.features), image_root=fix(cfg.data.image_root)),
         trainer=dataclasses.replace(cfg.trainer, storage_path=fix(cfg.trainer.storage_path)))
 
 
@@ -96,7 +96,8 @@ def train(s: TrainSetup) -> Any:
     storage.write_json(storage.join(cfg.output_dir, "run.json"),
                        {"run_name": s.run_name, "storage_path": s.storage_path, "config": cfg.to_dict()})
     print(f"[train] run {s.run_name} in {s.storage_path} (rerun with trainer.run_name={s.run_name} to resume); "
-          f"{len(s.data.train)} train / {len(s.data.eval)} eval examples, skipped {s.data.skipped or 0}; "
+          f"{len(s.data.train)} train / {len(s.data.eval)} eval examples ({s.data.text_only} text-only, "
+          f"{s.data.truncated} truncated to {s.data.max_length} tokens), skipped {s.data.skipped or 0}; "
           f"{s.params['trainable_params']:,} trainable parameters ({s.params['trainable_percent']}%)", flush=True)
     datasets, sizes = rank_datasets(s.data, t.num_workers, t.seed)
     plan = WorkerPlan(config=cfg.to_dict(), cache=asdict(s.data.cache), pad_id=s.pad_id, train_sizes=sizes["train"],
@@ -156,7 +157,8 @@ def finish(s: TrainSetup, result: Any) -> dict[str, Any]:
                "steps": state["step"], "loss": last_train.get("loss"), "eval_loss": last_eval.get("eval_loss"),
                "eval_token_acc": last_eval.get("eval_token_acc"), "tokens_per_s": last_train.get("tokens_per_s"),
                "examples": {"train": len(s.data.train), "eval": len(s.data.eval)}, "rows_read": s.data.rows_read,
-               "skipped": s.data.skipped, "params": s.params, "adapter": storage.join(out, "adapter"),
+               "skipped": s.data.skipped, "truncated": s.data.truncated, "text_only": s.data.text_only,
+               "params": s.params, "adapter": storage.join(out, "adapter"),
                "seconds": round(time.time() - s.started, 1)}
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary

@@ -29,8 +29,11 @@ class DataArgs:
     train: str = ""  # LLaVA-format JSONL of training conversations (local path or s3:// URI)
     eval: str | None = None  # held-out JSONL; when unset, eval_fraction of data.train is held out instead
     eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is unset (0 = none)
+    image_root: str | None = None  # folder or s3:// prefix the records' image paths are relative to; None = the
+    #                                data file's folder (LLaVA's 665K mix: the folder holding coco/, gqa/, ...)
     features: str = ""  # feature cache (folder or s3:// prefix) built by `crosslayer features` for this base
-    max_length: int | None = None  # longest sequence in tokens, image tokens included; None = min(2048, model max)
+    max_length: int | None = None  # longest sequence in tokens, image tokens included; longer ones are cut at the
+    #                                end (answers kept where possible); None = min(2048, model max)
     skip_bad_rows: bool = False  # skip and count unusable rows instead of failing before training
 
     def __post_init__(self) -> None:

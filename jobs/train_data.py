@@ -15,6 +15,7 @@ run is a pure function of (seed, epoch, position, rank), so a resumed run sees e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,12 +33,13 @@ from pipelines.feature_cache import check_serves, decode_column, shard_uris
 
 SHOWN_PER_REASON = 3  # examples of each kind of bad row quoted in the error
 SPLITS = {"train": 0, "eval": 1}  # value of the `split` column in the joined rows
+CUT = "cut by data.max_length"  # the reason of rows dropped because max_length would cut their image or answers
 
 
 @dataclass
 class Example:
     idx: int  # position among the usable examples of its split: the stable sort key
-    image_id: str  # cache row holding this example's features
+    image_id: str | None  # cache row holding this example's features; None: a text-only example
     input_ids: list[int]  # (S,) prompt + answer, <image> expanded to the cache's token count
     labels: list[int]  # (S,) answer tokens, -100 elsewhere
 
@@ -51,7 +53,7 @@ class CacheView:
     dtype: str  # storage dtype: float16, bfloat16 or int8
     columns: list[str]  # feature columns to read (select[, layers][, *_scale])
     layer_index: list[int] | None  # positions of the model's feature layers in the cache's `layers`; None = unused
-    image_tokens: int  # N: placeholder tokens per image (select's token count)
+    image_tokens: int  # placeholder tokens per image: select's N (+1 for OneVision's image_newline)
 
 
 @dataclass
@@ -62,6 +64,8 @@ class PreparedData:
     max_length: int  # the enforced sequence limit
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped (skip_bad_rows)
     rows_read: dict[str, int] = field(default_factory=dict)  # split -> JSONL rows read
+    truncated: int = 0  # examples cut to max_length (their answers past it are lost)
+    text_only: int = 0  # examples without an image (trained as text)
 
 
 # --- the cache against the model ---------------------------------------------------------------------
@@ -80,7 +84,8 @@ def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int) -> Cac
     if vision_layers:
         columns += ["layers"] + (["layers_scale"] if dtype == "int8" else [])
     return CacheView(uri=uri, shards=shards, dtype=dtype, columns=columns,
-                     layer_index=layer_index if vision_layers else None, image_tokens=int(select_shape[0]))
+                     layer_index=layer_index if vision_layers else None,
+                     image_tokens=base.image_tokens(int(select_shape[0])))
 
 
 def cache_index(view: CacheView) -> tuple[dict[str, str], set[str]]:
@@ -143,22 +148,27 @@ def resolve_image(record: dict, root: str) -> str:
 
 
 def tokenise_split(uri: str, tokenizer: Any, view: CacheView, by_source: dict[str, str], ids: set[str],
-                   max_length: int) -> tuple[list[Example], list[tuple[str, str]], int]:
-    """-> (usable examples, [(reason, detail)] of bad rows, rows read)."""
-    root = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    examples, bad = [], []
+                   max_length: int, image_root: str | None = None, image_token_id: int | None = None,
+                   ) -> tuple[list[Example], list[tuple[str, str]], int, int]:
+    """-> (usable examples, [(reason, detail)] of bad rows, rows read, rows truncated to max_length).
+    A record without an ``image`` (or ``image_id``) trains as text: no image tokens, no injection. Sequences
+    over ``max_length`` lose their end (LLaVA truncates the same way); a row is dropped (reason "cut by
+    data.max_length") only when the cut would split its image tokens or leave no answer token."""
+    root = image_root or (uri.rsplit("/", 1)[0] if "/" in uri else ".")
+    examples, bad, truncated = [], [], 0
     rows = read_records(uri)
     for line, record, error in rows:
         where = f"{uri}:{line}" + (f" id {record.get('id')!r}" if record and record.get("id") is not None else "")
         if record is None:
             bad.append(("invalid record", f"{where}: {error}"))
             continue
+        image_id: str | None = None
         if record.get("image_id"):
             image_id = str(record["image_id"])
             if image_id not in ids:
                 bad.append(("image not in the feature cache", f"{where}: image_id {image_id}"))
                 continue
-        else:
+        elif "image" in record:
             try:
                 source = resolve_image(record, root)
             except KeyError as err:
@@ -169,7 +179,8 @@ def tokenise_split(uri: str, tokenizer: Any, view: CacheView, by_source: dict[st
                 continue
             image_id = by_source[source]
         try:
-            input_ids, labels = build_example(tokenizer, record.get("conversations") or [], view.image_tokens)
+            input_ids, labels = build_example(tokenizer, record.get("conversations") or [],
+                                              view.image_tokens if image_id is not None else 0)
         except ValueError as err:
             text = str(err)
             reason = ("bad <image> placeholder" if "placeholder" in text else
@@ -177,11 +188,15 @@ def tokenise_split(uri: str, tokenizer: Any, view: CacheView, by_source: dict[st
             bad.append((reason, f"{where}: {err}"))
             continue
         if len(input_ids) > max_length:
-            detail = f"{where}: {len(input_ids)} tokens > {max_length} ({view.image_tokens} of them image tokens)"
-            bad.append(("longer than data.max_length", detail))
-            continue
+            images_at = [i for i, t in enumerate(input_ids) if t == image_token_id] if image_id is not None else []
+            if (images_at and images_at[-1] >= max_length) or all(x == -100 for x in labels[1:max_length]):
+                what = "its image tokens" if images_at and images_at[-1] >= max_length else "every answer"
+                bad.append((CUT, f"{where}: {len(input_ids)} tokens > {max_length} would cut "
+                                                      f"{what} ({view.image_tokens if image_id else 0} image tokens)"))
+                continue
+            input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
         examples.append(Example(idx=len(examples), image_id=image_id, input_ids=input_ids, labels=labels))
-    return examples, bad, len(rows)
+    return examples, bad, len(rows), truncated
 
 
 def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
@@ -191,27 +206,27 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
         raise ValueError("data.train is not set: give a LLaVA-format JSONL (data.train=path/to/train.jsonl)")
     if not d.features:
         raise ValueError("data.features is not set: give the feature cache built by `crosslayer features`")
-    if base.kind == "llava_onevision":
-        raise ValueError(f"base {base.name!r} is LLaVA-OneVision: training from cached features supports "
-                         f"LLaVA-1.5 and composed bases (the cache holds no anyres tiles)")
     view = check_cache(d.features, base, vision_layers, cfg.cli.pool)
     model_max = int(getattr(base.text_config, "max_position_embeddings", 2048))
     max_length = d.max_length or min(2048, model_max)
     if max_length > model_max:
         raise ValueError(f"data.max_length={max_length} exceeds the model's limit of {model_max} positions")
     by_source, ids = cache_index(view)
-    train, bad, n_train = tokenise_split(d.train, base.tokenizer, view, by_source, ids, max_length)
+    split = functools.partial(tokenise_split, tokenizer=base.tokenizer, view=view, by_source=by_source, ids=ids,
+                              max_length=max_length, image_root=d.image_root, image_token_id=base.image_token_id)
+    train, bad, n_train, truncated = split(d.train)
     evals, n_eval = [], 0
     if d.eval:
-        evals, bad_eval, n_eval = tokenise_split(d.eval, base.tokenizer, view, by_source, ids, max_length)
-        bad += bad_eval
-    if bad and not d.skip_bad_rows:
-        counts = Counter(reason for reason, _ in bad)
+        evals, bad_eval, n_eval, truncated_eval = split(d.eval)
+        bad, truncated = bad + bad_eval, truncated + truncated_eval
+    fatal = [(reason, detail) for reason, detail in bad if reason != CUT]  # cut rows are dropped and counted
+    if fatal and not d.skip_bad_rows:
+        counts = Counter(reason for reason, _ in fatal)
         lines = []
         for reason, count in counts.most_common():
-            shown = [detail for r, detail in bad if r == reason][:SHOWN_PER_REASON]
+            shown = [detail for r, detail in fatal if r == reason][:SHOWN_PER_REASON]
             lines.append(f"  {reason}: {count} row(s), e.g. " + "; ".join(shown))
-        raise ValueError(f"{len(bad)} unusable row(s) in the training data:\n" + "\n".join(lines) +
+        raise ValueError(f"{len(fatal)} unusable row(s) in the training data:\n" + "\n".join(lines) +
                          "\nfix them, or set data.skip_bad_rows=true to skip and count them")
     if not d.eval and d.eval_fraction > 0 and len(train) > 1:
         train, evals = split_eval(train, d.eval_fraction, cfg.trainer.seed)
@@ -224,7 +239,8 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
                          f"trainer.micro_batch_size = {world} * {micro} = {world * micro}")
     return PreparedData(train=train, eval=evals, cache=view, max_length=max_length,
                         skipped=dict(Counter(reason for reason, _ in bad)),
-                        rows_read={"train": n_train, "eval": n_eval})
+                        rows_read={"train": n_train, "eval": n_eval}, truncated=truncated,
+                        text_only=sum(e.image_id is None for e in [*train, *evals]))
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -264,13 +280,14 @@ def rank_datasets(prepared: PreparedData, world: int, seed: int) -> tuple[dict[s
 
     owners = {"train": rank_of(len(prepared.train), world, seed), "eval": [e.idx % world for e in prepared.eval]}
     sizes = {split: [ranks.count(r) for r in range(world)] for split, ranks in owners.items()}
-    lookups: list[dict[str, list[tuple]]] = [{} for _ in range(world)]  # per rank: image_id -> examples
+    lookups: list[dict[str | None, list[tuple]]] = [{} for _ in range(world)]  # rank: image_id -> examples
     for split, code in SPLITS.items():
         for e, owner in zip(getattr(prepared, split), owners[split]):
             lookups[owner].setdefault(e.image_id, []).append((code, e.idx, e.input_ids, e.labels))
     join = ray.remote(num_returns=world)(_join_shard)
     lookups_ref = ray.put(lookups)
-    parts = [join.remote(uri, prepared.cache.columns, lookups_ref) for uri in prepared.cache.shards]
+    parts = [join.remote(uri, prepared.cache.columns, lookups_ref, with_text=i == 0)  # text-only rows: once
+             for i, uri in enumerate(prepared.cache.shards)]
     parts = [p if world > 1 else [p] for p in parts]  # (shards, ranks) ObjectRefs of Arrow tables
     datasets = {f"rank{r}": ray.data.from_arrow_refs([p[r] for p in parts]) for r in range(world)}
     for ds in datasets.values():
@@ -278,22 +295,32 @@ def rank_datasets(prepared: PreparedData, world: int, seed: int) -> tuple[dict[s
     return datasets, sizes
 
 
-def _join_shard(uri: str, columns: list[str], lookups: list[dict[str, list[tuple]]]) -> Any:
-    """One cache shard -> one joined table per rank (a bare table when there is one rank)."""
+def _join_shard(uri: str, columns: list[str], lookups: list[dict[str | None, list[tuple]]],
+                with_text: bool = False) -> Any:
+    """One cache shard -> one joined table per rank (a bare table when there is one rank); ``with_text`` adds
+    the text-only examples (lookup key None)."""
     fs, path = storage.resolve(uri)
     table = pq.read_table(path, columns=["image_id", *columns], filesystem=fs)
-    tables = [_join_examples(table, lookup) for lookup in lookups]
+    tables = [_join_examples(table, lookup, with_text) for lookup in lookups]
     return tables if len(tables) > 1 else tables[0]
 
 
-def _join_examples(table: pa.Table, lookup: dict[str, list[tuple]]) -> pa.Table:
-    """Cache rows -> one row per example using that image: split, idx, input_ids, labels + the feature columns."""
-    rows, found = [], []
+def _join_examples(table: pa.Table, lookup: dict[str | None, list[tuple]], with_text: bool = False) -> pa.Table:
+    """Cache rows -> one row per example using that image: split, idx, input_ids, labels, has_image + the feature
+    columns. With ``with_text``, the text-only examples (key None) follow, with has_image false and the features
+    of the shard's first row as placeholders that no step reads (one schema for every row)."""
+    rows, found, has_image = [], [], []
     for i, image_id in enumerate(table.column("image_id").to_pylist()):
         for example in lookup.get(image_id, ()):
             rows.append(i)
             found.append(example)
+            has_image.append(True)
+    for example in lookup.get(None, ()) if with_text and table.num_rows else ():
+        rows.append(0)
+        found.append(example)
+        has_image.append(False)
     out = table.take(pa.array(rows, type=pa.int64())).drop_columns(["image_id"])
+    out = out.append_column("has_image", pa.array(has_image, type=pa.bool_()))
     out = out.append_column("split", pa.array([e[0] for e in found], type=pa.int8()))
     out = out.append_column("idx", pa.array([e[1] for e in found], type=pa.int64()))
     out = out.append_column("input_ids", pa.array([e[2] for e in found], type=pa.list_(pa.int32())))
@@ -307,10 +334,10 @@ def local_shard(prepared: PreparedData, split: str, pad_id: int) -> ShardData:
     for uri in prepared.cache.shards:
         fs, path = storage.resolve(uri)
         tables.append(pq.read_table(path, columns=["image_id", *prepared.cache.columns], filesystem=fs))
-    by_image: dict[str, list[tuple]] = {}
+    by_image: dict[str | None, list[tuple]] = {}
     for e in getattr(prepared, split):
         by_image.setdefault(e.image_id, []).append((SPLITS[split], e.idx, e.input_ids, e.labels))
-    return ShardData(_join_examples(pa.concat_tables(tables), by_image), prepared.cache, pad_id)
+    return ShardData(_join_examples(pa.concat_tables(tables), by_image, with_text=True), prepared.cache, pad_id)
 
 
 # --- worker side -------------------------------------------------------------------------------------
@@ -320,18 +347,20 @@ class Batch:
     input_ids: Any  # (B, S) int64, right-padded
     attention_mask: Any  # (B, S) int64
     labels: Any  # (B, S) int64, -100 on prompt and padding
-    features: Any  # VisionFeatures: select (B, N, Dv), layers (B, K, N', Dv) or None
+    features: Any  # VisionFeatures of the rows with an image (``rows`` marks them in a mixed batch), or None
     tokens: int  # real (non-pad) tokens in the batch
 
     def to(self, device: Any) -> Batch:
         """The batch on ``device`` (the engine's: CPU, or the worker's GPU with trainer.use_gpu)."""
         from cli_module.model import VisionFeatures
 
-        f = self.features
-        layers = f.layers.to(device) if f.layers is not None else None
+        f, features = self.features, None
+        if f is not None:
+            features = VisionFeatures(select_features=f.select_features.to(device),
+                                      layers=f.layers.to(device) if f.layers is not None else None,
+                                      rows=f.rows.to(device) if f.rows is not None else None)
         return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                     labels=self.labels.to(device), features=VisionFeatures(select_features=f.select_features.to(device), layers=layers),
-                     tokens=self.tokens)
+                     labels=self.labels.to(device), features=features, tokens=self.tokens)
 
 
 class ShardData:
@@ -345,6 +374,7 @@ class ShardData:
         self.idx = idx[keep]
         self.input_ids = [ids for ids, k in zip(table["input_ids"].to_pylist(), keep) if k]
         self.labels = [lab for lab, k in zip(table["labels"].to_pylist(), keep) if k]
+        self.has_image = table["has_image"].to_numpy(zero_copy_only=False)[keep]  # (n,) bool
         self.arrays = {c: _tensor_numpy(table[c])[keep] for c in view.columns}  # stored dtype, (n, ...)
         self.view, self.pad_id = view, pad_id
 
@@ -376,13 +406,17 @@ class ShardData:
             ids[j, :n] = torch.tensor(self.input_ids[i])
             labels[j, :n] = torch.tensor(self.labels[i])
             mask[j, :n] = 1
-        picked = {c: a[rows] for c, a in self.arrays.items()}
-        select = decode_column(picked, "select", self.view.dtype)  # (B, N, Dv) float32
-        layers = None
-        if self.view.layer_index is not None:
-            layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B, K, N', Dv)
-        return Batch(input_ids=ids, attention_mask=mask, labels=labels,
-                     features=VisionFeatures(select_features=select, layers=layers), tokens=int(mask.sum()))
+        with_image = self.has_image[rows]  # (B,) bool: text-only rows get no features and no injection
+        features = None
+        if with_image.any():
+            picked = {c: a[rows[with_image]] for c, a in self.arrays.items()}
+            select = decode_column(picked, "select", self.view.dtype)  # (B', N, Dv) float32
+            layers = None
+            if self.view.layer_index is not None:
+                layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B', K, N', Dv)
+            features = VisionFeatures(select_features=select, layers=layers,
+                                      rows=None if with_image.all() else torch.from_numpy(with_image))
+        return Batch(input_ids=ids, attention_mask=mask, labels=labels, features=features, tokens=int(mask.sum()))
 
 
 def _tensor_numpy(column: pa.ChunkedArray) -> np.ndarray:

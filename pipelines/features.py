@@ -59,8 +59,12 @@ class FeatureJob:
     threads: int = 0  # torch threads per encoder actor; 0 = ceil(cpus_per_actor)
     cpus_per_decode: float = 0.5  # CPUs reserved per decode task (fractional, so decoding fits beside the actors)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
+    image_root: str | None = None  # folder / s3:// prefix a manifest's relative image paths are under
 
     def __post_init__(self) -> None:
+        if self.image_root and not self.src.endswith((".jsonl", ".json", ".parquet")):
+            raise ValueError(f"image_root={self.image_root!r} applies to a manifest (.json/.jsonl/.parquet), "
+                             f"and {self.src!r} is a folder: drop --image-root or point at the manifest")
         if self.dtype not in ("float16", "bfloat16", "int8"):
             raise ValueError(f"dtype={self.dtype!r} is not one of ['float16', 'bfloat16', 'int8']")
         if self.batch_size < 1 or self.concurrency < 1 or self.pool < 1:
@@ -70,8 +74,10 @@ class FeatureJob:
 
 # --- sources -----------------------------------------------------------------------------------------
 
-def list_sources(src: str) -> list[str]:
-    """Image URIs of a folder / prefix, or the image column of a manifest (relative paths resolved against it)."""
+def list_sources(src: str, image_root: str | None = None) -> list[str]:
+    """Image URIs of a folder / prefix, or the image column of a manifest (LLaVA's data files are manifests);
+    relative paths resolve against ``image_root``, else the manifest's folder. Rows without an image (LLaVA's
+    text-only conversations) are skipped."""
     if src.endswith((".jsonl", ".json", ".parquet")) and storage.exists(src):
         if src.endswith(".parquet"):
             table = pq.read_table(io.BytesIO(storage.read_bytes(src)))
@@ -79,11 +85,12 @@ def list_sources(src: str) -> list[str]:
         else:
             text = storage.read_bytes(src).decode()
             records = json.loads(text) if src.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
-        column = next((c for c in ("image", "image_path", "path", "url", "source") if records and c in records[0]), None)
+        column = next((c for c in ("image", "image_path", "path", "url", "source")
+                       if any(isinstance(r, dict) and c in r for r in records)), None)
         if column is None:
             raise storage.SourceError(f"{src}: manifest has no image column (image, image_path, path, url or source)")
-        root = src.rsplit("/", 1)[0] if src.startswith("s3://") else os.path.dirname(os.path.abspath(src))
-        paths = [str(r[column]) for r in records if r.get(column)]
+        root = image_root or (src.rsplit("/", 1)[0] if src.startswith("s3://") else os.path.dirname(os.path.abspath(src)))
+        paths = [str(r[column]) for r in records if isinstance(r, dict) and r.get(column)]
         out = sorted({p if p.startswith(("s3://", "/")) else storage.join(root, p) for p in paths})
         if not out:
             raise storage.SourceError(f"{src}: manifest lists no images")
@@ -118,8 +125,10 @@ def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) 
         images.append(image)
     good = [im for im in images if im is not None]
     pixels = processor(images=good, return_tensors="np")["pixel_values"] if good else None
-    if pixels is not None and pixels.ndim == 5:
-        pixels = pixels[:, 0]  # LLaVA-OneVision: the base (whole-image) crop; anyres tiles are not cached
+    if pixels is not None:
+        from cli_module.model import whole_image_crop
+
+        pixels = whole_image_crop(pixels)  # LLaVA-OneVision: the whole-image crop, as every job feeds the model
     shape = pixels.shape[1:] if pixels is not None else (3, 1, 1)
     out = np.zeros((len(images), *shape), dtype=np.float32)
     if pixels is not None:
@@ -173,7 +182,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     from cli_module.loading import load_base
 
     t0 = time.time()
-    sources = list_sources(job.src)
+    sources = list_sources(job.src, job.image_root)
     storage.check_writable(job.out)
     base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
     key = cache_key_for(base, job.vision_layers, job.pool, job.dtype)
@@ -238,13 +247,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per encoder actor")
     p.add_argument("--threads", type=int, default=0, help="torch threads per encoder actor (0: from --cpus-per-actor)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--image-root", help="folder or s3:// prefix a manifest's relative image paths are under "
+                                        "(LLaVA's 665K mix: the folder holding coco/, gqa/, ...)")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     job = FeatureJob(src=args.src, out=args.out, base=args.base, vision_layers=args.vision_layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
-                     cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels)
+                     cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels,
+                     image_root=args.image_root)
     summary = run_features(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     print(f"features: {summary['done']} images encoded, {summary['skipped']} skipped (already cached), "
           f"{summary['failed']} failed (see {ERRORS_FILE}), {summary['rows']} rows in the cache, "

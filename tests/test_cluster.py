@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -433,8 +434,13 @@ def test_explicit_address_wins_over_ray_address(monkeypatch: pytest.MonkeyPatch)
 
 # --- the cluster files ----------------------------------------------------------------------------------
 
-def load_docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+TEMPLATE_VARS = {"WORKERS": "8", "CONFIG": "train-llava-ov-0.5b.yaml"}  # rayjob-train.yaml's envsubst parameters
+
+
+def load_docs(path: Path, **params: str) -> list[dict[str, Any]]:
+    """A manifest's YAML documents after ``envsubst`` of TEMPLATE_VARS (overridden by ``params``)."""
+    text = string.Template(path.read_text()).safe_substitute({**TEMPLATE_VARS, **params})
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
 def kuberay(kind: str) -> list[tuple[Path, dict[str, Any]]]:
@@ -533,8 +539,22 @@ def test_rayjobs_run_crosslayer_on_s3_and_clean_up() -> None:
     f = build_parser().parse_args(feats[1:])
     t = build_parser().parse_args(train[1:])
     cfg = load_config(ROOT / t.config.replace(IMAGE_ROOT + "/", ""), t.overrides)
-    assert (f.out, f.base, f.layers, f.pool) == (cfg.data.features, cfg.base, cfg.cli.vision_layers, cfg.cli.pool)
+    assert (f.out, f.base, f.vision_layers, f.pool) == (cfg.data.features, cfg.base, cfg.cli.vision_layers, cfg.cli.pool)
+    assert f.image_root == cfg.data.image_root and f.src.endswith(cfg.data.train.rsplit("/", 1)[-1])
     assert cfg.trainer.use_gpu and cfg.output_dir.startswith("s3://") and cfg.trainer.storage_path.startswith("s3://")
+
+
+def test_rayjob_train_takes_the_worker_count_and_recipe_as_parameters() -> None:
+    path = KUBERAY / "rayjob-train.yaml"
+    assert "${WORKERS}" in path.read_text() and "${CONFIG}" in path.read_text()
+    for workers, config in (("2", "train-llava-1.5-7b.yaml"), ("16", "train-llava-ov-0.5b.yaml")):
+        (job,) = load_docs(path, WORKERS=workers, CONFIG=config)
+        argv = check_command(" ".join(job["spec"]["entrypoint"].split()))
+        args = shlex.split(" ".join(job["spec"]["entrypoint"].split()))
+        assert args[args.index("--config") + 1].endswith("/" + config)
+        assert f"trainer.num_workers={workers}" in argv
+        (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        assert group["replicas"] == group["maxReplicas"] == int(workers)
 
 
 def test_raycluster_head_and_autoscaling_gpu_workers() -> None:

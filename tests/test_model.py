@@ -17,10 +17,10 @@ from cli_module.prompting import chat_prompt
 CLI = dict(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)
 
 
-def inputs_for(model, n=1, seed=0, sizes=None):
+def inputs_for(model, n=1, seed=0, sizes=None, anyres=False):
     images = random_images(n, seed) if sizes is None else [random_images(1, seed + i, s)[0] for i, s in enumerate(sizes)]
     prompts = [chat_prompt(model.base.tokenizer, "what is this" + "?" * i) for i in range(len(images))]
-    return model.prepare_inputs(prompts, images=images), images
+    return model.prepare_inputs(prompts, images=images, anyres=anyres), images
 
 
 def test_zero_init_matches_llava_base_exactly(tiny_base):
@@ -37,7 +37,7 @@ def test_zero_init_matches_llava_base_exactly(tiny_base):
 def test_zero_init_matches_onevision_base(tiny_ov_base, gate, gate_init):
     model = FusedVLM(tiny_ov_base, CLIConfig(**{**CLI, "gate": gate, "gate_init": gate_init}))
     assert torch.equal(model.agf[0].gate_bias, torch.full_like(model.agf[0].gate_bias, gate_init))
-    (inputs, visual), images = inputs_for(model, sizes=[(30, 20)])  # anyres: several crops
+    (inputs, visual), images = inputs_for(model, sizes=[(30, 20)], anyres=True)  # anyres: several crops
     proc = tiny_ov_base.image_processor(images=images, return_tensors="pt")
     assert proc["pixel_values"].shape[1] > 1
     ref = tiny_ov_base.model(**inputs, pixel_values=proc["pixel_values"], image_sizes=proc["image_sizes"]).logits
