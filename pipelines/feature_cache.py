@@ -74,7 +74,7 @@ def encode_column(name: str, x: Any, dtype: Dtype) -> dict[str, pa.Array]:
     """A float tensor (B, ...) -> Arrow fixed-shape tensor column(s) in the storage dtype."""
     import torch
 
-    x = x.float()
+    x = x.float().contiguous()  # a strided (e.g. transposed) tensor would be stored with a permuted shape
     if dtype == "float16":
         return {name: pa.FixedShapeTensorArray.from_numpy_ndarray(x.half().numpy())}
     if dtype == "bfloat16":

@@ -98,7 +98,7 @@ def test_image_root_is_required_where_paths_are_relative_to_it(ray_local, tmp_pa
     ckpt = save_tiny_checkpoint(tmp_path / "ckpt", "llava")
     mix, data = llava_mix(tmp_path)
     build_cache(ckpt, mix, data, tmp_path / "cache")
-    args = [a for a in recipe(ckpt, mix, data, tmp_path / "cache", tmp_path / "out") if "image_root" not in a]
+    args = [a for a in recipe(ckpt, mix, data, tmp_path / "cache", tmp_path / "out") if not a.startswith("data.image_root=")]
     with pytest.raises(ValueError, match=r"image not in the feature cache: 7 row\(s\).*json/coco/train2017"):
         setup(load_config(CONFIG, args))
 
