@@ -1,35 +1,31 @@
-"""The serving API's contract: ``ServeConfig``, OpenAI-style errors and request parsing (ingress side).
+"""The serving contract: ``ServeConfig`` (every setting), ``ApiError`` (OpenAI-style errors), the validated request
+(``ChatJob`` with its ``SamplingParams``) and the events a request's stream carries from the model to the ingress.
 
-``ServeConfig`` is every setting of ``crosslayer serve`` / ``app_builder`` (the ``args`` of a Serve config), with
-safe defaults, checked eagerly. ``ApiError`` is an OpenAI-style error (``{"error": {message, type, param,
-code}}``) as an HTTP response or as a stream event crossing the deployment handle. ``read_json`` and
-``parse_chat_request`` turn a ``POST /v1/chat/completions`` body into a ``ChatJob`` within the limits: the body
-size, messages and their image parts, sampling options, and each image loaded from a ``data:`` URL or an
-allowlisted http(s) URL (public addresses only, no redirects) and decoded with its size checked first.
-``pipelines.serve`` builds the Serve application on top. Neither torch nor the model code is imported here, so
-ingress replicas stay light. No ``from __future__ import annotations``: ``ServeConfig.__post_init__`` checks
-values against the fields' real types (``f.type is int``), which that would turn into strings.
+One stream per request, from ``VLMModel.generate`` through the deployment handle to ``OpenAIIngress``:
+``Started`` (the prompt was accepted: its token count), then ``Delta`` events (one per choice and decode step: new
+text, token count, log-probabilities, and on the choice's last one its ``finish_reason``), and always exactly one
+``End`` last: ``End(error=None)`` after the last choice finished, or ``End(error=ApiError)`` instead of anything
+that could not be done. ``End`` is the only end-of-stream signal.
+
+Neither torch nor the model code is imported here, so ingress replicas stay light. No ``from __future__ import
+annotations``: ``ServeConfig.__post_init__`` checks values against the fields' real types (``f.type is int``),
+which that would turn into strings.
 """
 
-import base64
-import binascii
 import dataclasses
-import io
 import ipaddress
-import json
+import math
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
 
 IMAGE = "<image>"  # placeholder put where an image part was (= cli_module.prompting.IMAGE, which pulls in torch)
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # decoders an uploaded image may use
 DTYPES = ("float32", "bfloat16", "float16")
+PIL_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 # --- configuration ----------------------------------------------------------------------------------------
@@ -47,18 +43,22 @@ class ServeConfig:
     require_api_key: bool = False  # ingress refuses to start without a key (crosslayer serve sets it if it sees one)
     max_body_bytes: int = 8 * 2**20  # largest request body (413 above)
     max_image_bytes: int = 4 * 2**20  # largest encoded image, data: URL or fetched (413 above)
-    max_image_pixels: int = 4096 * 4096  # largest width x height, checked before decoding (decompression bombs)
+    max_image_pixels: int = 4096 * 4096  # largest width x height, read from the header before decoding (413 above)
     max_images: int = 1  # images per request; the model takes one <image> per prompt, so 0 or 1
     max_prompt_tokens: int = 4096  # prompt tokens fed to the model, image tokens included (400 above)
+    max_prompt_chars: int | None = None  # characters of message text, checked before tokenising (400 above);
+    #                                      None: 16 x max_prompt_tokens
     max_tokens: int = 512  # cap on a request's max_tokens / max_completion_tokens (400 above)
     default_max_tokens: int = 128  # max_tokens when the request gives none
     max_stop: int = 4  # stop sequences per request
     image_url_allowlist: list[str] = field(default_factory=list)  # hosts http(s) image URLs may name ("*.x.org" ok)
     allow_private_image_hosts: bool = False  # let allowlisted hosts resolve to loopback/private/link-local addresses
-    image_fetch_timeout_s: float = 5.0  # timeout of one http(s) image fetch
-    max_batch_size: int = 8  # most requests decoded together in one replica (one engine round)
-    batch_wait_timeout_s: float = 0.05  # @serve.batch: how long a batch waits to fill up while the model is idle
-    max_ongoing_requests: int = 32  # per model replica; must be >= max_batch_size or batches stay small
+    image_fetch_timeout_s: float = 5.0  # total deadline of one http(s) image fetch: queueing, DNS, connect and body
+    image_fetch_workers: int = 4  # http(s) image fetches at once per ingress replica (their own threads)
+    ingress_workers: int = 2  # threads per ingress replica that parse request bodies and decode images
+    max_batch_size: int = 8  # most rows (choices) decoding at once in one model replica; more requests queue
+    batch_wait_timeout_s: float = 0.0  # how long an idle engine waits for more requests before its first prefill
+    max_ongoing_requests: int = 32  # per model replica (Serve's cap): decoding rows plus queued requests
     min_replicas: int = 1  # autoscaling floor of model replicas
     max_replicas: int = 1  # autoscaling ceiling of model replicas
     target_ongoing_requests: float = 4.0  # autoscaling target per model replica
@@ -74,31 +74,43 @@ class ServeConfig:
         self.image_url_allowlist = [h.lower() for h in self.image_url_allowlist]
         for f in dataclasses.fields(self):  # YAML can hand over strings: check the numbers' types first
             value = getattr(self, f.name)
-            if f.type in (int, float, float | None) and value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int if f.type is int else (int, float))):
-                raise ValueError(f"{f.name} must be {'an integer' if f.type is int else 'a number'}, got {value!r}")
+            if f.type in (int, float, float | None, int | None) and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int if f.type in (int, int | None)
+                                                              else (int, float))):
+                integer = f.type in (int, int | None)
+                raise ValueError(f"{f.name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         positive = ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_tokens",
                     "default_max_tokens", "max_batch_size", "max_ongoing_requests", "max_replicas",
-                    "ingress_replicas", "image_fetch_timeout_s", "target_ongoing_requests")
+                    "ingress_replicas", "image_fetch_timeout_s", "target_ongoing_requests", "image_fetch_workers",
+                    "ingress_workers")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_stop", "min_replicas", "batch_wait_timeout_s", "num_cpus", "ingress_num_cpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars <= 0:
+            raise ValueError(f"max_prompt_chars must be > 0 or null (16 x max_prompt_tokens), got "
+                             f"{self.max_prompt_chars}")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0 or null (auto), got {self.num_gpus}")
         if not 0 <= self.max_images <= 1:
             raise ValueError(f"max_images={self.max_images}: the model takes one <image> per prompt; use 0 or 1")
+        if self.max_image_pixels > PIL_MAX_PIXELS:
+            raise ValueError(f"max_image_pixels={self.max_image_pixels} exceeds Pillow's decompression-bomb limit of "
+                             f"{PIL_MAX_PIXELS} pixels; one limit decides, so keep it at or below that")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens={self.default_max_tokens} exceeds max_tokens={self.max_tokens}")
         if self.max_image_bytes > self.max_body_bytes:
             raise ValueError(f"max_image_bytes={self.max_image_bytes} exceeds max_body_bytes={self.max_body_bytes}")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests={self.max_ongoing_requests} is below max_batch_size="
-                             f"{self.max_batch_size}; Serve caps a batch at max_ongoing_requests, raise it")
+                             f"{self.max_batch_size}; Serve would never send a replica enough requests to fill "
+                             f"its rows, raise it")
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}")
         for host in self.image_url_allowlist:
@@ -129,6 +141,11 @@ class ServeConfig:
             apps = data["applications"] or [{}]
             data = apps[0].get("args") or {}
         return cls.from_dict(data)
+
+    @property
+    def prompt_char_limit(self) -> int:
+        """``max_prompt_chars``, or 16 characters per allowed prompt token when it is not set."""
+        return self.max_prompt_chars if self.max_prompt_chars is not None else 16 * self.max_prompt_tokens
 
     @property
     def base_id(self) -> str:
@@ -185,38 +202,92 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-# --- errors and request parsing (ingress side) --------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------
 
 class ApiError(Exception):
-    """An OpenAI-style error: HTTP status plus {"message", "type", "param", "code"}."""
+    """An OpenAI-style error: HTTP status plus {"message", "type", "param", "code"}. Pickles (it crosses the
+    deployment handle inside ``End``)."""
 
     TYPES: ClassVar[dict[int, str]] = {401: "authentication_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        message, param = _printable(message), None if param is None else _printable(param)
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.status, self.message, self.param, self.code)
 
     def body(self) -> dict[str, Any]:
         kind = self.TYPES.get(self.status, "invalid_request_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
-    def event(self) -> dict[str, Any]:
-        """The error as a stream event, to cross the deployment handle (``event_response`` answers it)."""
-        return {**self.body(), "status": self.status}
-
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
-
-    @staticmethod
-    def event_response(event: dict[str, Any]) -> JSONResponse:
-        """The HTTP answer for an error ``event`` that came back from the model deployment."""
-        return JSONResponse({"error": event["error"]}, status_code=event["status"])
 
     @classmethod
     def internal(cls, err: BaseException, during: str = "") -> "ApiError":
         """A 500 for an unexpected exception (log it where it is caught): the client sees only its type."""
         return cls(500, f"internal error{f' while {during}' if during else ''} ({type(err).__name__})")
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8 whatever a client put in it (lone surrogates become backslash escapes)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# --- the validated request ----------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    """How each choice of a request picks its tokens. The defaults leave the model's distribution as it is; the
+    fields and their ranges are OpenAI's (temperature, top_p, seed, penalties, logit_bias, logprobs) and vLLM's
+    (top_k, min_p, repetition_penalty, min_tokens)."""
+
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this mass, (0, 1]
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability, [0, 1]
+    seed: int | None = None  # choice i samples from a generator seeded with seed + i; None: unseeded
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated, [-2, 2]
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the generated tokens, [-2, 2]
+    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if positive, else x p; (0, 10]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, [-100, 100]
+    min_tokens: int = 0  # the end-of-sequence token is masked until this many tokens were generated
+    logprobs: bool = False  # return each generated token's log-probability (the model's, before sampling)
+    top_logprobs: int = 0  # and this many most likely alternatives per token, [0, 20]; needs logprobs
+
+    def __post_init__(self) -> None:
+        checks = [("temperature", 0.0, 2.0), ("top_p", 1e-6, 1.0), ("min_p", 0.0, 1.0),
+                  ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                  ("repetition_penalty", 1e-6, 10.0)]
+        for name, lo, hi in checks:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and lo <= value <= hi):
+                raise ValueError(f"{name}={value!r} is out of range [{lo}, {hi}]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = all tokens), got {self.top_k}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={self.top_logprobs} is out of range [0, {MAX_TOP_LOGPROBS}]")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs=true")
+        for token, bias in self.logit_bias.items():
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias[{token}]={bias} is out of range [-100, 100]")
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax of the (processed) logits: temperature 0."""
+        return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether anything changes the logits before the choice (penalties, bias, min_tokens)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass
@@ -226,232 +297,57 @@ class ChatJob:
     model: str  # model id (adapter or base)
     messages: list[dict[str, str]]  # {"role", "content"}; each image part became "<image>\n" in its message
     images: list[Any]  # PIL RGB images, in order of their placeholders (0 or 1)
-    max_tokens: int  # new tokens at most
-    temperature: float  # 0 = greedy
-    top_p: float  # nucleus sampling mass
-    seed: int | None  # sampling seed
+    max_tokens: int  # new tokens at most, per choice
     stop: list[str]  # stop sequences (not part of the answer)
-    return_gates: bool  # add the AGF gate summary to the final event
+    sampling: SamplingParams  # how tokens are chosen
+    n: int = 1  # choices: n rows of the batch over one prefill
+    return_gates: bool = False  # add the AGF gate summary to the final event
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.return_gates and self.n > 1:
+            raise ValueError(f"return_gates takes one choice; got n={self.n}")
 
 
 @dataclass
 class StreamOptions:
+    """How the ingress answers: as one JSON body or as server-sent events."""
+
     stream: bool  # answer as server-sent events
     include_usage: bool  # stream_options.include_usage: a last chunk holding usage
 
 
-async def read_json(request: Request, limit: int) -> dict[str, Any]:
-    """Read at most ``limit`` bytes (413 above, whatever Content-Length says), then parse one JSON object."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is {declared} bytes, over max_body_bytes={limit}", code="body_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body is over max_body_bytes={limit}", code="body_too_large")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return body
+# --- the events of a request's stream ----------------------------------------------------------------------
+
+@dataclass
+class Started:
+    """The model replica accepted the request: its prompt fits and its image is encoded."""
+
+    prompt_tokens: int  # prompt tokens fed to the model, image tokens included
 
 
-def _number(body: dict, name: str, default: float, lo: float, hi: float, kind: type = float) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        what = "an integer" if kind is int else "a number"
-        raise ApiError(400, f"{name} must be {what}, got {value!r}", param=name)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"{name}={value} is out of range [{lo}, {hi}]", param=name, code="invalid_value")
-    return kind(value)
+@dataclass
+class Delta:
+    """One decode step of one choice."""
+
+    index: int  # the choice
+    text: str  # new answer text ("" while a possible stop sequence or a partial character is held back)
+    tokens: int  # tokens this choice has generated so far, end-of-sequence included (usage counts them)
+    logprobs: list[dict[str, Any]] | None = None  # OpenAI logprobs.content entries of the new tokens
+    finish_reason: str | None = None  # "stop" or "length" on the choice's last delta
+    gates: dict[str, Any] | None = None  # on the last delta when return_gates: the AGF gate summary
+    rows: int = 1  # rows decoding together in this step (the batch size this choice saw)
+    time: float = 0.0  # when the engine chose the token (its replica's time.monotonic(): compare within a stream)
 
 
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {value!r}", param=name)
-    return value
+@dataclass
+class End:
+    """The last event of every stream: all choices finished (``error`` None), or what went wrong."""
+
+    error: ApiError | None = None
 
 
-def parse_chat_request(body: dict[str, Any], cfg: ServeConfig, models: list[str]) -> tuple[ChatJob, StreamOptions]:
-    """Validate an OpenAI chat completion body against the limits and decode its images (blocking I/O)."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model is required (see GET /v1/models)", param="model")
-    if model not in models:
-        raise ApiError(404, f"model {model!r} does not exist; available: {models}", param="model",
-                       code="model_not_found")
-    if body.get("n") not in (None, 1):
-        raise ApiError(400, f"n={body.get('n')!r} is not supported; only n=1", param="n")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    raw = body.get(name)
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw > cfg.max_tokens:
-        raise ApiError(400, f"{name}={raw} exceeds this server's limit max_tokens={cfg.max_tokens}", param=name,
-                       code="max_tokens_exceeded")
-    max_tokens = _number(body, name, cfg.default_max_tokens, 1, cfg.max_tokens, int)
-    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    top_p = _number(body, "top_p", 1.0, 1e-6, 1.0)
-    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > cfg.max_stop:
-        raise ApiError(400, f"stop must be a string or a list of at most {cfg.max_stop} non-empty strings",
-                       param="stop")
-    stream, return_gates = _flag(body, "stream"), _flag(body, "return_gates")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", param="stream_options")
-    messages, urls = _parse_messages(body.get("messages"))
-    if len(urls) > cfg.max_images:
-        raise ApiError(400, f"request has {len(urls)} images, over max_images={cfg.max_images}", param="messages",
-                       code="too_many_images")
-    images = [load_image(url, cfg) for url in urls]
-    job = ChatJob(model=model, messages=messages, images=images, max_tokens=max_tokens, temperature=temperature,
-                  top_p=top_p, seed=seed, stop=stop, return_gates=return_gates)
-    return job, StreamOptions(stream=stream, include_usage=bool(options.get("include_usage")))
-
-
-def _parse_messages(messages: Any) -> tuple[list[dict[str, str]], list[str]]:
-    """OpenAI messages -> [{"role", "content"}] with "<image>\\n" where each image part was, and the image URLs."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", param="messages")
-    out, urls = [], []
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be system, user or assistant, got {role!r}",
-                           param=f"messages[{i}].role")
-        content = message.get("content")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
-        if not isinstance(parts, list):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}]")
-        text = []
-        for j, part in enumerate(parts):
-            kind = part.get("type") if isinstance(part, dict) else None
-            where = f"messages[{i}].content[{j}]"
-            if kind == "text" and isinstance(part.get("text"), str):
-                if IMAGE in part["text"]:
-                    raise ApiError(400, f"{where}: text may not contain the image placeholder {IMAGE}; send the "
-                                        f"image as an image_url part", param=where)
-                text.append(part["text"])
-            elif kind == "image_url" and role == "user":
-                ref = part.get("image_url")
-                url = ref.get("url") if isinstance(ref, dict) else ref
-                if not isinstance(url, str):
-                    raise ApiError(400, f"{where}.image_url.url must be a string", param=where)
-                urls.append(url)
-                text.append(IMAGE + "\n")
-            else:
-                raise ApiError(400, f"{where}: unsupported part {kind!r}; use text parts, and image_url parts "
-                                    f"in user messages", param=where)
-        out.append({"role": "system" if role == "developer" else role, "content": "".join(text)})
-    return out, urls
-
-
-def load_image(url: str, cfg: ServeConfig) -> Any:
-    """A data: URL (base64) or an allowlisted http(s) URL -> a decoded PIL RGB image, within the limits."""
-    if url.startswith("data:"):
-        header, sep, data = url[5:].partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ApiError(400, "image data URLs must look like data:image/png;base64,<data>", param="image_url",
-                           code="invalid_image_url")
-        data = "".join(data.split())
-        if len(data) > (cfg.max_image_bytes + 2) // 3 * 4:
-            raise ApiError(413, f"image is over max_image_bytes={cfg.max_image_bytes}", param="image_url",
-                           code="image_too_large")
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise ApiError(400, f"image data URL is not valid base64: {err}", param="image_url",
-                           code="invalid_base64") from None
-    elif url.split(":", 1)[0].lower() in ("http", "https"):
-        raw = fetch_image(url, cfg)
-    else:
-        raise ApiError(400, "image_url must be a data: URL or an http(s) URL on the server's allowlist",
-                       param="image_url", code="invalid_image_url")
-    if len(raw) > cfg.max_image_bytes:
-        raise ApiError(413, f"image is {len(raw)} bytes, over max_image_bytes={cfg.max_image_bytes}",
-                       param="image_url", code="image_too_large")
-    return decode_image(raw, cfg.max_image_pixels)
-
-
-def decode_image(raw: bytes, max_pixels: int) -> Any:
-    """Check format and size from the header first, then decode; anything PIL cannot read is a 400."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.format not in IMAGE_FORMATS:
-                raise ApiError(400, f"image format {image.format} is not accepted; use one of {list(IMAGE_FORMATS)}",
-                               param="image_url", code="invalid_image")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ApiError(413, f"image is {width}x{height} = {width * height} pixels, over max_image_pixels="
-                                    f"{max_pixels}", param="image_url", code="image_too_large")
-            image.load()
-            return image.convert("RGB")
-    except ApiError:
-        raise
-    except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, struct.error, ...)
-        raise ApiError(400, f"image data is not a decodable image ({type(err).__name__})", param="image_url",
-                       code="invalid_image") from None
-
-
-def host_allowed(host: str, allowlist: list[str]) -> bool:
-    host = host.lower().rstrip(".")
-    return any(host == entry or (entry.startswith("*.") and host.endswith(entry[1:])) for entry in allowlist)
-
-
-def fetch_image(url: str, cfg: ServeConfig) -> bytes:
-    """Fetch an allowlisted http(s) image: public addresses only (unless allowed), no redirects, timeout, byte cap.
-
-    The host is resolved and checked, then fetched by name; a DNS answer that changes between the two
-    (rebinding) is not defended against, so keep private addresses off the allowlist."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError as err:
-        raise ApiError(400, f"malformed image URL: {err}", param="image_url", code="invalid_image_url") from None
-    if not host or not host_allowed(host, cfg.image_url_allowlist):
-        raise ApiError(400, f"image URL host {host!r} is not on this server's image_url_allowlist; send the image "
-                            f"inline as a data: URL", param="image_url", code="image_url_not_allowed")
-    if not cfg.allow_private_image_hosts:
-        try:
-            infos = socket.getaddrinfo(host, port)
-        except (OSError, ValueError) as err:
-            raise ApiError(400, f"image URL host {host!r} does not resolve: {err}", param="image_url") from None
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0].split("%")[0])
-            if not address.is_global:
-                raise ApiError(400, f"image URL host {host!r} resolves to non-public address {address}",
-                               param="image_url", code="image_url_not_allowed")
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
-    opener = urllib.request.build_opener(NoRedirect)
-    try:
-        with opener.open(urllib.request.Request(url, headers={"User-Agent": "crosslayer"}),
-                         timeout=cfg.image_fetch_timeout_s) as response:
-            raw = response.read(cfg.max_image_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ApiError(400, f"could not fetch image URL: {err}", param="image_url",
-                       code="image_fetch_failed") from None
-    if len(raw) > cfg.max_image_bytes:
-        raise ApiError(413, f"image at URL is over max_image_bytes={cfg.max_image_bytes}", param="image_url",
-                       code="image_too_large")
-    return raw
+Event = Started | Delta | End

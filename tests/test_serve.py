@@ -271,7 +271,7 @@ def test_limits_and_bad_requests(server, name):
         "loopback_url": (400, "image_url_not_allowed", {**ok, "messages": user("hi", "http://127.0.0.1:1/x.png")}),
         "json": (400, "invalid_json", b'{"model": "plain", "messages": ['),
         "prompt_tokens": (400, "context_length_exceeded", {**ok, "messages": user("word " * 300)}),
-        "n": (400, None, {**ok, "n": 2}),
+        "n": (400, "invalid_value", {**ok, "n": 99}),  # over max_batch_size (n > 1 is honoured)
     }
     status, code, body = cases[name]
     got, answer = http(url, body)
@@ -328,7 +328,8 @@ def test_image_url_fetching_rules():
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
-    from pipelines.serve_api import ApiError, ServeConfig, load_image
+    from pipelines.serve_api import ApiError, ServeConfig
+    from pipelines.serve_images import load_image
 
     png = base64.b64decode(png_data_url().split(",", 1)[1])
 

@@ -1,0 +1,98 @@
+"""Drives an ``Engine`` from asyncio (no Ray): requests join the running batch at the next decode step, every
+request's events arrive on its own queue, and a cancelled request's rows leave before the next step.
+
+  submit(prepared) -> queue     the request waits (FIFO) until its n rows fit in the engine's free rows
+  loop, while there is work:    [cancel + add the waiting that fit] (prefill: first tokens published at once)
+                                [step] (one token for every running row), on one engine thread
+  cancel(request_id)            a waiting request is dropped; a running one is freed before the next step
+
+Each queue receives the request's ``Delta`` events and one final ``End`` (``pipelines.serve_api``); a cancelled
+request receives nothing more. A failure the engine cannot pin on one group ends every open request with a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from .serve_api import ApiError, End, Event
+from .serve_engine import Engine, Prepared
+
+logger = logging.getLogger("ray.serve")
+
+
+class Scheduler:
+    """Continuous batching for one engine; create and use it on one event loop."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.0, on_step: Callable[[], None] | None = None):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s  # an idle engine waits this long for more requests to prefill together
+        self.on_step = on_step  # called on the event loop after every engine call (metrics)
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslayer-engine")
+        self.waiting: deque[Prepared] = deque()  # submitted, not yet admitted
+        self.streams: dict[str, asyncio.Queue[Event]] = {}  # open requests' event queues
+        self.cancelled: set[str] = set()  # admitted requests to drop before the next step
+        self.task: asyncio.Task | None = None  # the loop, while there is work
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for free rows."""
+        return len(self.waiting)
+
+    def submit(self, item: Prepared) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.streams[item.request_id] = queue
+        self.waiting.append(item)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+        return queue
+
+    def cancel(self, request_id: str) -> None:
+        if self.streams.pop(request_id, None) is None:
+            return  # already ended
+        for item in self.waiting:
+            if item.request_id == request_id:
+                self.waiting.remove(item)
+                return
+        self.cancelled.add(request_id)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.idle_wait_s > 0 and not self.engine.rows:
+            await asyncio.sleep(self.idle_wait_s)
+        while self.waiting or self.cancelled or self.engine.rows:
+            cancelled, self.cancelled = self.cancelled, set()
+            admit, free = [], self.engine.free_rows
+            while self.waiting and self.waiting[0].job.n <= free:
+                item = self.waiting.popleft()
+                admit.append(item)
+                free -= item.job.n
+            try:
+                if admit or cancelled:
+                    self._publish(await loop.run_in_executor(self.thread, self._admit, admit, cancelled))
+                if self.engine.rows:
+                    self._publish(await loop.run_in_executor(self.thread, self.engine.step))
+            except Exception as err:  # noqa: BLE001 (the engine handles its own per-group failures)
+                logger.exception("crosslayer: the engine failed")
+                await loop.run_in_executor(self.thread, self.engine.reset)
+                queued = {item.request_id for item in self.waiting}
+                for rid in [rid for rid in self.streams if rid not in queued]:
+                    self._publish([(rid, End(error=ApiError.internal(err, during="generating")))])
+            if self.on_step is not None:
+                self.on_step()
+
+    def _admit(self, admit: list[Prepared], cancelled: set[str]) -> list[tuple[str, Event]]:
+        self.engine.cancel(cancelled)
+        return self.engine.add(admit) if admit else []
+
+    def _publish(self, events: list[tuple[str, Event]]) -> None:
+        for rid, event in events:
+            queue = self.streams.get(rid)
+            if queue is None:
+                continue  # cancelled meanwhile
+            queue.put_nowait(event)
+            if isinstance(event, End):
+                del self.streams[rid]

@@ -1,0 +1,231 @@
+"""The serving engine without Ray: continuous batching gives every row what it would get alone.
+
+Two adapters and the bare base over one tiny base; requests arrive at different decode steps, with prompts of
+different lengths, with and without an image, some with n > 1; each answer is compared token for token with
+``FusedVLM.generate`` run on that request alone. Also: per-request seeded sampling, the logit processors,
+log-probabilities, cancellation, and the asyncio scheduler (admission at the next step, cancel frees rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+from conftest import perturb, random_images
+
+from pipelines.serve_api import ApiError, ChatJob, Delta, End, SamplingParams
+
+CLI = {"vision_layers": [0, 1, 2], "inject_layers": [0, 1], "attn_dim": 16, "heads": 4, "lora_rank": 4}
+
+
+@pytest.fixture(scope="module")
+def models():
+    from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
+    from cli_module.model import FusedVLM
+
+    torch.manual_seed(0)
+    base = load_base("tiny")
+    plain, tuned = FusedVLM(base, CLIConfig(**CLI)), FusedVLM(base, CLIConfig(**CLI))
+    perturb(tuned)
+    return {"plain": plain.eval(), "tuned": tuned.eval(), "base": FusedVLM(base, CLIConfig(method="one_to_one")).eval()}
+
+
+@pytest.fixture
+def engine(models):
+    from pipelines.serve_engine import Engine
+
+    return Engine(models, max_rows=8, max_prompt_tokens=256)
+
+
+def job(model: str, question: str, image=None, *, n: int = 1, max_tokens: int = 10, stop=(), **sampling) -> ChatJob:
+    content = ("<image>\n" if image is not None else "") + question
+    sampling = {"temperature": 0.0, "logprobs": True, **sampling}
+    return ChatJob(model=model, messages=[{"role": "user", "content": content}],
+                   images=[image] if image is not None else [], max_tokens=max_tokens, stop=list(stop),
+                   sampling=SamplingParams(**sampling), n=n)
+
+
+def alone(engine, models, item) -> list[int]:
+    """The request decoded by itself with FusedVLM.generate: its tokens up to and including EOS."""
+    model = models[item.job.model]
+    eos = engine.detok.eos_token_id
+    tokens, _ = model.generate(item.ids, torch.ones_like(item.ids), visual=item.visual,
+                               max_new_tokens=item.job.max_tokens, eos_token_id=eos)
+    ids = tokens[0].tolist()
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[int, list[Delta]]]:
+    """Add each list of prepared requests at its step, step until all ended -> request id -> choice -> deltas."""
+    out: dict[str, dict[int, list[Delta]]] = {}
+    ends: dict[str, End] = {}
+    total = sum(len(v) for v in arrivals.values())
+    for step in range(steps):
+        events = engine.add(arrivals[step]) if step in arrivals else []
+        if engine.rows:
+            events += engine.step()
+        for rid, event in events:
+            assert rid not in ends, f"{rid}: an event after its End"
+            if isinstance(event, End):
+                assert event.error is None, event.error
+                ends[rid] = event
+            else:
+                out.setdefault(rid, {}).setdefault(event.index, []).append(event)
+        if len(ends) == total:
+            assert engine.rows == 0 and not engine.groups
+            return out
+    raise AssertionError(f"not done after {steps} steps: {sorted(ends)}")
+
+
+def token_bytes(deltas: list[Delta]) -> list[list[int]]:
+    return [entry["bytes"] for d in deltas for entry in d.logprobs or []]
+
+
+def test_greedy_continuous_batching_equals_sequential(engine, models):
+    images = random_images(4, seed=11)
+    jobs = {  # request id -> (arrival step, job)
+        "a": (0, job("tuned", "What is it?", images[0], max_tokens=12)),
+        "b": (0, job("plain", "Describe this long thing in great detail, please, and slowly.", images[1], n=2)),
+        "c": (2, job("base", "Hi", max_tokens=16)),
+        "d": (3, job("tuned", "A text-only question for the CLI adapter", max_tokens=20)),
+        "e": (3, job("tuned", "x", images[2], max_tokens=5)),
+        "f": (7, job("base", "Short one with an image", images[3], n=3, max_tokens=6)),
+        "g": (9, job("tuned", "Late arrival with a long prompt " * 4, images[0], max_tokens=8)),
+    }
+    prepared = {rid: engine.prepare(j, rid) for rid, (_, j) in jobs.items()}
+    arrivals: dict[int, list] = {}
+    for rid, (step, _) in jobs.items():
+        arrivals.setdefault(step, []).append(prepared[rid])
+    got = run(engine, arrivals)
+    eos = engine.detok.eos_token_id
+    for rid, item in prepared.items():
+        want = alone(engine, models, item)
+        assert sorted(got[rid]) == list(range(item.job.n)), rid
+        for index, deltas in got[rid].items():
+            assert token_bytes(deltas) == [engine._token_bytes(t) for t in want if t != eos], (rid, index)
+            assert deltas[-1].tokens == len(want) and deltas[-1].finish_reason in ("stop", "length")
+            assert "".join(d.text for d in deltas) == engine.detok.decode([t for t in want if t != eos],
+                                                                          skip_special_tokens=True)
+    assert max(engine.batch_sizes) >= 4  # rows of different requests really shared decode steps
+
+
+def test_seeded_sampling_is_reproducible_per_request(engine, models):
+    image = random_images(1, seed=3)[0]
+    sampled = job("tuned", "Tell me something.", image, n=2, max_tokens=12, temperature=1.0, seed=1234, top_p=0.95)
+
+    def answers(prepared_others: list) -> list[list[list[int]]]:
+        item = engine.prepare(sampled, "s")
+        got = run(engine, {0: prepared_others[:1], 1: [item], 2: prepared_others[1:]})
+        return [token_bytes(got["s"][i]) for i in range(2)]
+
+    first = answers([])
+    crowd = [engine.prepare(job("plain", f"other {i}", image, max_tokens=9, temperature=0.7, seed=i), f"o{i}")
+             for i in range(3)]
+    assert answers(crowd) == first  # the same with other requests in the batch
+    assert first[0] != first[1]  # choice i draws from seed + i
+
+
+def test_logit_processors(engine):
+    from pipelines.serve_engine import sample_token
+
+    eos = engine.detok.eos_token_id
+    forced = engine.prepare(job("base", "Hi", max_tokens=6, logit_bias={70: 100.0}), "forced")
+    got = run(engine, {0: [forced]})["forced"][0]
+    assert token_bytes(got) == [engine._token_bytes(70)] * 6
+    late = engine.prepare(job("base", "Hi", max_tokens=8, logit_bias={eos: 100.0}, min_tokens=3), "late")
+    got = run(engine, {0: [late]})["late"][0]
+    assert got[-1].tokens == 4 and got[-1].finish_reason == "stop"  # EOS masked for 3 tokens, then forced
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    assert sample_token(logits, SamplingParams(temperature=1.0, top_k=1), None) == 3  # top_k 1 = greedy
+    gen = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, SamplingParams(temperature=1.0, min_p=0.3), gen) for _ in range(50)}
+    assert draws == {0, 3}  # min_p 0.3 keeps p >= 0.3 p_max: e^-1 (token 0) stays, e^-2.5 and e^-4 go
+    row = engine._new_row(engine.prepare(job("base", "ab", max_tokens=4, repetition_penalty=2.0,
+                                             presence_penalty=0.5, frequency_penalty=0.25), "p"), 0)
+    row.tokens, row.counts = [70, 70], {70: 2}
+    x = torch.zeros(engine.vocab)
+    x[70], x[71] = 4.0, -4.0
+    prompt = set(row.prompt.tolist())
+    seen = prompt | {70}
+    out = torch.empty_like(x)
+    for t in range(engine.vocab):  # expected, by the definitions in SamplingParams
+        v = float(x[t])
+        v = (v / 2.0 if v > 0 else v * 2.0) if t in seen else v
+        out[t] = v - (0.25 * 2 + 0.5 if t == 70 else 0.0)
+    x[engine.image_token_id] = float("-inf")
+    out[engine.image_token_id] = float("-inf")
+    assert engine._pick(row, x) == int(out.argmax())
+    assert 71 not in prompt or out[71] == -8.0
+
+
+def test_logprobs_are_the_models(engine, models):
+    image = random_images(1, seed=4)[0]
+    item = engine.prepare(job("tuned", "What?", image, max_tokens=3, top_logprobs=3), "lp")
+    first = run(engine, {0: [item]})["lp"][0][0].logprobs[0]
+    model = models["tuned"]
+    with torch.no_grad():
+        logits = model(item.ids, torch.ones_like(item.ids), visual=item.visual).logits[0, -1].float()
+    logits[model.base.image_token_id] = float("-inf")
+    want = torch.log_softmax(logits, -1)
+    top = want.topk(3)
+    assert math.isclose(first["logprob"], float(want.max()), abs_tol=1e-4)
+    assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert first["top_logprobs"][0]["bytes"] == first["bytes"]  # greedy: the chosen token is the most likely
+
+
+def test_prepare_limits(engine):
+    with pytest.raises(ApiError, match="over max_prompt_tokens=256") as err:
+        engine.prepare(job("base", "word " * 300), "long")
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    with pytest.raises(ApiError, match="outside this model's vocabulary") as err:
+        engine.prepare(job("base", "hi", logit_bias={10**6: 1.0}), "bias")
+    assert err.value.param == "logit_bias"
+    with pytest.raises(ApiError, match="exceeds the model's context of 512"):
+        engine.prepare(job("base", "hi", max_tokens=600), "ctx")
+
+
+def test_cancel_frees_rows_at_the_next_step(engine):
+    long = engine.prepare(job("base", "Go on", max_tokens=200, min_tokens=200), "long")
+    other = engine.prepare(job("base", "Also", max_tokens=50, min_tokens=50), "other")
+    engine.add([long, other])
+    for _ in range(5):
+        engine.step()
+    assert engine.rows == 2
+    engine.cancel({"long"})
+    assert engine.rows == 1
+    events = engine.step()
+    assert {rid for rid, _ in events} == {"other"}
+    engine.cancel({"other"})
+    assert engine.rows == 0 and not engine.groups and not engine.choices
+
+
+def test_scheduler_admits_at_the_next_step_and_cancels(engine):
+    from pipelines.serve_scheduler import Scheduler
+
+    async def scenario() -> tuple[int, int, int]:
+        scheduler = Scheduler(engine)
+        long = engine.prepare(job("base", "Keep going", max_tokens=400, min_tokens=400), "long")
+        stream = scheduler.submit(long)
+        for _ in range(20):  # the long request is decoding
+            assert isinstance(await stream.get(), Delta)
+        steps_before = sum(engine.batch_sizes.values())
+        short = scheduler.submit(engine.prepare(job("base", "Quick", max_tokens=3), "short"))
+        first = await short.get()
+        assert isinstance(first, Delta)
+        admitted_after = sum(engine.batch_sizes.values()) - steps_before  # decode steps it waited
+        while not isinstance(await short.get(), End):
+            pass
+        generated = engine.generated["base"]
+        scheduler.cancel("long")
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if engine.rows == 0:
+                break
+        return admitted_after, engine.generated["base"] - generated, engine.rows
+
+    waited, after_cancel, rows = asyncio.run(scenario())
+    assert waited <= 2  # joined the running batch at the next step, not after the 400-token generation
+    assert after_cancel <= 2 and rows == 0  # the cancelled row stopped within a step
