@@ -77,10 +77,11 @@ class LocalSteps:
         from PIL import Image
 
         from cli_module.loading import load_base
-        from jobs.train_data import MicroBatches, cache_index, local_shard
+        from jobs.train_data import cache_index
         from jobs.train_loop import build_model
+        from jobs.train_stream import MicroBatches, local_loader
 
-        self.shard = local_shard(s.data, "train", s.pad_id)
+        self.shard = local_loader(s.data, "train", s.pad_id)
         base = load_base(cfg.base)  # whole: the on-the-fly path runs its encoder
         self.model = build_model(base, cfg).train()
         self.params = [q for q in self.model.parameters() if q.requires_grad]
@@ -89,8 +90,9 @@ class LocalSteps:
         self.clip = o.grad_clip
         rows = list(range(batch_size))  # one fixed batch for the cache / encoder comparison
         self.batch = self.shard.batch(rows)
-        source_of = {image_id: src for src, image_id in cache_index(s.data.cache)[0].items()}
-        images = [Image.open(source_of[s.data.train[int(self.shard.idx[i])].image_id]).convert("RGB") for i in rows]
+        source_of = {image_id: src for src, image_id in cache_index(s.data.cache).by_source.items()}
+        images = [Image.open(source_of[s.data.train[int(self.shard.examples.idx[i])].image_id]).convert("RGB")
+                  for i in rows]
         self.pixels = base.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
         self.micro = MicroBatches(len(self.shard), batch_size, len(self.shard) // batch_size, cfg.trainer.seed, 0)
         self.position = 0

@@ -2,7 +2,8 @@
 features with Ray Train + DeepSpeed, as a thin entrypoint in three steps, like a torchtune recipe:
 
 - ``setup``: typed config, the base loaded once to check the plug-in config, the feature cache's key and every
-  data row (bad input fails here, before any worker starts), one materialised Ray dataset per rank;
+  data row (bad input fails here, before any worker starts), the tokenised examples written once for the
+  workers (tokens and feature locations; the workers stream the features, ``jobs.train_stream``);
 - ``train``: ``TorchTrainer(train_loop_per_worker)`` with checkpoints in ``trainer.storage_path`` under the run
   name (the same name and storage resume the run from its newest checkpoint; fresh runs get fresh names) and
   ``FailureConfig(max_failures)`` for dead workers;
@@ -29,7 +30,7 @@ from pipelines import storage
 
 from .faults import FaultPlan
 from .train_config import TrainConfig, deepspeed_config, load_config
-from .train_data import PreparedData, prepare_data, rank_datasets
+from .train_data import PreparedData, prepare_data, rank_sizes, write_examples
 from .train_loop import STATE_FILE, WorkerPlan, build_model, train_loop_per_worker
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll interval (Ray's default: 2 s)
@@ -87,7 +88,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def train(s: TrainSetup) -> Any:
     """Run TorchTrainer.fit; returns its Result (raises ray.train.TrainingFailedError if the run failed)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg, t = s.cfg, s.cfg.trainer
@@ -99,10 +100,13 @@ def train(s: TrainSetup) -> Any:
           f"{len(s.data.train)} train / {len(s.data.eval)} eval examples ({s.data.text_only} text-only, "
           f"{s.data.truncated} truncated to {s.data.max_length} tokens), skipped {s.data.skipped or 0}; "
           f"{s.params['trainable_params']:,} trainable parameters ({s.params['trainable_percent']}%)", flush=True)
-    datasets, sizes = rank_datasets(s.data, t.num_workers, t.seed)
-    plan = WorkerPlan(config=cfg.to_dict(), cache=asdict(s.data.cache), pad_id=s.pad_id, train_sizes=sizes["train"],
+    sizes = rank_sizes(s.data, t.num_workers, t.seed)
+    examples = write_examples(s.data, storage.join(cfg.output_dir, "token-cache", f"examples-{s.run_name}.parquet"))
+    plan = WorkerPlan(config=cfg.to_dict(), cache=asdict(s.data.cache), examples=examples, pad_id=s.pad_id,
+                      train_sizes=sizes["train"],
                       eval_sizes=sizes["eval"], ds_config=deepspeed_config(cfg, t.num_workers), run_name=s.run_name,
-                      extra={"feature_cache": s.data.cache.uri}, faults=FaultPlan.from_env().to_dict())
+                      extra={"feature_cache": s.data.cache.uri or "none (encoded on the fly)"},
+                      faults=FaultPlan.from_env().to_dict())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(plan),
@@ -111,8 +115,6 @@ def train(s: TrainSetup) -> Any:
         run_config=RunConfig(name=s.run_name, storage_path=s.storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
                              failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own rank<r> dataset
     )
     with env_var(POLL_ENV, str(t.poll_interval_s)):  # read by the controller Ray Train starts in fit()
         return trainer.fit()

@@ -31,14 +31,18 @@ class DataArgs:
     eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is unset (0 = none)
     image_root: str | None = None  # folder or s3:// prefix the records' image paths are relative to; None = the
     #                                data file's folder (LLaVA's 665K mix: the folder holding coco/, gqa/, ...)
-    features: str = ""  # feature cache (folder or s3:// prefix) built by `crosslayer features` for this base
+    features: str = ""  # feature cache (folder / s3://) built by `crosslayer features`; "" = encode on the fly
     max_length: int | None = None  # longest sequence in tokens, image tokens included; longer ones are cut at the
     #                                end (answers kept where possible); None = min(2048, model max)
     skip_bad_rows: bool = False  # skip and count unusable rows instead of failing before training
+    token_cache: bool = True  # keep tokenised data in <output_dir>/token-cache/ and reuse it (resumes, reruns)
+    tokenize_chunk: int = 2000  # records per parallel tokenising task (one chunk: tokenised on the driver)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.tokenize_chunk < 1:
+            raise ValueError(f"data.tokenize_chunk must be >= 1, got {self.tokenize_chunk}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"data.max_length must be >= 2 tokens, got {self.max_length}")
 

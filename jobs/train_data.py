@@ -1,56 +1,60 @@
-"""Training data for ``crosslayer train``: LLaVA conversations joined to a feature cache, checked before training.
+"""Training data for ``crosslayer train``, driver side: LLaVA conversations checked, tokenised once and located
+in the feature cache before any worker starts. No encoder runs here.
 
-Driver side (``prepare_data``, no encoder runs): check the cache's key against the model (base, revision, image
-processor and select layer equal; the layers the method needs present; pooling equal when layers are needed),
-read the JSONL records, resolve each one's image to a cache row (``image_id`` field, else the image path resolved
-against the JSONL's folder, compared with the cache's ``source``), tokenise with answer-only labels, enforce
-``data.max_length``, hold out the eval split and deal the examples to ranks by a seeded permutation. Bad rows
-fail the run before it starts, or are skipped and counted with ``data.skip_bad_rows``. ``rank_datasets`` then
-joins each rank's examples to their cached features: one Ray task per cache shard, one Ray dataset per rank
-(materialised before the workers take the CPUs; each worker reads its own with ``get_dataset_shard``).
-
-Worker side (``ShardData``): the rank's shard held in memory, sorted by example index; micro-batch ``m`` of the
-run is a pure function of (seed, epoch, position, rank), so a resumed run sees exactly the data it would have.
+1. ``check_cache``: the cache's key against the model (base, revision, image processor and select layer equal;
+   the layers the method needs present; pooling equal when layers are needed). Without ``data.features`` the
+   workers encode images on the fly instead (``CacheView.uri`` is None).
+2. ``tokenise``: every record rendered through the base's chat template with answer-only labels, sequences over
+   ``data.max_length`` cut at the end. Parallel Ray tasks (``data.tokenize_chunk`` records each); the result is
+   cached next to the run (``<output_dir>/token-cache/``), keyed by the data file's bytes, the tokenizer, the chat
+   template, ``max_length`` and the image token count, so a resume or a second run reuses it.
+3. ``prepare_data``: each row's image resolved (``image_id`` field, else the path against ``data.image_root`` or
+   the file's folder) to a cache row: (shard, row group, row), so an image is stored once however many examples
+   use it. Bad rows fail the run, or are skipped and counted with ``data.skip_bad_rows``. The eval split is held
+   out; ``write_examples`` writes the run's examples (tokens + feature locations, no features) as one Parquet
+   file the workers read their own rows from (``jobs.train_stream``).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import io
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cli_module.prompting import build_example
 from pipelines import storage
-from pipelines.feature_cache import check_serves, decode_column, shard_uris
+from pipelines.feature_cache import check_serves, shard_uris
 
 SHOWN_PER_REASON = 3  # examples of each kind of bad row quoted in the error
-SPLITS = {"train": 0, "eval": 1}  # value of the `split` column in the joined rows
+SPLITS = {"train": 0, "eval": 1}  # value of the `split` column of the examples file
 CUT = "cut by data.max_length"  # the reason of rows dropped because max_length would cut their image or answers
+TOKEN_FORMAT = 1  # bump when the token cache's columns or meaning change
 
 
 @dataclass
 class Example:
     idx: int  # position among the usable examples of its split: the stable sort key
-    image_id: str | None  # cache row holding this example's features; None: a text-only example
-    input_ids: list[int]  # (S,) prompt + answer, <image> expanded to the cache's token count
+    image_id: str | None  # the image's id (sha256 of its bytes); None: a text-only example
+    input_ids: list[int]  # (S,) prompt + answer, <image> expanded to the image's token count
     labels: list[int]  # (S,) answer tokens, -100 elsewhere
+    location: tuple[int, int, int] | None = None  # (shard, row group, row) of its features in the cache
+    source: str | None = None  # the image's path / URI (read by workers that encode on the fly)
 
 
 @dataclass
 class CacheView:
-    """How a worker reads this model's features out of the cache (plain values: travels to the workers)."""
+    """How a worker reads this model's features (plain values: travels to the workers)."""
 
-    uri: str  # cache folder or s3:// prefix
-    shards: list[str]  # Parquet shard URIs
-    dtype: str  # storage dtype: float16, bfloat16 or int8
+    uri: str | None  # cache folder or s3:// prefix; None: no cache, workers encode decoded images on the fly
+    shards: list[str]  # Parquet shard URIs (index = Example.location[0])
+    dtype: str | None  # storage dtype: float16, bfloat16 or int8
     columns: list[str]  # feature columns to read (select[, layers][, *_scale])
     layer_index: list[int] | None  # positions of the model's feature layers in the cache's `layers`; None = unused
     image_tokens: int  # placeholder tokens per image: select's N (+1 for OneVision's image_newline)
@@ -62,10 +66,11 @@ class PreparedData:
     eval: list[Example]
     cache: CacheView
     max_length: int  # the enforced sequence limit
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped (skip_bad_rows)
-    rows_read: dict[str, int] = field(default_factory=dict)  # split -> JSONL rows read
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped (skip_bad_rows, cut rows)
+    rows_read: dict[str, int] = field(default_factory=dict)  # split -> rows read
     truncated: int = 0  # examples cut to max_length (their answers past it are lost)
     text_only: int = 0  # examples without an image (trained as text)
+    token_cache: dict[str, bool] = field(default_factory=dict)  # data file -> True when its tokens were reused
 
 
 # --- the cache against the model ---------------------------------------------------------------------
@@ -88,17 +93,34 @@ def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int) -> Cac
                      image_tokens=base.image_tokens(int(select_shape[0])))
 
 
-def cache_index(view: CacheView) -> tuple[dict[str, str], set[str]]:
-    """(normalised source -> image_id, all image_ids), reading only those two columns."""
+def encoder_view(base: Any) -> CacheView:
+    """No cache: the workers run the frozen encoder on each micro-batch's decoded images (one whole-image crop)."""
+    if base.grid is None:
+        raise ValueError(f"base {base.name!r}: the visual token count is unknown without a feature cache; "
+                         f"build one with `crosslayer features` and set data.features")
+    n = base.grid * base.grid  # patch tokens (select strategies drop the CLS token or have none)
+    return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None, image_tokens=base.image_tokens(n))
+
+
+@dataclass
+class CacheIndex:
+    by_source: dict[str, str]  # normalised source -> image_id
+    where: dict[str, tuple[int, int, int]]  # image_id -> (shard, row group, row)
+
+
+def cache_index(view: CacheView) -> CacheIndex:
+    """Where every cached image lives, reading only the ``image_id`` and ``source`` columns and the footers."""
     by_source: dict[str, str] = {}
-    ids: set[str] = set()
-    for uri in view.shards:
+    where: dict[str, tuple[int, int, int]] = {}
+    for s, uri in enumerate(view.shards):
         fs, path = storage.resolve(uri)
-        table = pq.read_table(path, columns=["image_id", "source"], filesystem=fs)
-        for image_id, source in zip(table["image_id"].to_pylist(), table["source"].to_pylist()):
-            by_source.setdefault(_normalise(source), image_id)
-            ids.add(image_id)
-    return by_source, ids
+        meta = pq.ParquetFile(fs.open_input_file(path))
+        for g in range(meta.num_row_groups):
+            table = meta.read_row_group(g, columns=["image_id", "source"])
+            for r, (image_id, source) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist())):
+                by_source.setdefault(_normalise(source), image_id)
+                where.setdefault(image_id, (s, g, r))
+    return CacheIndex(by_source=by_source, where=where)
 
 
 def _normalise(path: str) -> str:
@@ -107,13 +129,22 @@ def _normalise(path: str) -> str:
 
 # --- records ----------------------------------------------------------------------------------------
 
+def _read_data(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, OSError) as err:
+        raise FileNotFoundError(f"{uri}: cannot read the conversations file ({err})") from err
+
+
 def read_records(uri: str) -> list[tuple[int, dict | None, str | None]]:
     """(line number, record or None, error) per non-empty JSONL line; a ``.json`` file holding one array (as
     LLaVA's own data files do) gives (position, record, error) per element."""
-    try:
-        text = storage.read_bytes(uri).decode()
-    except (FileNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"{uri}: cannot read the conversations file ({err})") from err
+    return parse_records(uri, _read_data(uri))
+
+
+def parse_records(uri: str, data: bytes) -> list[tuple[int, dict | None, str | None]]:
+    """``read_records`` on the bytes of ``uri``."""
+    text = data.decode()
     out = []
     if uri.endswith(".json"):
         try:
@@ -137,6 +168,8 @@ def read_records(uri: str) -> list[tuple[int, dict | None, str | None]]:
     return out
 
 
+
+
 def resolve_image(record: dict, root: str) -> str:
     """The record's image as a path/URI comparable with the cache's `source` column."""
     image = record.get("image")
@@ -147,78 +180,163 @@ def resolve_image(record: dict, root: str) -> str:
     return _normalise(storage.join(root, image))
 
 
-def tokenise_split(uri: str, tokenizer: Any, view: CacheView, by_source: dict[str, str], ids: set[str],
-                   max_length: int, image_root: str | None = None, image_token_id: int | None = None,
-                   ) -> tuple[list[Example], list[tuple[str, str]], int, int]:
-    """-> (usable examples, [(reason, detail)] of bad rows, rows read, rows truncated to max_length).
-    A record without an ``image`` (or ``image_id``) trains as text: no image tokens, no injection. Sequences
-    over ``max_length`` lose their end (LLaVA truncates the same way); a row is dropped (reason "cut by
-    data.max_length") only when the cut would split its image tokens or leave no answer token."""
-    root = image_root or (uri.rsplit("/", 1)[0] if "/" in uri else ".")
-    examples, bad, truncated = [], [], 0
-    rows = read_records(uri)
+# --- tokenising, once per data file and tokenizer ------------------------------------------------------
+
+@dataclass
+class TokenSpec:
+    """Everything a token sequence depends on (the token cache's key)."""
+
+    tokenizer: Any  # the base's tokenizer (chat template included)
+    image_tokens: int  # placeholder tokens per image
+    image_token_id: int  # their id
+    max_length: int  # the sequence limit
+
+    def key(self, data: bytes) -> str:
+        tok = self.tokenizer
+        vocab = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else json.dumps(tok.get_vocab())
+        parts = {"format": TOKEN_FORMAT, "data": hashlib.sha256(data).hexdigest(),
+                 "tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "chat_template": tok.chat_template,
+                 "image_tokens": self.image_tokens, "image_token_id": self.image_token_id,
+                 "max_length": self.max_length, "eos": tok.eos_token}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+TOKEN_SCHEMA = pa.schema([("line", pa.int64()), ("id", pa.string()), ("image", pa.string()),
+                          ("image_id", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                          ("labels", pa.list_(pa.int32())), ("truncated", pa.bool_()), ("reason", pa.string()),
+                          ("detail", pa.string())])
+
+
+def tokenise_rows(rows: list[tuple[int, dict | None, str | None]], spec: TokenSpec) -> list[dict[str, Any]]:
+    """One token row per record: the sequence (cut at max_length), or the reason it is unusable. Whether its
+    image is cached is not decided here (the cache may change; the tokens do not)."""
+    out = []
     for line, record, error in rows:
-        where = f"{uri}:{line}" + (f" id {record.get('id')!r}" if record and record.get("id") is not None else "")
+        row: dict[str, Any] = {"line": line, "id": None, "image": None, "image_id": None, "input_ids": None,
+                               "labels": None, "truncated": False, "reason": None, "detail": None}
+        out.append(row)
         if record is None:
-            bad.append(("invalid record", f"{where}: {error}"))
+            row.update(reason="invalid record", detail=error)
             continue
-        image_id: str | None = None
+        row["id"] = None if record.get("id") is None else str(record.get("id"))
         if record.get("image_id"):
-            image_id = str(record["image_id"])
-            if image_id not in ids:
-                bad.append(("image not in the feature cache", f"{where}: image_id {image_id}"))
-                continue
+            row["image_id"] = str(record["image_id"])
         elif "image" in record:
-            try:
-                source = resolve_image(record, root)
-            except KeyError as err:
-                bad.append(("invalid record", f"{where}: {err.args[0]}"))
+            image = record["image"]
+            if not isinstance(image, str) or not image:
+                row.update(reason="invalid record", detail="no 'image' field")
                 continue
-            if source not in by_source:
-                bad.append(("image not in the feature cache", f"{where}: {source}"))
-                continue
-            image_id = by_source[source]
+            row["image"] = image
+        has_image = row["image"] is not None or row["image_id"] is not None
         try:
-            input_ids, labels = build_example(tokenizer, record.get("conversations") or [],
-                                              view.image_tokens if image_id is not None else 0)
+            ids, labels = build_example(spec.tokenizer, record.get("conversations") or [],
+                                        spec.image_tokens if has_image else 0)
         except ValueError as err:
             text = str(err)
             reason = ("bad <image> placeholder" if "placeholder" in text else
                       "no answer to learn" if "answer" in text else "invalid conversation")
-            bad.append((reason, f"{where}: {err}"))
+            row.update(reason=reason, detail=text)
             continue
-        if len(input_ids) > max_length:
-            images_at = [i for i, t in enumerate(input_ids) if t == image_token_id] if image_id is not None else []
-            if (images_at and images_at[-1] >= max_length) or all(x == -100 for x in labels[1:max_length]):
-                what = "its image tokens" if images_at and images_at[-1] >= max_length else "every answer"
-                bad.append((CUT, f"{where}: {len(input_ids)} tokens > {max_length} would cut "
-                                                      f"{what} ({view.image_tokens if image_id else 0} image tokens)"))
+        if len(ids) > spec.max_length:
+            image_at = [i for i, t in enumerate(ids) if t == spec.image_token_id] if has_image else []
+            if (image_at and image_at[-1] >= spec.max_length) or all(x == -100 for x in labels[1:spec.max_length]):
+                what = "its image tokens" if image_at and image_at[-1] >= spec.max_length else "every answer"
+                row.update(reason=CUT, detail=f"{len(ids)} tokens > {spec.max_length} would cut {what} "
+                                              f"({spec.image_tokens if has_image else 0} image tokens)")
                 continue
-            input_ids, labels, truncated = input_ids[:max_length], labels[:max_length], truncated + 1
-        examples.append(Example(idx=len(examples), image_id=image_id, input_ids=input_ids, labels=labels))
-    return examples, bad, len(rows), truncated
+            ids, labels, row["truncated"] = ids[:spec.max_length], labels[:spec.max_length], True
+        row["input_ids"], row["labels"] = ids, labels
+    return out
+
+
+def tokenise(uri: str, spec: TokenSpec, cache_dir: str | None, chunk: int) -> tuple[pa.Table, bool]:
+    """-> (token rows of the data file, reused from the token cache?). Chunks of ``chunk`` records are
+    tokenised by parallel Ray tasks (inline when there is one chunk)."""
+    data = _read_data(uri)
+    key = spec.key(data)
+    cached = storage.join(cache_dir, f"tokens-{key}.parquet") if cache_dir else None
+    if cached and storage.exists(cached):
+        return pq.read_table(io.BytesIO(storage.read_bytes(cached))), True
+    rows = parse_records(uri, data)
+    chunks = [rows[i:i + chunk] for i in range(0, len(rows), chunk)]
+    if len(chunks) > 1:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(configure_logging=False)
+        task = ray.remote(tokenise_rows)
+        spec_ref = ray.put(spec)
+        parts = ray.get([task.remote(c, spec_ref) for c in chunks])
+    else:
+        parts = [tokenise_rows(c, spec) for c in chunks]
+    table = pa.Table.from_pylist([r for part in parts for r in part], schema=TOKEN_SCHEMA)
+    if cached:
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.write_atomic(cached, sink.getvalue())
+    return table, False
+
+
+# --- the run's examples -----------------------------------------------------------------------------------
+
+def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None, image_root: str | None,
+           ) -> tuple[list[Example], list[tuple[str, str]], int]:
+    """Token rows -> (usable examples in file order, [(reason, detail)] of unusable rows, rows truncated)."""
+    root = image_root or (uri.rsplit("/", 1)[0] if "/" in uri else ".")
+    examples, bad, truncated = [], [], 0
+    for row in tokens.to_pylist():
+        where = f"{uri}:{row['line']}" + (f" id {row['id']!r}" if row["id"] is not None else "")
+        if row["reason"]:
+            bad.append((row["reason"], f"{where}: {row['detail']}"))
+            continue
+        image_id, source, location = row["image_id"], None, None
+        if row["image"] is not None:
+            source = resolve_image({"image": row["image"]}, root)
+            if index is not None:
+                image_id = index.by_source.get(source)
+                if image_id is None:
+                    bad.append(("image not in the feature cache", f"{where}: {source}"))
+                    continue
+        elif image_id is not None and index is None:
+            bad.append(("image_id without a feature cache", f"{where}: an image_id names a cache row; set "
+                                                            f"data.features, or give the image's path"))
+            continue
+        elif image_id is not None and image_id not in index.where:
+            bad.append(("image not in the feature cache", f"{where}: image_id {image_id}"))
+            continue
+        if image_id is not None and index is not None:
+            location = index.where[image_id]
+        elif source is not None:
+            image_id = hashlib.sha256(source.encode()).hexdigest()[:32]  # encoded on the fly: any stable id
+        truncated += bool(row["truncated"])
+        examples.append(Example(idx=len(examples), image_id=image_id, input_ids=row["input_ids"],
+                                labels=row["labels"], location=location, source=source))
+    return examples, bad, truncated
 
 
 def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
     """Everything that can be wrong with the data, found before any worker starts."""
     d = cfg.data
     if not d.train:
-        raise ValueError("data.train is not set: give a LLaVA-format JSONL (data.train=path/to/train.jsonl)")
-    if not d.features:
-        raise ValueError("data.features is not set: give the feature cache built by `crosslayer features`")
-    view = check_cache(d.features, base, vision_layers, cfg.cli.pool)
+        raise ValueError("data.train is not set: give a LLaVA-format JSON / JSONL (data.train=path/to/train.jsonl)")
+    view = check_cache(d.features, base, vision_layers, cfg.cli.pool) if d.features else encoder_view(base)
     model_max = int(getattr(base.text_config, "max_position_embeddings", 2048))
     max_length = d.max_length or min(2048, model_max)
     if max_length > model_max:
         raise ValueError(f"data.max_length={max_length} exceeds the model's limit of {model_max} positions")
-    by_source, ids = cache_index(view)
-    split = functools.partial(tokenise_split, tokenizer=base.tokenizer, view=view, by_source=by_source, ids=ids,
-                              max_length=max_length, image_root=d.image_root, image_token_id=base.image_token_id)
-    train, bad, n_train, truncated = split(d.train)
-    evals, n_eval = [], 0
-    if d.eval:
-        evals, bad_eval, n_eval, truncated_eval = split(d.eval)
-        bad, truncated = bad + bad_eval, truncated + truncated_eval
+    index = cache_index(view) if view.uri else None
+    spec = TokenSpec(tokenizer=base.tokenizer, image_tokens=view.image_tokens, image_token_id=base.image_token_id,
+                     max_length=max_length)
+    cache_dir = storage.join(cfg.output_dir, "token-cache") if d.token_cache else None
+    splits, bad, truncated, reused, rows_read = {}, [], 0, {}, {}
+    for split, uri in (("train", d.train), ("eval", d.eval)):
+        if not uri:
+            splits[split], rows_read[split] = [], 0
+            continue
+        tokens, reused[uri] = tokenise(uri, spec, cache_dir, d.tokenize_chunk)
+        splits[split], split_bad, split_truncated = locate(uri, tokens, view, index, d.image_root)
+        bad, truncated, rows_read[split] = bad + split_bad, truncated + split_truncated, tokens.num_rows
+    train, evals = splits["train"], splits["eval"]
     fatal = [(reason, detail) for reason, detail in bad if reason != CUT]  # cut rows are dropped and counted
     if fatal and not d.skip_bad_rows:
         counts = Counter(reason for reason, _ in fatal)
@@ -238,10 +356,33 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
         raise ValueError(f"{len(train)} usable training examples, fewer than trainer.num_workers * "
                          f"trainer.micro_batch_size = {world} * {micro} = {world * micro}")
     return PreparedData(train=train, eval=evals, cache=view, max_length=max_length,
-                        skipped=dict(Counter(reason for reason, _ in bad)),
-                        rows_read={"train": n_train, "eval": n_eval}, truncated=truncated,
-                        text_only=sum(e.image_id is None for e in [*train, *evals]))
+                        skipped=dict(Counter(reason for reason, _ in bad)), rows_read=rows_read,
+                        truncated=truncated, text_only=sum(e.image_id is None for e in [*train, *evals]),
+                        token_cache=reused)
 
+
+EXAMPLE_SCHEMA = pa.schema([("split", pa.int8()), ("idx", pa.int64()), ("image_id", pa.string()),
+                            ("shard", pa.int32()), ("row_group", pa.int32()), ("row", pa.int32()),
+                            ("source", pa.string()), ("input_ids", pa.list_(pa.int32())),
+                            ("labels", pa.list_(pa.int32()))])
+
+
+def write_examples(prepared: PreparedData, uri: str) -> str:
+    """The run's examples (tokens and feature locations, no features) as one Parquet file; each worker reads
+    its own rows from it. Returns ``uri``."""
+    rows = []
+    for split, code in SPLITS.items():
+        for e in getattr(prepared, split):
+            shard, group, row = e.location or (-1, -1, -1)
+            rows.append({"split": code, "idx": e.idx, "image_id": e.image_id, "shard": shard, "row_group": group,
+                         "row": row, "source": e.source, "input_ids": e.input_ids, "labels": e.labels})
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA), sink, row_group_size=8192)
+    storage.write_atomic(uri, sink.getvalue())
+    return uri
+
+
+# --- splits and ranks ------------------------------------------------------------------------------
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out round(fraction * n) examples (at least one) chosen by a seeded permutation; re-index both."""
@@ -268,185 +409,7 @@ def rank_of(n: int, world: int, seed: int) -> list[int]:
     return ranks
 
 
-# --- Ray: one materialised dataset per rank ----------------------------------------------------------
-
-def rank_datasets(prepared: PreparedData, world: int, seed: int) -> tuple[dict[str, Any], dict[str, list[int]]]:
-    """{"rank<r>": Dataset} holding rank r's train and eval examples (columns split, idx, input_ids, labels and
-    the feature columns), and the examples per rank of each split. One Ray task per cache shard reads it once,
-    joins its rows to the examples and returns one Arrow table per rank; the datasets are built from those
-    (``ray.data.from_arrow_refs``), so they are materialised before any worker holds a CPU, without a pass over
-    the cache per rank and without the features passing through the driver. No encoder anywhere."""
-    import ray
-
+def rank_sizes(prepared: PreparedData, world: int, seed: int) -> dict[str, list[int]]:
+    """Examples per rank of each split: train dealt by ``rank_of``, eval by ``idx % world`` (as the workers do)."""
     owners = {"train": rank_of(len(prepared.train), world, seed), "eval": [e.idx % world for e in prepared.eval]}
-    sizes = {split: [ranks.count(r) for r in range(world)] for split, ranks in owners.items()}
-    lookups: list[dict[str | None, list[tuple]]] = [{} for _ in range(world)]  # rank: image_id -> examples
-    for split, code in SPLITS.items():
-        for e, owner in zip(getattr(prepared, split), owners[split]):
-            lookups[owner].setdefault(e.image_id, []).append((code, e.idx, e.input_ids, e.labels))
-    join = ray.remote(num_returns=world)(_join_shard)
-    lookups_ref = ray.put(lookups)
-    parts = [join.remote(uri, prepared.cache.columns, lookups_ref, with_text=i == 0)  # text-only rows: once
-             for i, uri in enumerate(prepared.cache.shards)]
-    parts = [p if world > 1 else [p] for p in parts]  # (shards, ranks) ObjectRefs of Arrow tables
-    datasets = {f"rank{r}": ray.data.from_arrow_refs([p[r] for p in parts]) for r in range(world)}
-    for ds in datasets.values():
-        ds.context.enable_progress_bars = False  # the workers iterate them: no progress bars in their logs
-    return datasets, sizes
-
-
-def _join_shard(uri: str, columns: list[str], lookups: list[dict[str | None, list[tuple]]],
-                with_text: bool = False) -> Any:
-    """One cache shard -> one joined table per rank (a bare table when there is one rank); ``with_text`` adds
-    the text-only examples (lookup key None)."""
-    fs, path = storage.resolve(uri)
-    table = pq.read_table(path, columns=["image_id", *columns], filesystem=fs)
-    tables = [_join_examples(table, lookup, with_text) for lookup in lookups]
-    return tables if len(tables) > 1 else tables[0]
-
-
-def _join_examples(table: pa.Table, lookup: dict[str | None, list[tuple]], with_text: bool = False) -> pa.Table:
-    """Cache rows -> one row per example using that image: split, idx, input_ids, labels, has_image + the feature
-    columns. With ``with_text``, the text-only examples (key None) follow, with has_image false and the features
-    of the shard's first row as placeholders that no step reads (one schema for every row)."""
-    rows, found, has_image = [], [], []
-    for i, image_id in enumerate(table.column("image_id").to_pylist()):
-        for example in lookup.get(image_id, ()):
-            rows.append(i)
-            found.append(example)
-            has_image.append(True)
-    for example in lookup.get(None, ()) if with_text and table.num_rows else ():
-        rows.append(0)
-        found.append(example)
-        has_image.append(False)
-    out = table.take(pa.array(rows, type=pa.int64())).drop_columns(["image_id"])
-    out = out.append_column("has_image", pa.array(has_image, type=pa.bool_()))
-    out = out.append_column("split", pa.array([e[0] for e in found], type=pa.int8()))
-    out = out.append_column("idx", pa.array([e[1] for e in found], type=pa.int64()))
-    out = out.append_column("input_ids", pa.array([e[2] for e in found], type=pa.list_(pa.int32())))
-    return out.append_column("labels", pa.array([e[3] for e in found], type=pa.list_(pa.int32())))
-
-
-def local_shard(prepared: PreparedData, split: str, pad_id: int) -> ShardData:
-    """A whole split as one in-memory shard, without Ray: the rows ``rank_datasets`` would deal out (evaluating
-    a saved adapter, a plain PyTorch loop in the benchmarks)."""
-    tables = []
-    for uri in prepared.cache.shards:
-        fs, path = storage.resolve(uri)
-        tables.append(pq.read_table(path, columns=["image_id", *prepared.cache.columns], filesystem=fs))
-    by_image: dict[str | None, list[tuple]] = {}
-    for e in getattr(prepared, split):
-        by_image.setdefault(e.image_id, []).append((SPLITS[split], e.idx, e.input_ids, e.labels))
-    return ShardData(_join_examples(pa.concat_tables(tables), by_image, with_text=True), prepared.cache, pad_id)
-
-
-# --- worker side -------------------------------------------------------------------------------------
-
-@dataclass
-class Batch:
-    input_ids: Any  # (B, S) int64, right-padded
-    attention_mask: Any  # (B, S) int64
-    labels: Any  # (B, S) int64, -100 on prompt and padding
-    features: Any  # VisionFeatures of the rows with an image (``rows`` marks them in a mixed batch), or None
-    tokens: int  # real (non-pad) tokens in the batch
-
-    def to(self, device: Any) -> Batch:
-        """The batch on ``device`` (the engine's: CPU, or the worker's GPU with trainer.use_gpu)."""
-        from cli_module.model import VisionFeatures
-
-        f, features = self.features, None
-        if f is not None:
-            features = VisionFeatures(select_features=f.select_features.to(device),
-                                      layers=f.layers.to(device) if f.layers is not None else None,
-                                      rows=f.rows.to(device) if f.rows is not None else None)
-        return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                     labels=self.labels.to(device), features=features, tokens=self.tokens)
-
-
-class ShardData:
-    """One rank's examples with their features, in memory, sorted by example index."""
-
-    def __init__(self, table: pa.Table, view: CacheView, pad_id: int):
-        table = table.sort_by("idx")
-        idx = table["idx"].to_numpy()
-        keep = np.ones(len(idx), dtype=bool)
-        keep[1:] = idx[1:] != idx[:-1]  # an image cached twice (same bytes, two paths) joins twice: keep one
-        self.idx = idx[keep]
-        self.input_ids = [ids for ids, k in zip(table["input_ids"].to_pylist(), keep) if k]
-        self.labels = [lab for lab, k in zip(table["labels"].to_pylist(), keep) if k]
-        self.has_image = table["has_image"].to_numpy(zero_copy_only=False)[keep]  # (n,) bool
-        self.arrays = {c: _tensor_numpy(table[c])[keep] for c in view.columns}  # stored dtype, (n, ...)
-        self.view, self.pad_id = view, pad_id
-
-    @classmethod
-    def from_iterator(cls, iterator: Any, view: CacheView, pad_id: int) -> dict[str, ShardData]:
-        """A rank's dataset shard -> {"train": ShardData, "eval": ShardData} (either may be empty)."""
-        import pyarrow.compute as pc
-
-        batches = iterator.iter_batches(batch_format="pyarrow", batch_size=1024, prefetch_batches=0)
-        table = pa.concat_tables(batches)
-        return {split: cls(table.filter(pc.equal(table["split"], code)), view, pad_id)
-                for split, code in SPLITS.items()}
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def batch(self, rows: Any) -> Batch:
-        import torch
-
-        from cli_module.model import VisionFeatures
-
-        rows = np.asarray(rows, dtype=np.int64)
-        length = max(len(self.input_ids[i]) for i in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for j, i in enumerate(rows):  # right padding: FusedVLM derives positions from the mask
-            n = len(self.input_ids[i])
-            ids[j, :n] = torch.tensor(self.input_ids[i])
-            labels[j, :n] = torch.tensor(self.labels[i])
-            mask[j, :n] = 1
-        with_image = self.has_image[rows]  # (B,) bool: text-only rows get no features and no injection
-        features = None
-        if with_image.any():
-            picked = {c: a[rows[with_image]] for c, a in self.arrays.items()}
-            select = decode_column(picked, "select", self.view.dtype)  # (B', N, Dv) float32
-            layers = None
-            if self.view.layer_index is not None:
-                layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B', K, N', Dv)
-            features = VisionFeatures(select_features=select, layers=layers,
-                                      rows=None if with_image.all() else torch.from_numpy(with_image))
-        return Batch(input_ids=ids, attention_mask=mask, labels=labels, features=features, tokens=int(mask.sum()))
-
-
-def _tensor_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-shape tensor column (Arrow's canonical type or Ray's own) -> numpy (n, ...)."""
-    array = column.combine_chunks()
-    if isinstance(array, pa.FixedShapeTensorArray):
-        return array.to_numpy_ndarray()
-    return np.asarray(array.to_numpy(zero_copy_only=False))
-
-
-def order_seed(seed: int, epoch: int, rank: int) -> int:
-    digest = hashlib.sha256(f"crosslayer-train/{seed}/{epoch}/{rank}".encode()).hexdigest()
-    return int(digest[:15], 16)
-
-
-class MicroBatches:
-    """Micro-batch m of a rank = rows of its shard at positions [p*B, (p+1)*B) of epoch e's order, with
-    (e, p) = divmod(m, per_epoch) and the order a torch.randperm seeded by (seed, e, rank)."""
-
-    def __init__(self, size: int, micro_batch: int, per_epoch: int, seed: int, rank: int):
-        self.size, self.micro_batch, self.per_epoch, self.seed, self.rank = size, micro_batch, per_epoch, seed, rank
-        self._epoch, self._order = -1, None
-
-    def rows(self, m: int) -> tuple[int, np.ndarray]:
-        """-> (epoch, shard positions of micro-batch m)."""
-        import torch
-
-        epoch, pos = divmod(m, self.per_epoch)
-        if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(order_seed(self.seed, epoch, self.rank))
-            self._epoch, self._order = epoch, torch.randperm(self.size, generator=gen).numpy()
-        return epoch, self._order[pos * self.micro_batch:(pos + 1) * self.micro_batch]
-
+    return {split: [ranks.count(r) for r in range(world)] for split, ranks in owners.items()}

@@ -29,7 +29,8 @@ from torch.nn import functional as F
 
 from .faults import FaultPlan
 from .train_config import TrainConfig, lr_factor
-from .train_data import CacheView, MicroBatches, ShardData, order_seed
+from .train_data import CacheView
+from .train_stream import FeatureReader, ImageFeatures, Loader, MicroBatches, RankExamples, order_seed
 
 STATE_FILE = "trainer_state.json"  # step, DeepSpeed tag, world size, metric history: beside DeepSpeed's files
 
@@ -40,6 +41,7 @@ class WorkerPlan:
 
     config: dict[str, Any]  # TrainConfig.to_dict()
     cache: dict[str, Any]  # CacheView fields
+    examples: str  # the run's examples file (tokens and feature locations; each rank reads its own rows)
     pad_id: int  # token id used to right-pad sequences
     train_sizes: list[int]  # training examples per rank
     eval_sizes: list[int]  # eval examples per rank (all zero: no eval)
@@ -114,7 +116,7 @@ def answer_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_sums(forward: Any, data: ShardData, batch_size: int, num_batches: int,
+def eval_sums(forward: Any, data: Loader, batch_size: int, num_batches: int,
               device: Any = "cpu") -> torch.Tensor:
     """Sums over ``num_batches`` batches (the same count on every rank: ZeRO-3 forwards are collective); a rank
     out of rows repeats its first batch with weight 0."""
@@ -196,8 +198,6 @@ class WorkerTrainer:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
 
     def setup(self) -> None:
-        import ray.train
-
         from cli_module.loading import load_base
 
         t0, t, plan = time.perf_counter(), self.cfg.trainer, self.plan
@@ -206,23 +206,27 @@ class WorkerTrainer:
             Path(self.faults.pid_dir).mkdir(parents=True, exist_ok=True)
             Path(self.faults.pid_dir, f"rank{self.rank}.pid").write_text(str(os.getpid()))
         view = CacheView(**plan.cache)
-        shard = ShardData.from_iterator(ray.train.get_dataset_shard(f"rank{self.rank}"), view, plan.pad_id)
-        self.train_data = shard["train"]
-        self.eval_data = shard["eval"] if sum(plan.eval_sizes) else None
+        shard = RankExamples.read(plan.examples, self.rank, self.world, t.seed,
+                                  {"train": sum(plan.train_sizes), "eval": sum(plan.eval_sizes)})
+        t1 = time.perf_counter()
+        base = load_base(self.cfg.base, vision=view.uri is None)  # with a cache: no encoder weights
+        self.model = build_model(base, self.cfg)
+        reader = FeatureReader(view) if view.uri else None
+        images = None if view.uri else ImageFeatures(self.model)
+        self.train_data = Loader(shard["train"], plan.pad_id, reader, images)
+        self.eval_data = Loader(shard["eval"], plan.pad_id, reader, images) if sum(plan.eval_sizes) else None
         self.eval_batches = -(-max(plan.eval_sizes) // t.eval_batch_size)  # the same count on every rank
         self.micro = MicroBatches(len(self.train_data), t.micro_batch_size,
                                   min(plan.train_sizes) // t.micro_batch_size, t.seed, self.rank)
-        t1 = time.perf_counter()
-        base = load_base(self.cfg.base, vision=False)  # features come from the cache: no encoder weights
-        self.model = build_model(base, self.cfg)
         t2 = time.perf_counter()
         self.engine, self.scheduler = make_engine(self.model, self.cfg, plan.ds_config)
         t3 = time.perf_counter()
         self.step, self.history = restore(self.engine, self.cfg, self.world)
         self.start = self.step
         if self.rank == 0:
-            say(f"[train] rank 0 ready in {time.perf_counter() - t0:.1f} s: shard of {len(self.train_data)} "
-                f"train examples {t1 - t0:.1f} s, model {t2 - t1:.1f} s, deepspeed.initialize {t3 - t2:.1f} s"
+            say(f"[train] rank 0 ready in {time.perf_counter() - t0:.1f} s: {len(self.train_data)} train examples "
+                f"{t1 - t0:.1f} s, model {t2 - t1:.1f} s, deepspeed.initialize {t3 - t2:.1f} s, features "
+                f"{'streamed from the cache' if view.uri else 'encoded on the fly'}"
                 + (f", resumed at step {self.step}" if self.step else ""))
 
     def evaluate(self) -> dict[str, float]:
@@ -245,7 +249,9 @@ class WorkerTrainer:
         for a in range(t.grad_accum):
             m = self.step * t.grad_accum + a  # the run's micro-batch index: resumable
             epoch, rows = self.micro.rows(m)
-            batch = self.train_data.batch(rows).to(self.engine.device)
+            batch = self.train_data.batch(rows)
+            self.train_data.prefetch(self.micro.rows(m + 1)[1])  # read while this micro-batch computes
+            batch = batch.to(self.engine.device)
             torch.manual_seed(order_seed(t.seed, m, self.rank))  # dropout masks
             out = self.engine(batch.input_ids, batch.attention_mask, features=batch.features, labels=batch.labels)
             self.engine.backward(out.loss)

@@ -107,7 +107,7 @@ def test_onevision_trains_from_the_cache_on_the_crop_every_job_uses(ray_local, t
     from cli_module.config import CLIConfig
     from cli_module.model import FusedVLM
     from jobs.train import setup
-    from jobs.train_data import local_shard
+    from jobs.train_stream import local_loader
     from pipelines.feature_cache import CacheLookup
 
     ckpt = save_tiny_checkpoint(tmp_path / "llava-onevision-tiny-hf", "llava_onevision")
@@ -133,7 +133,7 @@ def test_onevision_trains_from_the_cache_on_the_crop_every_job_uses(ray_local, t
     torch.testing.assert_close(vis_pixels.image_embeds, vis_cache.image_embeds, atol=2e-2, rtol=2e-2)
 
     # a mixed micro-batch (image rows and text-only rows) trains: finite loss, gradients on the plug-in
-    shard = local_shard(s.data, "train", pad_id=base.tokenizer.pad_token_id)
+    shard = local_loader(s.data, "train", pad_id=base.tokenizer.pad_token_id)
     batch = shard.batch(np.arange(len(shard)))
     assert batch.features.rows is not None and int(batch.features.rows.sum()) == 7
     out = model(batch.input_ids, batch.attention_mask, features=batch.features, labels=batch.labels)

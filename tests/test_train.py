@@ -205,12 +205,12 @@ def evaluate_adapter(adapter_dir: Path, cfg: TrainConfig) -> dict[str, float]:
     """Eval loss of a saved adapter on the eval split, outside Ray: the same cached rows and the same sums."""
     from cli_module.adapter import load_adapter
     from jobs.train import setup
-    from jobs.train_data import local_shard
     from jobs.train_loop import eval_metrics, eval_sums
+    from jobs.train_stream import local_loader
 
     s = setup(cfg)
     model = load_adapter(adapter_dir).eval()
-    data = local_shard(s.data, "eval", s.pad_id)
+    data = local_loader(s.data, "eval", s.pad_id)
     return eval_metrics(eval_sums(model, data, batch_size=8, num_batches=-(-len(data) // 8)))
 
 
