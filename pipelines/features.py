@@ -167,7 +167,7 @@ class Encoder:
             columns.update(encode_column("select", feats.select_features, self.dtype))
             columns.update(encode_column("layers", feats.layers, self.dtype))
             sink = io.BytesIO()
-            pq.write_table(pa.table(columns), sink)
+            pq.write_table(pa.table(columns), sink, row_group_size=1)  # one image per row group: streamed reads
             storage.write_atomic(storage.join(self.out, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue())
             written[good] = sink.tell() // len(good)
         return {"source": batch["source"], "image_id": batch["image_id"], "error": batch["error"], "bytes": written}
