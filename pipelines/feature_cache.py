@@ -200,3 +200,36 @@ def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype, index: list[in
         layers = decode_column(batch, "layers", dtype)
         layers = layers if index is None else layers[:, index]
     return VisionFeatures(select_features=decode_column(batch, "select", dtype), layers=layers)
+
+
+# --- sizing ------------------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "int8": 1}
+
+
+def estimate(base: Any, vision_layers: list[int], pool: int, dtype: Dtype, images: int,
+             batch_size: int = 16) -> dict[str, Any]:
+    """The size of a cache without running the encoder: the encoder runs on the meta device (shapes only) for one
+    whole-image crop, as the cache stores it. Bytes are the tensors' (int8 adds a float32 scale per token) plus
+    ~100 bytes of id and path per image; Parquet's compression saves little on float features."""
+    import torch
+
+    from cli_module.model import encode_images
+
+    weight = next(base.vision_tower.parameters())
+    side = base.vision_config.image_size
+    pixels = torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)  # meta: no compute
+    feats = encode_images(base, pixels, resolve_vision_layers(vision_layers, base.num_vision_layers), pool)
+    per = DTYPE_BYTES[dtype]
+    shapes = {"select": tuple(feats.select_features.shape[1:])}
+    if feats.layers is not None:
+        shapes["layers"] = tuple(feats.layers.shape[1:])
+    tensor_bytes = 0
+    for shape in shapes.values():
+        numel = int(np.prod(shape))
+        tensor_bytes += numel * per + (4 * numel // shape[-1] if dtype == "int8" else 0)
+    per_image = tensor_bytes + 100
+    return {"base": base.name, "vision_layers": list(vision_layers), "pool": pool, "dtype": dtype,
+            "shapes": {k: list(v) for k, v in shapes.items()}, "tensor_bytes_per_image": tensor_bytes,
+            "bytes_per_image": per_image, "images": images, "total_bytes": per_image * images,
+            "shards": -(-images // batch_size)}

@@ -171,3 +171,24 @@ def test_rank_examples_hold_tokens_only(data, tmp_path):
     assert one.location.shape == (len(one), 3) and (one.location >= 0).all()
     first = s.data.train[int(one.idx[0])]
     assert one.ids[one.offsets[0]:one.offsets[1]].tolist() == first.input_ids
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_estimate_matches_the_cache_it_predicts(data, dtype, tmp_path):
+    """`crosslayer features --estimate` sizes a cache from shapes alone; its tensor bytes equal a real cache's."""
+    import pyarrow.parquet as pq
+
+    from cli_module.loading import load_base
+    from pipelines.feature_cache import estimate, shard_uris, table_to_numpy
+    from pipelines.features import FeatureJob, run_features
+
+    run_features(FeatureJob(src=str(data / "images"), out=str(tmp_path / "cache"), base="tiny", vision_layers=[1, 2],
+                            pool=2, dtype=dtype, batch_size=8))
+    table = pq.read_table(shard_uris(str(tmp_path / "cache"))[0])
+    columns = table_to_numpy(table.drop_columns(["image_id", "source"]))
+    real = sum(v[0].nbytes for v in columns.values())
+    e = estimate(load_base("tiny", weights=False), [1, 2], 2, dtype, images=558_128, batch_size=32)
+    assert e["tensor_bytes_per_image"] == real and e["shapes"] == {"select": [16, 32], "layers": [2, 4, 32]}
+    assert e["total_bytes"] == e["bytes_per_image"] * 558_128 and e["shards"] == -(-558_128 // 32)
+    big = estimate(load_base("llava-1.5-7b-shape"), [6, 12, 18, 23], 1, "float16", images=1)
+    assert big["tensor_bytes_per_image"] == (576 + 4 * 576) * 1024 * 2  # DESIGN.md: 1.2 MB per layer per image
