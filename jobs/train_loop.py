@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -277,7 +278,8 @@ class WorkerTrainer:
             do_eval = self.eval_data is not None and (step == t.max_steps or (t.eval_every and step % t.eval_every == 0))
             if do_eval or step % t.log_every == 0 or step == t.max_steps:
                 row = {"step": step, "epoch": epoch, "loss": float(sums[0] / sums[1]), "lr": lr,
-                       "tokens_per_s": float(sums[2]) / elapsed, "step_time_s": elapsed}
+                       "tokens_per_s": float(sums[2]) / elapsed, "step_time_s": elapsed,
+                       "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
                 if do_eval:
                     row.update(self.evaluate())
                 self.history.append(row)
