@@ -11,6 +11,7 @@ import torch
 
 from .bases import Base, Kind
 
+TINY_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]  # OneVision's anyres grid at toy size: 1-2 tiles a side
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
     "{% else %}ASSISTANT: {{ m['content'] }}</s>{% endif %}{% endfor %}"
@@ -38,20 +39,31 @@ def build_tiny_tokenizer() -> Any:
 
 def build_tiny(kind: Kind, seed: int = 0) -> Base:
     """Random tiny LLaVA-1.5 or LLaVA-OneVision; the same seed gives the same weights in every process."""
+    tok = build_tiny_tokenizer()
+    model, processor = tiny_parts(kind, tok, seed)
+    config = model.config
+    return Base(name="tiny" if kind == "llava" else "tiny-onevision", kind=kind, model=model, tokenizer=tok,
+                image_processor=processor, image_token_id=config.image_token_id,
+                select_layer=config.vision_feature_layer, select_strategy=config.vision_feature_select_strategy,
+                revision=f"seed{seed}")
+
+
+def tiny_parts(kind: Kind, tokenizer: Any, seed: int = 0) -> tuple[Any, Any]:
+    """-> (random model, image processor) of the tiny LLaVA-1.5 (CLIP + Llama) or LLaVA-OneVision (SigLIP + Qwen2):
+    hidden size 32, two layers, 16x16 images in 4x4 patches, the vocabulary of ``tokenizer`` (which must hold
+    ``<image>``; ``<video>`` too, if OneVision's video token should be a real one)."""
     from transformers import (
-        CLIPImageProcessorPil,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessorPil,
         Qwen2Config,
         SiglipVisionConfig,
     )
 
-    tok = build_tiny_tokenizer()
+    tok = tokenizer
     image_token_id = tok.convert_tokens_to_ids("<image>")
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=16, patch_size=4)
@@ -64,20 +76,21 @@ def build_tiny(kind: Kind, seed: int = 0) -> Base:
             config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
                                  image_token_id=image_token_id, vision_feature_layer=-2,
                                  vision_feature_select_strategy="default")
-            model = LlavaForConditionalGeneration(config)
-            processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-        else:
-            config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
-                                          image_token_id=image_token_id, vision_feature_layer=-1,
-                                          vision_feature_select_strategy="full",
-                                          image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-            model = LlavaOnevisionForConditionalGeneration(config)
-            processor = LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16},
-                                                        image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]])
-    return Base(name="tiny" if kind == "llava" else "tiny-onevision", kind=kind, model=model, tokenizer=tok,
-                image_processor=processor, image_token_id=image_token_id,
-                select_layer=config.vision_feature_layer, select_strategy=config.vision_feature_select_strategy,
-                revision=f"seed{seed}")
+            return LlavaForConditionalGeneration(config), tiny_image_processor(kind)
+        video = {"video_token_id": tok.convert_tokens_to_ids("<video>")} if "<video>" in tok.get_vocab() else {}
+        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision), text_config=Qwen2Config(**text),
+                                      image_token_id=image_token_id, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", image_grid_pinpoints=TINY_PINPOINTS, **video)
+        return LlavaOnevisionForConditionalGeneration(config), tiny_image_processor(kind)
+
+
+def tiny_image_processor(kind: Kind) -> Any:
+    """CLIP's image processor (LLaVA-1.5) or OneVision's anyres one, at 16 px (the PIL ones: no torchvision)."""
+    from transformers import CLIPImageProcessorPil, LlavaOnevisionImageProcessorPil
+
+    if kind == "llava":
+        return CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return LlavaOnevisionImageProcessorPil(size={"height": 16, "width": 16}, image_grid_pinpoints=TINY_PINPOINTS)
 
 
 def build_llava_7b_shape() -> Base:

@@ -50,55 +50,18 @@ def tiny_tokenizer(family: Family) -> Any:
 
 
 def tiny_model(family: Family, tokenizer: Any, seed: int = 0) -> Any:
-    """A random ``LlavaForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration`` at toy size."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        Qwen2Config,
-        SiglipVisionConfig,
-    )
+    """A random ``LlavaForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration`` at toy size (the
+    tiny presets' shapes, with this tokenizer's vocabulary)."""
+    from cli_module.presets import tiny_parts
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=IMAGE_SIZE, patch_size=PATCH)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "llava":
-            config = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
-                                 image_token_id=image_token_id, vision_feature_layer=-2,
-                                 vision_feature_select_strategy="default")
-            return LlavaForConditionalGeneration(config)
-        config = LlavaOnevisionConfig(vision_config=SiglipVisionConfig(**vision),
-                                      text_config=Qwen2Config(**text), image_token_id=image_token_id,
-                                      video_token_id=tokenizer.convert_tokens_to_ids("<video>"),
-                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                      image_grid_pinpoints=grid_pinpoints())
-        return LlavaOnevisionForConditionalGeneration(config)
-
-
-def grid_pinpoints() -> list[list[int]]:
-    """OneVision's anyres grid at toy size: one or two tiles of 16 px each way."""
-    return [[IMAGE_SIZE * h, IMAGE_SIZE * w] for h in (1, 2) for w in (1, 2)]
+    return tiny_parts(family, tokenizer, seed)[0]
 
 
 def tiny_image_processor(family: Family) -> Any:
     """CLIP's image processor (LLaVA-1.5) or OneVision's anyres one, at 16 px (PIL: no torchvision)."""
-    from transformers import CLIPImageProcessorPil, LlavaOnevisionImageProcessorPil
+    from cli_module.presets import tiny_image_processor as preset
 
-    if family == "llava":
-        return CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE},
-                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    return LlavaOnevisionImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                                           image_grid_pinpoints=grid_pinpoints())
+    return preset(family)
 
 
 def processor_config(family: Family) -> dict[str, Any]:
