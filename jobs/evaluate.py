@@ -1,162 +1,403 @@
-"""`crosslayer eval`: short-answer accuracy of a fused model (or the base as is) on LLaVA-format JSONL.
+"""`crosslayer eval`: a fused model (or the base as is) on a standard benchmark or this project's records, scored
+with the benchmark's own metric, its answers written in LLaVA's answers-file format.
 
-Records are joined to a feature cache by image (the record's `image` resolved against the JSONL's folder, or
-an `image_id` field), answered greedily by an actor pool of models through Ray Data, and scored by normalised
-exact match (``jobs.scoring``), overall and per question `type`. Writes a JSON report (accuracy, n, per_type)
-and the predictions beside it.
+  question file (+ references) ──jobs.benchmarks──> questions (every human turn), references, metric
+        │  images: the feature cache (--features), or decoded from --image-root / the TSV by CPU tasks
+        ▼
+  answer actors (Ray Data actor pool; one per GPU in bfloat16 where the cluster has GPUs, else on CPU):
+    generate: the answer, decoded with the KV cache (greedy by default; temperature, top_p, seed, stop)
+    choice:   the candidate with the highest log-probability after the prompt (jobs.eval_choice)
+        ▼
+  report JSON (--out): the metric of each scoring run, overall and per type / category
+  answers JSONL (--answers-file, or beside the report): {question_id, prompt, text, answer_id, model_id, metadata}
+            in question-file order: what LLaVA's scripts, the official scorers and lmms-eval users read
+
+Benchmarks and files: ``jobs.benchmarks``; metrics: ``jobs.scoring``; device, dtype, actors and batch size:
+``pipelines.compute``; sampling: ``pipelines.generation``.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
+import io
 import json
-from dataclasses import dataclass
-from typing import Any
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
 from pipelines import storage
+from pipelines.compute import (
+    Compute,
+    ComputeSpec,
+    add_compute_arguments,
+    cluster_resources,
+    place_model,
+    resolve_compute,
+)
+from pipelines.features import DEFAULT_MAX_PIXELS
+from pipelines.generation import Sampling, add_sampling_arguments, complete, sampling_from_args
 
-from .scoring import answer_of, score
-from .train_data import read_records, resolve_image
+from .benchmarks import KINDS, Benchmark, EvalItem, answer_rows, candidates, read_benchmark, score_items
+
+BATCH_CPU, BATCH_GPU = 16, 64  # default questions per model call on each device
+Scoring = Literal["generate", "choice", "both"]
 
 
 @dataclass
 class EvalJob:
     """Arguments of `crosslayer eval`."""
 
-    data: str  # LLaVA-format JSONL (local or s3://) with short answers and an optional `type`
-    features: str  # feature cache holding the records' images
+    data: str  # question file: LLaVA's question JSONL, MMBench's TSV, or LLaVA conversations (local or s3://)
+    features: str | None = None  # feature cache holding the images; None: images are decoded and encoded
     adapter: str | None = None  # adapter folder; None evaluates the base as is (one_to_one)
     base: str | None = None  # base to load (default: the adapter's)
-    out: str | None = None  # report path (JSON); predictions go to the same name with .predictions.jsonl
-    max_new_tokens: int = 8  # answers are one to three words
-    batch_size: int = 16  # records per generate() call
-    concurrency: int = 1  # model actors
+    answers: str | None = None  # references: VQAv2 annotations, POPE label file(s), problems.json, answers JSONL
+    image_root: str | None = None  # folder / s3:// prefix of the questions' relative image paths (default: data's)
+    benchmark: str = "auto"  # the metric; auto: what the references call for (jobs.benchmarks.KINDS)
+    scoring: Scoring = "generate"  # generate answers, score candidates by likelihood, or both
+    out: str | None = None  # report path (JSON)
+    answers_file: str | None = None  # LLaVA answers file; default: the report's name with .answers.jsonl
+    max_new_tokens: int = 8  # short answers; raise it for open-ended benchmarks
+    temperature: float = 0.0  # 0: greedy, as LLaVA's evaluation scripts run
+    top_p: float = 1.0  # nucleus sampling mass
+    seed: int | None = None  # sampling seed (per model call)
+    stop: list[str] = field(default_factory=list)  # answers end before the first of these strings
+    max_candidates: int = 64  # likelihood scoring: the largest answer set drawn from the data per question type
+    batch_size: int = 0  # questions per model call; 0: 16 on cpu, 64 on cuda
+    concurrency: int = 0  # answer actors; 0: one per GPU share on cuda, 1 on cpu
+    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs, else cpu
+    dtype: str = "auto"  # model dtype; auto: bfloat16 on cuda, float32 on cpu
+    gpus_per_actor: float = 1.0  # GPUs Ray reserves per answer actor on cuda
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap for decoded images
 
     def __post_init__(self) -> None:
         if self.adapter is None and self.base is None:
             raise ValueError("give --adapter DIR, or --base BASE to evaluate the base VLM as is")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}), batch_size ({self.batch_size}) and "
-                             f"concurrency ({self.concurrency}) must be >= 1")
+        if self.benchmark not in ("auto", *KINDS):
+            raise ValueError(f"benchmark={self.benchmark!r} is not one of {['auto', *KINDS]}")
+        if self.scoring not in ("generate", "choice", "both"):
+            raise ValueError(f"scoring={self.scoring!r} is not one of ['generate', 'choice', 'both']")
+        if self.max_candidates < 2:
+            raise ValueError(f"max_candidates ({self.max_candidates}) must be >= 2")
+        self.compute_spec()  # validates device, dtype, concurrency, batch size
+        self.sampling()  # validates the sampling settings
+
+    @property
+    def scorings(self) -> list[str]:
+        return ["generate", "choice"] if self.scoring == "both" else [self.scoring]
+
+    def compute_spec(self) -> ComputeSpec:
+        return ComputeSpec(device=self.device, dtype=self.dtype, concurrency=self.concurrency,
+                           gpus_per_actor=self.gpus_per_actor, batch_size=self.batch_size)
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                        seed=self.seed, stop=list(self.stop))
 
 
-def load_records(path: str) -> list[dict[str, Any]]:
-    """The file's records; a malformed line is an error naming it (evaluation skips nothing silently)."""
-    rows = read_records(path)
-    bad = [(n, err) for n, _, err in rows if err]
-    if bad:
-        raise ValueError(f"{path}: record {bad[0][0]}: {bad[0][1]} ({len(bad)} bad in all)")
-    return [r for _, r, _ in rows]
+# --- images ----------------------------------------------------------------------------------------------------
+
+def image_bytes(item: dict[str, Any]) -> bytes:
+    """A question row's image: inline base64 (MMBench) or read from its path / URI."""
+    if item["image_b64"]:
+        return base64.b64decode(item["image_b64"])
+    return storage.read_bytes(str(item["image"]))
 
 
-def join_to_cache(records: list[dict[str, Any]], data_path: str, cache_sources: dict[str, str]) -> list[str]:
-    """image_id of each record; ValueError naming the first records whose image is not cached."""
+def join_to_cache(items: list[EvalItem], cache_sources: dict[str, str], cache_ids: set[str]) -> list[str]:
+    """The cache's image_id of each question with an image ("" for text questions): by the image's path (as the
+    cache recorded its source), or by the content hash of an inline image; ValueError naming the uncached."""
     ids, missing = [], []
-    known = set(cache_sources.values())
-    root = data_path.rsplit("/", 1)[0] if "/" in data_path else "."
-    for r in records:
-        try:
-            source = resolve_image(r, root)
-        except KeyError:
-            source = None
-        image_id = r.get("image_id") if r.get("image_id") in known else cache_sources.get(source)
-        if image_id is None:
-            missing.append(str(r.get("id", r.get("image"))))
-        ids.append(image_id)
+    sources = {_norm(s): i for s, i in cache_sources.items()}
+    for it in items:
+        if it.image_b64:
+            image_id = hashlib.sha256(base64.b64decode(it.image_b64)).hexdigest()[:32]
+            ids.append(image_id if image_id in cache_ids else None)
+        else:
+            ids.append(sources.get(_norm(it.image)) if it.image else "")
+        if ids[-1] is None:
+            missing.append(str(it.image or it.question_id))
     if missing:
-        raise ValueError(f"{len(missing)} record(s) have no cached features (first: {missing[:3]}); "
-                         f"run `crosslayer features` on their images first")
-    return ids
+        raise ValueError(f"{len(missing)} question(s) have no cached features (first: {missing[:3]}); run "
+                         f"`crosslayer features` on their images (--image-root as here), or drop --features")
+    return ids  # type: ignore[return-value]
 
+
+def check_images_exist(items: list[EvalItem]) -> None:
+    """Local image files must exist before any model loads (s3:// images are checked as they are read)."""
+    missing = sorted({it.image for it in items if it.image and not it.image.startswith("s3://")
+                      and not os.path.isfile(it.image)})
+    if missing:
+        raise ValueError(f"{len(missing)} image file(s) not found (first: {missing[:3]}); relative paths are "
+                         f"under --image-root (default: the question file's folder)")
+
+
+def decode_images(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
+    """CPU task: decode and preprocess each question's image (whole-image crop, as every job feeds the model);
+    text questions get zero pixels. An unreadable image stops the evaluation, naming the question."""
+    from PIL import Image
+
+    from cli_module.model import whole_image_crop
+
+    images = []
+    for k in range(len(batch["key"])):
+        row = {c: batch[c][k] for c in ("image", "image_b64", "question_id")}
+        if not (row["image"] or row["image_b64"]):
+            images.append(None)
+            continue
+        try:
+            with Image.open(io.BytesIO(image_bytes(row))) as im:
+                if im.size[0] * im.size[1] > max_pixels:
+                    raise ValueError(f"{im.size[0]}x{im.size[1]} pixels exceed the cap {max_pixels}")
+                images.append(im.convert("RGB"))
+        except Exception as exc:
+            raise ValueError(f"question {row['question_id']}: cannot read its image {row['image'] or '(inline)'}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    good = [i for i, im in enumerate(images) if im is not None]
+    pixels = np.zeros((len(images), 3, 1, 1), dtype=np.float32)
+    if good:
+        done = whole_image_crop(processor(images=[images[i] for i in good], return_tensors="np")["pixel_values"])
+        pixels = np.zeros((len(images), *done.shape[1:]), dtype=np.float32)
+        pixels[good] = done
+    return {**batch, "pixels": pixels}
+
+
+# --- the answer actors -----------------------------------------------------------------------------------------
 
 class Answerer:
-    """Actor: the fused model and the cache rows, loaded once; answers a batch of questions greedily."""
+    """Actor: the fused model (and the cache rows), loaded once on the actor's device and dtype; per batch, the
+    generated answers and / or the candidates' log-probabilities."""
 
-    def __init__(self, job: EvalJob):
+    def __init__(self, job: EvalJob, compute: Compute):
         import torch
 
         from cli_module.adapter import load_model
         from pipelines.feature_cache import CacheLookup
 
-        torch.set_num_threads(1)
-        self.job = job
-        self.model, _ = load_model(job.adapter, job.base)
-        self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool)
+        if compute.device == "cpu":
+            torch.set_num_threads(max(1, int(compute.num_cpus)))
+        self.job, self.sampling, self.max_rows = job, job.sampling(), max(compute.batch_size, 8)
+        model, _ = load_model(job.adapter, job.base, dtype=compute.torch_dtype())
+        self.model = place_model(model, compute)
+        weight = next(self.model.parameters())
+        self.dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
+        self.cache = None
+        if job.features:
+            self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers,
+                                     self.model.config.pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from cli_module.prompting import render, to_messages
+        n = len(batch["key"])
+        generated, tokens, chosen = [""] * n, [0] * n, [""] * n
+        scores: list[list[float]] = [[] for _ in range(n)]
+        with_image = [i for i in range(n) if batch["image"][i] or batch["image_b64"][i]]
+        for group in (with_image, [i for i in range(n) if i not in with_image]):
+            if not group:
+                continue
+            with torch.no_grad():
+                feats = self._features(batch, group) if group is with_image else None
+                if "generate" in self.job.scorings:
+                    for i, done in zip(group, self._generate(batch, group, feats)):
+                        generated[i], tokens[i] = done.text, done.tokens
+                if "choice" in self.job.scorings:
+                    for i, got in zip(group, self._choose(batch, group, feats)):
+                        scores[i] = got
+                        cands = json.loads(batch["candidates"][i])
+                        chosen[i] = cands[int(np.argmax(got))]
+        return {"key": batch["key"], "generated": np.array(generated, dtype=object),
+                "completion_tokens": np.array(tokens), "chosen": np.array(chosen, dtype=object),
+                "scores": np.array([json.dumps(s) for s in scores], dtype=object),
+                "dtype": np.array([self.dtype] * n), "device": np.array([self.device] * n)}
 
-        tok = self.model.base.tokenizer
-        prompts = []
-        for conv in batch["conversations"]:
-            first_user = next(m for m in to_messages(json.loads(conv)) if m["role"] == "user")
-            prompts.append(render(tok, [first_user], add_generation_prompt=True))
-        feats = self.cache.features(list(batch["image_id"]))
-        with torch.no_grad():
-            inputs, visual = self.model.prepare_inputs(prompts, features=feats)
-            tokens, _ = self.model.generate(**inputs, visual=visual, max_new_tokens=self.job.max_new_tokens,
-                                            eos_token_id=tok.eos_token_id)
-        preds = [tok.decode(t, skip_special_tokens=True).strip() for t in tokens]
-        return {"index": batch["index"], "prediction": np.array(preds, dtype=object)}
+    def _features(self, batch: dict[str, np.ndarray], group: list[int]):
+        import torch
 
+        if self.cache is not None:
+            return self.cache.features([str(batch["image_id"][i]) for i in group])
+        return self.model.encode_images(torch.from_numpy(np.ascontiguousarray(batch["pixels"][group])))
+
+    def _prompts(self, batch: dict[str, np.ndarray], group: list[int], instruct: bool) -> list[list[dict]]:
+        out = []
+        for i in group:
+            messages = json.loads(batch["messages"][i])
+            if instruct and batch["instruction"][i]:
+                messages[-1]["content"] += "\n" + str(batch["instruction"][i])
+            out.append(messages)
+        return out
+
+    def _generate(self, batch, group, feats):
+        from cli_module.prompting import render
+
+        tok, family = self.model.base.tokenizer, self.model.base.kind
+        prompts = [render(tok, m, add_generation_prompt=True, family=family)
+                   for m in self._prompts(batch, group, instruct=True)]
+        inputs, visual = self.model.prepare_inputs(prompts, features=feats)
+        return complete(self.model, inputs, visual, self.sampling)
+
+    def _choose(self, batch, group, feats):
+        from cli_module.prompting import render
+
+        from .eval_choice import continuation_ids, score_continuations
+
+        tok, family = self.model.base.tokenizer, self.model.base.kind
+        dialogues = self._prompts(batch, group, instruct=False)
+        conts = [[continuation_ids(tok, m, c, family=family) for c in json.loads(batch["candidates"][i])]
+                 for m, i in zip(dialogues, group)]
+        prompts = [render(tok, m, add_generation_prompt=True, family=family) for m in dialogues]
+        inputs, visual = self.model.prepare_inputs(prompts, features=feats)
+        return score_continuations(self.model, inputs, visual, conts, max_rows=self.max_rows)
+
+
+# --- the job ---------------------------------------------------------------------------------------------------
 
 def run_eval(job: EvalJob) -> dict[str, Any]:
-    import ray
-
+    """Ask every question, score with the benchmark's metric, write the report and the answers file(s)."""
     from cli_module.adapter import load_model
     from pipelines.feature_cache import check_serves, load_cache_table
 
-    records = load_records(job.data)
-    model, _ = load_model(job.adapter, job.base, weights=False)  # checks adapter and cache; no weights in memory
-    check_serves(job.features, model.base, model.vision_layers, model.config.pool)
-    method = model.config.method
+    t0 = time.time()
+    bench = read_benchmark(job.data, job.answers, job.image_root, job.benchmark)
+    items = bench.items
+    cands = candidates(bench.kind, items, job.max_candidates) if "choice" in job.scorings else [[]] * len(items)
+    model, model_id = load_model(job.adapter, job.base, weights=False)  # checks adapter and cache; no weights
+    method, processor = model.config.method, model.base.image_processor
+    image_ids = [""] * len(items)
+    if job.features:
+        check_serves(job.features, model.base, model.vision_layers, model.config.pool)
+        table = load_cache_table(job.features).select(["image_id", "source"])
+        ids = table["image_id"].to_pylist()
+        image_ids = join_to_cache(items, dict(zip(table["source"].to_pylist(), ids)), set(ids))
+    else:
+        check_images_exist(items)
     del model
-    table = load_cache_table(job.features).select(["image_id", "source"])
-    sources = dict(zip(table["source"].to_pylist(), table["image_id"].to_pylist()))
-    ids = join_to_cache(records, job.data, sources)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    items = [{"index": i, "image_id": ids[i], "conversations": json.dumps(r["conversations"])}
-             for i, r in enumerate(records)]
-    ds = ray.data.from_items(items).map_batches(
-        Answerer, batch_size=job.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=job.concurrency), fn_constructor_kwargs={"job": job})
-    predictions = {int(r["index"]): str(r["prediction"]) for r in ds.take_all()}
-    scored = [{"id": r.get("id"), "type": r.get("type"), "answer": answer_of(r), "prediction": predictions[i]}
-              for i, r in enumerate(records)]
-    report = {**score(scored), "data": job.data, "features": job.features,
-              "model": job.adapter or f"base:{job.base}",
-              "method": method}
-    if job.out:
-        storage.write_json(job.out, report)
-        body = "".join(json.dumps(s) + "\n" for s in scored).encode()
-        storage.write_atomic(job.out.removesuffix(".json") + ".predictions.jsonl", body)
+    compute = resolve_compute(job.compute_spec(), cluster_resources(), BATCH_CPU, BATCH_GPU)
+    results = {int(r["key"]): r for r in eval_dataset(job, compute, items, cands, image_ids, processor).take_all()}
+    rows = [results[k] for k in range(len(items))]
+    by_scoring, answers = {}, {}
+    for scoring in job.scorings:
+        texts, meta = _answers_of(scoring, bench, rows, cands)
+        by_scoring[scoring] = score_items(bench.kind, items, texts)
+        answers[scoring] = answer_rows(items, texts, model_id, meta)
+    primary = job.scorings[0]
+    report = {"benchmark": bench.kind, "layout": bench.layout, "scoring": primary, **by_scoring[primary],
+              "by_scoring": by_scoring, "data": job.data, "answers": job.answers, "features": job.features,
+              "model": job.adapter or f"base:{job.base}", "model_id": model_id, "method": method,
+              "sampling": asdict(job.sampling()), "compute": compute.describe(),
+              "dtypes_used": sorted({str(r["dtype"]) for r in rows}),
+              "devices_used": sorted({str(r["device"]) for r in rows}), "notes": bench.notes,
+              "seconds": round(time.time() - t0, 2)}
+    report["answers_files"] = write_outputs(job, report, answers)
     return report
 
 
+def eval_dataset(job: EvalJob, compute: Compute, items: list[EvalItem], cands: list[list[str]],
+                 image_ids: list[str], processor: Any):
+    """The (lazy) Ray Dataset of the job: image decode tasks on CPUs (unless the cache has the features), then
+    the answer actor pool with ``compute``'s resources (its ``map_batches`` gets ``compute.map_kwargs()``)."""
+    import ray
+
+    rows = [{"key": k, "question_id": str(it.question_id), "messages": json.dumps(it.messages),
+             "instruction": it.instruction or "", "image": it.image or "", "image_b64": it.image_b64 or "",
+             "image_id": image_ids[k], "candidates": json.dumps(cands[k])} for k, it in enumerate(items)]
+    ds = ray.data.from_items(rows)
+    if not job.features and any(it.image or it.image_b64 for it in items):
+        ds = ds.map_batches(decode_images, batch_size=compute.batch_size, batch_format="numpy", num_cpus=0.5,
+                            fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+    return ds.map_batches(Answerer, batch_format="numpy", **compute.map_kwargs(),
+                          fn_constructor_kwargs={"job": job, "compute": compute})
+
+
+def _answers_of(scoring: str, bench: Benchmark, rows: list[dict], cands: list[list[str]]):
+    """The answer text of each question under ``scoring``, and the metadata its answers-file row carries."""
+    texts, meta = [], []
+    for it, row, cs in zip(bench.items, rows, cands):
+        m: dict[str, Any] = {"reference": it.reference} if it.reference is not None else {}
+        if scoring == "generate":
+            texts.append(str(row["generated"]))
+            m["completion_tokens"] = int(row["completion_tokens"])
+        else:
+            best = str(row["chosen"])
+            letter = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[cs.index(best)] if it.choices else None
+            texts.append(letter or best)
+            m.update({"choice": best, "logprobs": dict(zip(cs, json.loads(row["scores"])))})
+        meta.append(m)
+    return texts, meta
+
+
+def write_outputs(job: EvalJob, report: dict[str, Any], answers: dict[str, list[dict]]) -> dict[str, str]:
+    """The report (``job.out``) and one answers file per scoring run: ``answers_file`` (default: beside the
+    report) for the first, the same name with ``.choice.jsonl`` for likelihood answers under ``both``."""
+    path = job.answers_file or (job.out.removesuffix(".json") + ".answers.jsonl" if job.out else None)
+    written = {}
+    if path:
+        for k, (scoring, rows) in enumerate(answers.items()):
+            target = path if k == 0 else path.removesuffix(".jsonl") + f".{scoring}.jsonl"
+            storage.write_atomic(target, "".join(json.dumps(r) + "\n" for r in rows).encode())
+            written[scoring] = target
+    if job.out:
+        storage.write_json(job.out, {**report, "answers_files": written})
+    return written
+
+
+def _norm(path: str) -> str:
+    return path if path.startswith("s3://") else os.path.abspath(path)
+
+
+# --- command line ----------------------------------------------------------------------------------------------
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="short-answer accuracy on LLaVA-format JSONL, overall and per question type")
+    p = sub.add_parser("eval", help="evaluate on a standard benchmark (VQAv2, POPE, MMBench, ScienceQA) or "
+                                    "LLaVA-format records, with each benchmark's metric")
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--base", help="base to load; alone, evaluates the base VLM as is (one_to_one)")
-    p.add_argument("--data", required=True, help="LLaVA-format JSONL with short answers")
-    p.add_argument("--features", required=True, help="feature cache holding the images")
-    p.add_argument("--out", help="report JSON path (predictions are written beside it)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=1)
+    p.add_argument("--data", "--question-file", dest="data", required=True,
+                   help="questions: LLaVA's question JSONL, MMBench's TSV, or LLaVA conversations (JSON/JSONL)")
+    p.add_argument("--answers", help="references: VQAv2 annotations JSON, a POPE label file or folder, ScienceQA's "
+                                     "problems.json, or JSONL {question_id, answer(s)}")
+    p.add_argument("--image-root", help="folder or s3:// prefix of the questions' image paths "
+                                        "(default: the question file's folder)")
+    p.add_argument("--benchmark", choices=["auto", *KINDS], default="auto",
+                   help="the metric (auto: what the references call for)")
+    p.add_argument("--scoring", choices=["generate", "choice", "both"], default="generate",
+                   help="generate answers, or pick the candidate answer with the highest likelihood, or both")
+    p.add_argument("--max-candidates", type=int, default=64,
+                   help="--scoring choice without options: the largest answer set per question type")
+    p.add_argument("--features", help="feature cache holding the images (default: decode and encode them)")
+    p.add_argument("--out", help="report JSON path (the answers file goes beside it)")
+    p.add_argument("--answers-file", help="LLaVA-format answers JSONL (default: beside --out)")
+    add_sampling_arguments(p, max_new_tokens=8)
+    add_compute_arguments(p, BATCH_CPU, BATCH_GPU)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    job = EvalJob(data=args.data, features=args.features, adapter=args.adapter, base=args.base, out=args.out,
-                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, concurrency=args.concurrency)
+    sampling = sampling_from_args(args)
+    job = EvalJob(data=args.data, features=args.features, adapter=args.adapter, base=args.base, answers=args.answers,
+                  image_root=args.image_root, benchmark=args.benchmark, scoring=args.scoring, out=args.out,
+                  answers_file=args.answers_file, max_new_tokens=sampling.max_new_tokens,
+                  temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, stop=sampling.stop,
+                  max_candidates=args.max_candidates, batch_size=args.batch_size, concurrency=args.concurrency,
+                  device=args.device, dtype=args.compute_dtype, gpus_per_actor=args.gpus_per_actor,
+                  max_pixels=args.max_pixels)
     report = run_eval(job)  # SourceError / ValueError become one line and exit 2 in cli.main
-    per_type = ", ".join(f"{k} {v:.3f}" for k, v in sorted(report["per_type"].items()))
-    print(f"eval: accuracy {report['accuracy']:.3f} on {report['n']} records ({per_type})")
-    print(json.dumps({k: report[k] for k in ("accuracy", "n", "per_type")}))
+    c = report["compute"]
+    for scoring, m in report["by_scoring"].items():
+        if m.get("scored") is False:
+            print(f"eval ({scoring}): {m['n']} answers written, no references to score them "
+                  f"({report['answers_files'].get(scoring, 'give --out or --answers-file to keep them')})")
+            continue
+        extra = "".join(f", {k} {m[k]:.3f}" for k in ("precision", "recall", "f1", "yes_ratio") if k in m)
+        per_type = ", ".join(f"{k} {v:.3f}" for k, v in sorted(m["per_type"].items()))
+        print(f"eval ({report['benchmark']}, {scoring}): accuracy {m['accuracy']:.3f}{extra} on {m['n']} "
+              f"questions" + (f" ({per_type})" if per_type else ""))
+    print(f"eval: {c['concurrency']} actor(s) on {c['device']} in {c['dtype']}" + (f" ({c['notes']})" if c["notes"] else ""))
+    print(json.dumps({k: report[k] for k in ("benchmark", "scoring", "by_scoring", "answers_files")}))
     return 0
-

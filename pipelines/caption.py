@@ -1,11 +1,13 @@
 """Batch captioning: Ray Data reads an image bucket, an actor pool of fused models captions it with the KV cache.
 
-  sources (folder | s3:// | manifest), minus those already in DEST ──decode + preprocess (as the feature
-  cache does)──> caption actors (base + adapter loaded once; cached features used where the cache has the
-  image, the encoder otherwise) ──> DEST/part-*.parquet|jsonl, one row per input image, errors included.
+  sources (folder | s3:// | manifest), minus those already in DEST ──decode + preprocess (CPU tasks, as the
+  feature cache does)──> caption actors (base + adapter loaded once, on a GPU each in bfloat16 where the cluster
+  has GPUs, else on CPU; cached features used where the cache has the image, the encoder otherwise)
+  ──> DEST/part-*.parquet|jsonl, one row per input image, errors included.
 
 Rows: source, image_id, caption, prompt_tokens, completion_tokens, adapter, error (null or the reason).
-Shards are written atomically; a rerun captions only sources that have no row in DEST yet.
+Shards are written atomically; a rerun captions only sources that have no row in DEST yet. Device, dtype,
+actors and batch size: ``pipelines.compute``; sampling (temperature, top_p, seed, stop): ``pipelines.generation``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import io
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -23,7 +25,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
+from .compute import (
+    Compute,
+    ComputeSpec,
+    add_compute_arguments,
+    cluster_resources,
+    place_model,
+    resolve_compute,
+)
 from .features import DEFAULT_MAX_PIXELS, decode_batch, list_sources
+from .generation import Sampling, add_sampling_arguments, complete, sampling_from_args
+
+BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
 
 OUTPUT_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), ("caption", pa.string()),
                            ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
@@ -40,26 +53,40 @@ class CaptionJob:
     base: str | None = None  # base to load (default: the one named in the adapter)
     prompt: str = "Describe the image briefly."  # the question asked about every image
     max_new_tokens: int = 32  # generation budget per caption
-    batch_size: int = 8  # images per generate() call and per shard
-    concurrency: int = 1  # caption actors
+    batch_size: int = 0  # images per generate() call and per shard; 0: 8 on cpu, 64 on cuda
+    concurrency: int = 0  # caption actors; 0: one per GPU share on cuda, 1 on cpu
     features: str | None = None  # feature cache to read instead of running the encoder, where it has the image
     format: Literal["parquet", "jsonl"] = "parquet"  # shard format
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap
+    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs, else cpu
+    dtype: str = "auto"  # model dtype; auto: bfloat16 on cuda, float32 on cpu
+    gpus_per_actor: float = 1.0  # GPUs Ray reserves per caption actor on cuda
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    seed: int | None = None  # sampling seed (per model call)
+    stop: list[str] = field(default_factory=list)  # captions end before the first of these strings
 
     def __post_init__(self) -> None:
         if self.adapter is None and self.base is None:
             raise ValueError("give --adapter DIR, or --base BASE to caption with the base VLM as is")
         if self.format not in ("parquet", "jsonl"):
             raise ValueError(f"format={self.format!r} is not one of ['parquet', 'jsonl']")
-        if self.max_new_tokens < 1 or self.batch_size < 1 or self.concurrency < 1:
-            raise ValueError(f"max_new_tokens ({self.max_new_tokens}), batch_size ({self.batch_size}) and "
-                             f"concurrency ({self.concurrency}) must be >= 1")
+        self.compute_spec()  # validates device, dtype, concurrency, batch size
+        self.sampling()  # validates the sampling settings
+
+    def compute_spec(self) -> ComputeSpec:
+        return ComputeSpec(device=self.device, dtype=self.dtype, concurrency=self.concurrency,
+                           gpus_per_actor=self.gpus_per_actor, batch_size=self.batch_size)
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                        seed=self.seed, stop=list(self.stop))
 
 
 class Captioner:
     """Actor: loads the fused model once (and the feature cache index, if any); captions one batch per call."""
 
-    def __init__(self, job: CaptionJob):
+    def __init__(self, job: CaptionJob, compute: Compute):
         import torch
 
         from cli_module.adapter import load_model
@@ -67,10 +94,14 @@ class Captioner:
 
         from .feature_cache import CacheLookup
 
-        torch.set_num_threads(1)
-        self.job = job
-        self.model, self.adapter_id = load_model(job.adapter, job.base)
-        self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt)
+        if compute.device == "cpu":
+            torch.set_num_threads(max(1, int(compute.num_cpus)))
+        self.job, self.sampling = job, job.sampling()
+        model, self.adapter_id = load_model(job.adapter, job.base, dtype=compute.torch_dtype())
+        self.model = place_model(model, compute)
+        weight = next(self.model.parameters())  # what the actor really runs on, reported per row
+        self.dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
+        self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt, family=self.model.base.kind)
         self.cache = None  # refuses a cache made for other layers or pooling
         if job.features:
             self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool)
@@ -93,18 +124,14 @@ class Captioner:
         good = [i for i in range(n) if not errors[i]]
         if good:
             try:
-                tok = self.model.base.tokenizer
                 with torch.no_grad():
                     inputs, visual = self.model.prepare_inputs([self.prompt] * len(good),
                                                                features=self._features(batch, good))
-                    tokens, _ = self.model.generate(**inputs, visual=visual, max_new_tokens=self.job.max_new_tokens,
-                                                    eos_token_id=tok.eos_token_id)
+                    done = complete(self.model, inputs, visual, self.sampling)
                 lengths = inputs["attention_mask"].sum(1).tolist()
                 for j, i in enumerate(good):
-                    row = tokens[j].tolist()
-                    used = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
-                    captions[i] = tok.decode(used, skip_special_tokens=True).strip()
-                    prompt_tok[i], completion_tok[i] = int(lengths[j]), len(used)
+                    captions[i] = done[j].text
+                    prompt_tok[i], completion_tok[i] = int(lengths[j]), done[j].tokens
             except Exception as exc:  # a failing batch is recorded, never drops its rows
                 for i in good:
                     errors[i] = f"{type(exc).__name__}: {exc}"[:500]
@@ -112,7 +139,8 @@ class Captioner:
                  "caption": captions[i], "prompt_tokens": prompt_tok[i], "completion_tokens": completion_tok[i],
                  "adapter": self.adapter_id, "error": errors[i]} for i in range(n)]
         write_shard(self.job.out, rows, self.job.format)
-        return {"source": batch["source"], "ok": np.array([e is None for e in errors])}
+        return {"source": batch["source"], "ok": np.array([e is None for e in errors]),
+                "dtype": np.array([self.dtype] * n), "device": np.array([self.device] * n)}
 
 
 def write_shard(out: str, rows: list[dict], fmt: str) -> None:
@@ -145,8 +173,7 @@ def read_captions(out: str) -> list[dict]:
 
 
 def run_caption(job: CaptionJob) -> dict:
-    import ray
-
+    """Caption every source of ``job.src`` not yet in ``job.out``; returns the summary (with the compute used)."""
     from cli_module.adapter import load_model
 
     from .feature_cache import check_serves
@@ -162,21 +189,28 @@ def run_caption(job: CaptionJob) -> dict:
         check_serves(job.features, model.base, model.vision_layers, model.config.pool)
     processor = model.base.image_processor
     del model
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
+    compute = resolve_compute(job.compute_spec(), cluster_resources(), BATCH_CPU, BATCH_GPU)
     rows = []
     if todo:
-        ds = ray.data.from_items([{"source": s} for s in todo])
-        ds = ds.map_batches(decode_batch, batch_size=job.batch_size, batch_format="numpy",
-                            fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
-        ds = ds.map_batches(Captioner, batch_size=job.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=job.concurrency),
-                            fn_constructor_kwargs={"job": job})
-        rows = ds.take_all()
+        rows = caption_dataset(job, compute, todo, processor).take_all()
     ok = sum(bool(r["ok"]) for r in rows)
     seconds = time.time() - t0
     return {"images": len(sources), "captioned": ok, "failed": len(rows) - ok, "skipped": len(sources) - len(todo),
-            "seconds": round(seconds, 2), "img_per_s": round(len(rows) / seconds, 3) if seconds else 0.0}
+            "seconds": round(seconds, 2), "img_per_s": round(len(rows) / seconds, 3) if seconds else 0.0,
+            "compute": compute.describe(), "dtypes_used": sorted({str(r["dtype"]) for r in rows}),
+            "devices_used": sorted({str(r["device"]) for r in rows})}
+
+
+def caption_dataset(job: CaptionJob, compute: Compute, todo: list[str], processor):
+    """The (lazy) Ray Dataset of the job: decode tasks on CPUs, then the caption actor pool with ``compute``'s
+    resources (what ``map_batches`` is given is ``compute.map_kwargs()``)."""
+    import ray
+
+    ds = ray.data.from_items([{"source": s} for s in todo])
+    ds = ds.map_batches(decode_batch, batch_size=compute.batch_size, batch_format="numpy",
+                        fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+    return ds.map_batches(Captioner, batch_format="numpy", **compute.map_kwargs(),
+                          fn_constructor_kwargs={"job": job, "compute": compute})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -186,9 +220,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="base to load; alone, captions with the base VLM as is")
     p.add_argument("--out", required=True, help="output folder or s3:// prefix")
     p.add_argument("--prompt", default=CaptionJob.prompt)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--concurrency", type=int, default=1)
+    add_sampling_arguments(p, max_new_tokens=32)
+    add_compute_arguments(p, BATCH_CPU, BATCH_GPU)
     p.add_argument("--features", help="feature cache to use where it has the image")
     p.add_argument("--format", choices=["parquet", "jsonl"], default="parquet")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
@@ -196,11 +229,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    sampling = sampling_from_args(args)
     job = CaptionJob(src=args.src, out=args.out, adapter=args.adapter, base=args.base, prompt=args.prompt,
-                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, concurrency=args.concurrency,
-                     features=args.features, format=args.format, max_pixels=args.max_pixels)
+                     max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                     seed=sampling.seed, stop=sampling.stop, batch_size=args.batch_size,
+                     concurrency=args.concurrency, device=args.device, dtype=args.compute_dtype,
+                     gpus_per_actor=args.gpus_per_actor, features=args.features, format=args.format,
+                     max_pixels=args.max_pixels)
     summary = run_caption(job)  # SourceError / ValueError become one line and exit 2 in cli.main
+    c = summary["compute"]
     print(f"caption: {summary['captioned']} captioned, {summary['failed']} failed (rows with an error), "
-          f"{summary['skipped']} already in {job.out}")
+          f"{summary['skipped']} already in {job.out}; {c['concurrency']} actor(s) on {c['device']} in {c['dtype']}"
+          + (f" ({c['notes']})" if c["notes"] else ""))
     print(json.dumps(summary))
     return 0

@@ -1,13 +1,15 @@
 """Feature cache: Ray Data precomputes the frozen encoder's multi-layer features once, as Parquet shards.
 
   sources (folder | s3:// prefix | manifest) ──list──> Ray Data ──decode + preprocess (tasks)──>
-  encoder actor pool (loads the base once; per batch: hidden states -> select layer + layers K, pooled,
-  cast; writes one shard atomically) ──> DEST/part-*.parquet + DEST/errors.parquet + DEST/cache.json
+  encoder actor pool (loads the base's encoder once, on a GPU each in bfloat16 where the cluster has GPUs,
+  else on CPU; per batch: hidden states -> select layer + layers K, pooled, cast to the storage dtype; writes
+  one shard atomically) ──> DEST/part-*.parquet + DEST/errors.parquet + DEST/cache.json
 
 Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv) and ``layers`` (K, N', Dv) as Arrow
 fixed-shape tensors in float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token).
 A rerun encodes only images whose id is not in a shard yet; bad files become rows of ``errors.parquet``.
-The format (key, column codecs, readers) lives in ``pipelines.feature_cache``.
+The format (key, column codecs, readers) lives in ``pipelines.feature_cache``; the actors' device, compute dtype
+(``--compute-dtype``; ``--dtype`` is the storage dtype), count and batch size in ``pipelines.compute``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 from cli_module.config import resolve_vision_layers
 
 from . import storage
+from .compute import Compute, ComputeSpec, add_compute_arguments, cluster_resources, resolve_compute
 from .feature_cache import (
     CACHE_FILE,
     ERRORS_FILE,
@@ -41,6 +44,7 @@ from .feature_cache import (
 )
 
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb cap, as PIL's own default order of magnitude
+BATCH_CPU, BATCH_GPU = 16, 128  # default images per encoder call (and per shard) on each device
 
 
 @dataclass
@@ -53,13 +57,16 @@ class FeatureJob:
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # hidden_states indices K
     pool: int = 1  # average pooling of `layers` (1 = none)
     dtype: Dtype = "float16"  # storage dtype
-    batch_size: int = 16  # images per encoder call and per shard
-    concurrency: int = 1  # encoder actors
+    batch_size: int = 0  # images per encoder call and per shard; 0: 16 on cpu, 128 on cuda
+    concurrency: int = 0  # encoder actors; 0: one per GPU share on cuda, 1 on cpu
     cpus_per_actor: float = 1.0  # CPUs Ray reserves per encoder actor (keep <= 1 on a 2-core machine)
-    threads: int = 0  # torch threads per encoder actor; 0 = ceil(cpus_per_actor)
+    threads: int = 0  # torch threads per encoder actor on cpu; 0 = ceil(cpus_per_actor)
     cpus_per_decode: float = 0.5  # CPUs reserved per decode task (fractional, so decoding fits beside the actors)
     max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
     image_root: str | None = None  # folder / s3:// prefix a manifest's relative image paths are under
+    device: str = "auto"  # encoder device; auto: cuda when the Ray cluster has GPUs, else cpu
+    compute_dtype: str = "auto"  # encoder dtype; auto: bfloat16 on cuda, float32 on cpu (stored as `dtype`)
+    gpus_per_actor: float = 1.0  # GPUs Ray reserves per encoder actor on cuda
 
     def __post_init__(self) -> None:
         if self.image_root and not self.src.endswith((".jsonl", ".json", ".parquet")):
@@ -67,9 +74,14 @@ class FeatureJob:
                              f"and {self.src!r} is a folder: drop --image-root or point at the manifest")
         if self.dtype not in ("float16", "bfloat16", "int8"):
             raise ValueError(f"dtype={self.dtype!r} is not one of ['float16', 'bfloat16', 'int8']")
-        if self.batch_size < 1 or self.concurrency < 1 or self.pool < 1:
-            raise ValueError(f"batch_size ({self.batch_size}), concurrency ({self.concurrency}) and pool "
-                             f"({self.pool}) must be >= 1")
+        if self.pool < 1 or self.threads < 0:
+            raise ValueError(f"pool ({self.pool}) must be >= 1 and threads ({self.threads}) >= 0")
+        self.compute_spec()  # validates device, compute dtype, concurrency, batch size, per-actor resources
+
+    def compute_spec(self) -> ComputeSpec:
+        return ComputeSpec(device=self.device, dtype=self.compute_dtype, concurrency=self.concurrency,
+                           gpus_per_actor=self.gpus_per_actor, cpus_per_actor=self.cpus_per_actor,
+                           batch_size=self.batch_size)
 
 
 # --- sources -----------------------------------------------------------------------------------------
@@ -137,17 +149,25 @@ def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) 
 
 
 class Encoder:
-    """Actor: loads the base's encoder once (the LLM stays on the meta device), encodes a batch, writes it as one
-    shard (temp name + rename)."""
+    """Actor: loads the base's encoder once (the LLM stays on the meta device) on ``compute``'s device and dtype,
+    encodes a batch, writes it as one shard (temp name + rename) in the storage ``dtype``."""
 
     def __init__(self, base_name: str, vision_layers: list[int], pool: int, dtype: Dtype, out: str,
-                 threads: int = 1):
+                 threads: int = 1, compute: Compute | None = None):
         import torch
 
         from cli_module.loading import load_base
 
-        torch.set_num_threads(threads)
-        self.base = load_base(base_name, language=False)
+        compute = compute or Compute(device="cpu", dtype="float32", concurrency=1, num_gpus=0.0, num_cpus=1.0,
+                                     batch_size=BATCH_CPU)
+        if compute.device == "cpu":
+            torch.set_num_threads(threads)
+        elif not torch.cuda.is_available():
+            raise RuntimeError("this encoder actor was scheduled for cuda but sees no CUDA device")
+        self.base = load_base(base_name, language=False, dtype=compute.torch_dtype())
+        self.base.vision_tower.to(compute.device)  # the LLM and projector stay on the meta device
+        weight = next(self.base.vision_tower.parameters())
+        self.compute_dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
         self.vision_layers = resolve_vision_layers(vision_layers, self.base.num_vision_layers)
         self.pool, self.dtype, self.out = pool, dtype, out
 
@@ -162,6 +182,8 @@ class Encoder:
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))  # (B, C, H, W)
             with torch.no_grad():
                 feats = encode_images(self.base, pixels, self.vision_layers, self.pool)
+            feats.select_features = feats.select_features.cpu()
+            feats.layers = feats.layers.cpu() if feats.layers is not None else None
             columns = {"image_id": pa.array([batch["image_id"][i] for i in good]),
                        "source": pa.array([str(batch["source"][i]) for i in good])}
             columns.update(encode_column("select", feats.select_features, self.dtype))
@@ -170,15 +192,15 @@ class Encoder:
             pq.write_table(pa.table(columns), sink, row_group_size=1)  # one image per row group: streamed reads
             storage.write_atomic(storage.join(self.out, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue())
             written[good] = sink.tell() // len(good)
-        return {"source": batch["source"], "image_id": batch["image_id"], "error": batch["error"], "bytes": written}
+        n = len(batch["source"])
+        return {"source": batch["source"], "image_id": batch["image_id"], "error": batch["error"], "bytes": written,
+                "compute_dtype": np.array([self.compute_dtype] * n), "device": np.array([self.device] * n)}
 
 
 # --- the job -----------------------------------------------------------------------------------------
 
 def run_features(job: FeatureJob) -> dict[str, Any]:
     """Build or extend a cache; returns the summary. Errors about SRC/DEST are raised before any work."""
-    import ray
-
     from cli_module.loading import load_base
 
     t0 = time.time()
@@ -194,18 +216,8 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
                              f"use another --out")
     storage.remove_temporaries(job.out)
     done_ids = cached_ids(job.out)
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    ds = ray.data.from_items([{"source": s} for s in sources])
-    ds = ds.map_batches(decode_batch, batch_size=job.batch_size, batch_format="numpy", num_cpus=job.cpus_per_decode,
-                        fn_kwargs={"processor": base.image_processor, "max_pixels": job.max_pixels})
-    ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
-    ds = ds.map_batches(Encoder, batch_size=job.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.cpus_per_actor,
-                        fn_constructor_kwargs={"base_name": job.base, "vision_layers": job.vision_layers, "pool": job.pool,
-                                               "dtype": job.dtype, "out": job.out,
-                                               "threads": job.threads or max(1, math.ceil(job.cpus_per_actor))})
-    rows = ds.take_all()
+    compute = resolve_compute(job.compute_spec(), cluster_resources(), BATCH_CPU, BATCH_GPU)
+    rows = features_dataset(job, compute, sources, base.image_processor, done_ids).take_all()
     skipped = len(sources) - len(rows)
     failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}
               for r in rows if r["error"]]
@@ -220,7 +232,25 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     seconds = time.time() - t0
     return {"images": len(sources), "done": done, "skipped": skipped, "failed": len(failed), "rows": total,
             "bytes_written": int(sum(int(r["bytes"]) for r in rows)), "seconds": round(seconds, 2),
-            "img_per_s": round(done / seconds, 2) if seconds else 0.0}
+            "img_per_s": round(done / seconds, 2) if seconds else 0.0, "compute": compute.describe(),
+            "compute_dtypes_used": sorted({str(r["compute_dtype"]) for r in rows}),
+            "devices_used": sorted({str(r["device"]) for r in rows})}
+
+
+def features_dataset(job: FeatureJob, compute: Compute, sources: list[str], processor: Any, done_ids: set[str]):
+    """The (lazy) Ray Dataset of the job: decode tasks on CPUs, drop cached images, then the encoder actor pool
+    with ``compute``'s resources (its ``map_batches`` gets ``compute.map_kwargs()``)."""
+    import ray
+
+    ds = ray.data.from_items([{"source": s} for s in sources])
+    ds = ds.map_batches(decode_batch, batch_size=compute.batch_size, batch_format="numpy",
+                        num_cpus=job.cpus_per_decode, fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+    ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
+    return ds.map_batches(Encoder, batch_format="numpy", **compute.map_kwargs(),
+                          fn_constructor_kwargs={"base_name": job.base, "vision_layers": job.vision_layers,
+                                                 "pool": job.pool, "dtype": job.dtype, "out": job.out,
+                                                 "threads": job.threads or max(1, math.ceil(job.cpus_per_actor)),
+                                                 "compute": compute})
 
 
 def _drop_cached(batch: dict[str, np.ndarray], done: Any) -> dict[str, np.ndarray]:
@@ -241,9 +271,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", dest="vision_layers", type=int, nargs="+", default=[-2, -5, -8, -11],
                    help="the vision layers K to cache: hidden_states indices (negative count from the end)")
     p.add_argument("--pool", type=int, default=1)
-    p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "int8"], default="float16",
+                   help="storage dtype of the cached features (the encoder's own dtype: --compute-dtype)")
+    add_compute_arguments(p, BATCH_CPU, BATCH_GPU, dtype_flag="--compute-dtype")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per encoder actor")
     p.add_argument("--threads", type=int, default=0, help="torch threads per encoder actor (0: from --cpus-per-actor)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
@@ -256,10 +286,13 @@ def _cmd(args: argparse.Namespace) -> int:
     job = FeatureJob(src=args.src, out=args.out, base=args.base, vision_layers=args.vision_layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
                      cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels,
-                     image_root=args.image_root)
+                     image_root=args.image_root, device=args.device, compute_dtype=args.compute_dtype,
+                     gpus_per_actor=args.gpus_per_actor)
     summary = run_features(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     print(f"features: {summary['done']} images encoded, {summary['skipped']} skipped (already cached), "
           f"{summary['failed']} failed (see {ERRORS_FILE}), {summary['rows']} rows in the cache, "
-          f"{summary['bytes_written']:,} bytes written, {summary['img_per_s']} img/s")
+          f"{summary['bytes_written']:,} bytes written, {summary['img_per_s']} img/s; "
+          f"{summary['compute']['concurrency']} encoder(s) on {summary['compute']['device']} in "
+          f"{summary['compute']['dtype']}" + (f" ({summary['compute']['notes']})" if summary['compute']['notes'] else ""))
     print(json.dumps(summary))
     return 0
