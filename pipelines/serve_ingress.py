@@ -40,13 +40,23 @@ api = FastAPI(title="crosslayer", description="OpenAI-compatible chat completion
               docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def _cancelled(err: BaseException) -> bool:
+    """Whether ``err`` says the request was cancelled (its client went away), not that something failed."""
+    from ray.exceptions import TaskCancelledError
+
+    return isinstance(err, (asyncio.CancelledError, TaskCancelledError))
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None).response()
 
 
 @api.exception_handler(Exception)
-async def _any_error(request: Request, exc: Exception) -> JSONResponse:
+async def _any_error(request: Request, exc: Exception) -> Response:
+    if _cancelled(exc):  # e.g. a streaming response's disconnect listener, when Serve cancels the request
+        logger.info("crosslayer: client went away (%s %s)", request.method, request.url.path)
+        return Response(status_code=499)
     logger.exception("crosslayer: unhandled error")
     return ApiError.internal(exc).response()
 
@@ -57,13 +67,6 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _cancelled(err: BaseException) -> bool:
-    """Whether ``err`` says the request was cancelled (its client went away), not that something failed."""
-    from ray.exceptions import TaskCancelledError
-
-    return isinstance(err, (asyncio.CancelledError, TaskCancelledError))
 
 
 async def _events(stream: Any) -> AsyncIterator[Event]:

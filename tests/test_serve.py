@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,8 @@ from conftest import free_port, perturb, random_images
 KEY = "sk-test-0123456789"
 LIMITS = {"max_body_bytes": 64 * 1024, "max_image_bytes": 32 * 1024, "max_image_pixels": 128 * 128, "max_tokens": 32,
           "default_max_tokens": 8, "max_prompt_tokens": 256, "api_key_env": None, "ingress_num_cpus": 0.1}
+SECURE = {"max_tokens": 480, "image_url_allowlist": ["127.0.0.1"], "allow_private_image_hosts": True,
+          "image_fetch_timeout_s": 1.0}  # the /secure app: long generations, loopback image hosts
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +70,7 @@ def server(ray_local, adapters, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = app_builder({"adapters": [str(adapters["plain"]), str(adapters["tuned"])], "base": "tiny",
                         "max_batch_size": 8, "batch_wait_timeout_s": 0.3, "num_cpus": 0.5, **LIMITS})
-    secure = app_builder({"base": "tiny", "api_key_file": str(key_file), "num_cpus": 0.25, **LIMITS})
+    secure = app_builder({"base": "tiny", "api_key_file": str(key_file), "num_cpus": 0.25, **LIMITS, **SECURE})
     serve.run_many([serve.RunTarget(main, name="main", route_prefix="/"),
                     serve.RunTarget(secure, name="secure", route_prefix="/secure")])
     yield f"http://127.0.0.1:{port}"
@@ -357,7 +360,7 @@ def test_image_url_fetching_rules():
         assert load_image(f"{url}/x.png", opened).size == (16, 16)
         cases = [(ServeConfig(**LIMITS), "/x.png", 400, "not on this server's image_url_allowlist"),
                  (ServeConfig(image_url_allowlist=["127.0.0.1"], **LIMITS), "/x.png", 400, "non-public address"),
-                 (opened, "/moved", 400, "could not fetch"),
+                 (opened, "/moved", 400, "answered HTTP 302 .*no redirects"),
                  (opened, "/big", 413, "max_image_bytes=32768")]
         for cfg, path, status, message in cases:
             with pytest.raises(ApiError, match=message) as err:
@@ -367,3 +370,263 @@ def test_image_url_fetching_rules():
             load_image("http://127.0.0.1:99999999/x.png", opened)
     finally:
         httpd.shutdown()
+
+
+# --- continuous batching, cancellation, the OpenAI surface, no 5xx ------------------------------------------
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height in its header (no pixel data): what a decompression bomb shows first."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def secure_client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/secure/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def secure_health(server: str) -> dict:
+    status, body = http(f"{server}/secure/healthz")
+    assert status == 200, body
+    return body
+
+
+def settled_tokens(server: str) -> int:
+    """The /secure app's generated-token counter once it stopped moving (two reads 0.3 s apart agree)."""
+    last = secure_health(server)["generated_tokens"]
+    for _ in range(60):
+        time.sleep(0.3)
+        now = secure_health(server)["generated_tokens"]
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the generated-token counter never settled")
+
+
+def serve_logs() -> dict[Path, int]:
+    """Serve's log files (controller, proxy, replicas) and their sizes now."""
+    import ray._private.worker
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return {p: p.stat().st_size for p in logs.glob("*.log")}
+
+
+def new_log_lines(before: dict[Path, int]) -> list[str]:
+    lines = []
+    for path in serve_logs():
+        with open(path, "rb") as f:
+            f.seek(before.get(path, 0))
+            lines += f.read().decode(errors="replace").splitlines()
+    return lines
+
+
+def test_models_retrieve_and_prometheus_metrics(client, server):
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert client.models.retrieve("tuned").id == "tuned"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+    client.chat.completions.create(model="plain", messages=user("Hi", png_data_url()), temperature=0, max_tokens=3)
+    with urllib.request.urlopen(f"{server}/metrics", timeout=30) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    for name in ("crosslayer_requests", "crosslayer_rejected_requests", "crosslayer_generated_tokens",
+                 "crosslayer_prompt_tokens", "crosslayer_cancelled_requests", "crosslayer_requests_waiting",
+                 "crosslayer_rows_running", "crosslayer_time_to_first_token_seconds",
+                 "crosslayer_inter_token_latency_seconds", "crosslayer_request_latency_seconds"):
+        assert name in families, sorted(families)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("crosslayer_time_to_first_token_seconds_count", (("model", "plain"),))] >= 1
+    assert samples[("crosslayer_inter_token_latency_seconds_count", (("model", "plain"),))] >= 1
+    assert samples[("crosslayer_requests_total", (("model", "plain"), ("status", "200")))] >= 1
+    assert samples[("crosslayer_rows_running", ())] == 0 and samples[("crosslayer_requests_waiting", ())] == 0
+    status, _ = http(f"{server}/secure/metrics")
+    assert status == 401  # behind the API key where one is configured
+
+
+def test_logprobs_and_n_choices(client, local):
+    image = random_images(1, seed=8)[0]
+    messages = user("What is this?", png_data_url(image))
+    resp = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=6, n=2,
+                                          logprobs=True, top_logprobs=3)
+    text, _, completion = local("tuned", "What is this?", image, max_tokens=6)
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert resp.usage.completion_tokens == 2 * completion
+    for choice in resp.choices:
+        assert choice.message.content == text
+        entries = choice.logprobs.content
+        assert len(entries) in (completion, completion - 1)  # EOS has no entry
+        for entry in entries:
+            tops = [t.logprob for t in entry.top_logprobs]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True) and entry.logprob <= 0
+            assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(tops[0])
+    chunks = list(client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=6,
+                                                 logprobs=True, stream=True))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in resp.choices[0].logprobs.content]
+
+
+def test_seeded_sampling_and_vllm_sampling_fields(client):
+    messages = user("Say something.", png_data_url(random_images(1, seed=9)[0]))
+    sampled = {"model": "tuned", "messages": messages, "temperature": 1.0, "max_tokens": 10, "seed": 42, "n": 2}
+    first = [c.message.content for c in client.chat.completions.create(**sampled).choices]
+    with ThreadPoolExecutor(3) as pool:  # the same answers with other requests in the batch
+        again = list(pool.map(lambda _: client.chat.completions.create(**sampled), range(3)))
+    assert all([c.message.content for c in r.choices] == first for r in again)
+    greedy = client.chat.completions.create(model="tuned", messages=messages, temperature=0, max_tokens=10)
+    top1 = client.chat.completions.create(model="tuned", messages=messages, temperature=1.0, max_tokens=10, seed=3,
+                                          extra_body={"top_k": 1, "min_p": 0.1, "repetition_penalty": 1.0})
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tools"),
+    ("tool_choice", "auto", "tool_choice"),
+    ("frobnicate", 1, "frobnicate"),
+    ("audio", {"voice": "alloy", "format": "wav"}, "audio"),
+    ("top_logprobs", 2, "top_logprobs"),  # without logprobs
+    ("logit_bias", {"5": 101}, "logit_bias"),
+    ("logit_bias", {"x": 1}, "logit_bias"),
+    ("presence_penalty", 2.5, "presence_penalty"),
+    ("stream_options", {"include_usage": True}, "stream_options"),  # without stream
+    ("messages", [{"role": "user", "content": "hi", "name": "bob"}], "messages[0].name"),
+    ("messages", [{"role": "tool", "content": "hi"}], "messages[0].role"),
+])
+def test_fields_are_honoured_or_refused_by_name(server, field, value, param):
+    ok = {"model": "plain", "messages": user("hi"), "max_tokens": 2}
+    status, answer = http(f"{server}/v1/chat/completions", {**ok, field: value})
+    assert status == 400, answer
+    assert answer["error"]["param"] == param and param.split("[")[0] in answer["error"]["message"]
+    no_ops = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "store": False,
+              "user": "u-1", "metadata": {"k": "v"}, "service_tier": "auto", "modalities": ["text"]}
+    status, answer = http(f"{server}/v1/chat/completions", {**ok, **no_ops})
+    assert status == 200, answer
+
+
+def raw_body(**fields) -> bytes:
+    """A request body with Python floats (inf, nan) written the way json.dumps writes them: Infinity, NaN."""
+    return json.dumps({"model": "plain", "messages": user("hi"), **fields}).encode()
+
+
+@pytest.mark.parametrize("name", ["nesting", "max_tokens_inf", "max_tokens_nan", "seed_nan", "max_tokens_float",
+                                  "content_null", "text_null", "backslash_url", "bomb", "bomb_bigger",
+                                  "lone_surrogate", "n_float"])
+def test_bad_input_is_4xx_naming_the_field(server, name):
+    cases = {
+        "nesting": (b'{"model": "plain", "messages": ' + b"[" * 60_000, 400, None),
+        "max_tokens_inf": (raw_body(max_tokens=float("inf")), 400, "max_tokens"),
+        "max_tokens_nan": (raw_body(max_tokens=float("nan")), 400, "max_tokens"),
+        "seed_nan": (raw_body(seed=float("nan")), 400, "seed"),
+        "max_tokens_float": (raw_body(max_tokens=5.0), 400, "max_tokens"),
+        "n_float": (raw_body(n=1.0), 400, "n"),
+        "content_null": (raw_body(messages=[{"role": "user", "content": None}]), 400, "messages[0].content"),
+        "text_null": (raw_body(messages=[{"role": "user", "content": [{"type": "text", "text": None}]}]), 400,
+                      "messages[0].content[0].text"),
+        "backslash_url": (raw_body(messages=user("hi", "http://127.0.0.1:8099\\@127.0.0.1/x")), 400, "image_url"),
+        "bomb": (raw_body(messages=user("hi", "data:image/png;base64,"
+                                              + base64.b64encode(png_header(10_000, 10_000)).decode())), 413,
+                 "image_url"),
+        "bomb_bigger": (raw_body(messages=user("hi", "data:image/png;base64,"
+                                                     + base64.b64encode(png_header(20_000, 20_000)).decode())), 413,
+                        "image_url"),
+        "lone_surrogate": (b'{"model": "plain", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+                           "messages[0].content[0].text"),
+    }
+    body, status, param = cases[name]
+    got, answer = http(f"{server}/v1/chat/completions", body)
+    assert got == status, answer
+    assert answer["error"]["param"] == param and answer["error"]["message"]
+    if status == 413:
+        assert answer["error"]["code"] == "image_too_large" and "max_image_pixels=16384" in answer["error"]["message"]
+    assert http(f"{server}/v1/chat/completions", {"model": "plain", "messages": user("hi"), "max_tokens": 2})[0] == 200
+
+
+def test_short_request_joins_a_running_generation(server, secure_client):
+    """Continuous batching: a short request sent while a 400-token generation runs is answered long before that
+    generation ends, decoded in the same steps (its batch had 2 rows)."""
+    import threading
+
+    progress, done = [], threading.Event()
+
+    def long_generation() -> None:
+        for chunk in secure_client.chat.completions.create(
+                model="tiny", messages=user("Count."), max_tokens=400, temperature=0, stream=True, logprobs=True,
+                extra_body={"min_tokens": 400}):
+            progress.append(len(chunk.choices[0].logprobs.content) if chunk.choices and chunk.choices[0].logprobs
+                            else 0)
+        done.set()
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    while sum(progress) < 20:
+        time.sleep(0.01)
+    raw = secure_client.chat.completions.with_raw_response.create(model="tiny", messages=user("Quick?"), max_tokens=3,
+                                                                  temperature=0)
+    ended_before = not done.is_set()
+    tokens_at_answer = sum(progress)
+    thread.join()
+    assert raw.parse().usage.completion_tokens >= 1 and raw.headers["x-batch-size"] == "2"
+    assert ended_before and tokens_at_answer < 400, tokens_at_answer
+
+
+def test_client_disconnect_frees_its_row_without_errors(server):
+    """A client that goes away mid-generation (streaming at token 12, or non-streaming by its timeout) stops the
+    generation: the generated-token counter settles far below the 400 tokens asked for, and no ERROR is logged."""
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(server).hostname, urlsplit(server).port
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = {"model": "tiny", "messages": user("Count to a thousand."), "max_tokens": 400, "min_tokens": 400,
+            "temperature": 0, "logprobs": True}
+    logs = serve_logs()
+    cancelled = secure_health(server)["cancelled"]
+    generated = []
+    for stream in (True, False):
+        before = settled_tokens(server)
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("POST", "/secure/v1/chat/completions", json.dumps({**body, "stream": stream}), headers)
+        if stream:
+            resp = conn.getresponse()
+            assert resp.status == 200
+            seen = 0
+            while seen < 12:
+                line = resp.readline()
+                if line.startswith(b"data: {"):
+                    choices = json.loads(line[6:])["choices"]
+                    seen += sum(len((c.get("logprobs") or {}).get("content") or []) for c in choices)
+        else:
+            time.sleep(0.3)  # the request is decoding; then the client gives up
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        generated.append(settled_tokens(server) - before)
+    assert all(0 < g < 400 for g in generated), generated
+    assert secure_health(server)["cancelled"] - cancelled == 2
+    lines = new_log_lines(logs)
+    assert not [line for line in lines if " ERROR " in line or "Traceback" in line], lines[-20:]
+
+
+def test_fuzzed_requests_never_5xx(server):
+    """A few hundred mutated requests (test_serve_fuzz.mutations) over real HTTP, 8 at a time: every answer is a
+    2xx or 4xx, and the server is healthy and answers a good request afterwards."""
+    from test_serve_fuzz import mutations
+
+    url = f"{server}/v1/chat/completions"
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda raw: (http(url, raw)[0], raw[:200]), mutations(seed=1, count=300)))
+    failed = [(status, raw) for status, raw in answers if status >= 500]
+    assert not failed, failed[:5]
+    assert sum(status == 200 for status, _ in answers) >= 10
+    assert http(f"{server}/healthz")[1]["status"] == "ok"
+    assert http(url, {"model": "plain", "messages": user("hi", png_data_url()), "max_tokens": 2})[0] == 200
