@@ -34,6 +34,26 @@ def random_images(n: int, seed: int = 0, size: tuple[int, int] = (16, 16)):
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
+COLOURS = {"red": (210, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 220), "yellow": (225, 210, 30)}
+
+
+def colour_images(folder, n: int, seed: int = 0) -> list[str]:
+    """Write n 16x16 noisy solid-colour images, red, green, blue, yellow in turn, as folder/NN.png; -> their
+    colour names (the answers of the colour questions the training tests ask)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = []
+    for i in range(n):
+        name = list(COLOURS)[i % len(COLOURS)]
+        pixels = np.array(COLOURS[name])[None, None] + rng.integers(-40, 40, (16, 16, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+        names.append(name)
+    return names
+
+
 def perturb(model, std: float = 0.3, seed: int = 0) -> None:
     """Give every trainable weight a random non-zero value (so injection really changes the output)."""
     gen = torch.Generator().manual_seed(seed)

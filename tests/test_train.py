@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import colour_images
 
 from jobs.train_config import TrainConfig, deepspeed_config, load_config, lr_factor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-COLOURS = {"red": (210, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 220), "yellow": (225, 210, 30)}
 STEPS, EVERY = 30, 10
 
 
@@ -32,20 +32,12 @@ STEPS, EVERY = 30, 10
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory, ray_local):
     """images/, train.jsonl (24), eval.jsonl (8), and a float16 feature cache of layers [1, 2]."""
-    from PIL import Image
-
     from pipelines.features import FeatureJob, run_features
 
     root = tmp_path_factory.mktemp("colours")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(32):
-        name = list(COLOURS)[i % 4]
-        pixels = np.array(COLOURS[name])[None, None] + rng.integers(-40, 40, (16, 16, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:02d}.png")
-        records.append({"id": f"c{i}", "image": f"images/{i:02d}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is this image?"}, {"from": "gpt", "value": name}]})
+    records = [{"id": f"c{i}", "image": f"images/{i:02d}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is this image?"}, {"from": "gpt", "value": name}]}
+        for i, name in enumerate(colour_images(root / "images", 32))]
     write_jsonl(root / "train.jsonl", records[:24])
     write_jsonl(root / "eval.jsonl", records[24:])
     run_features(FeatureJob(src=str(root / "images"), out=str(root / "cache"), base="tiny", vision_layers=[1, 2],

@@ -10,32 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import colour_images
 
 from jobs.train_config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny.yaml"
-COLOURS = {"red": (210, 30, 30), "green": (30, 190, 40), "blue": (30, 50, 220), "yellow": (225, 210, 30)}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ray_local):
     """24 images used by 48 examples (each image twice), a float16 cache of layers [1, 2]."""
-    from PIL import Image
-
     from pipelines.features import FeatureJob, run_features
 
     root = tmp_path_factory.mktemp("stream")
-    (root / "images").mkdir()
-    rng = np.random.default_rng(0)
-    records = []
-    for i in range(24):
-        name = list(COLOURS)[i % 4]
-        pixels = np.array(COLOURS[name])[None, None] + rng.integers(-40, 40, (16, 16, 3))
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(root / "images" / f"{i:02d}.png")
-        for q in ("What colour is this image?", "Name the colour."):
-            records.append({"id": f"c{i}-{len(records)}", "image": f"images/{i:02d}.png", "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": name}]})
+    records = [{"id": f"c{i}-{q}", "image": f"images/{i:02d}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": name}]}
+        for i, name in enumerate(colour_images(root / "images", 24))
+        for q, question in enumerate(("What colour is this image?", "Name the colour."))]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run_features(FeatureJob(src=str(root / "images"), out=str(root / "cache"), base="tiny", vision_layers=[1, 2],
                             pool=1, dtype="float16", batch_size=8))
