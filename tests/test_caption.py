@@ -1,4 +1,5 @@
-"""Batch captioning with Ray Data: one row per input (errors included), resume, S3, the feature cache path."""
+"""Batch captioning with Ray Data: one row per input (errors included), resume, S3, the feature cache path, and
+sampling, stop strings and the model dtype from the command line."""
 
 from __future__ import annotations
 
@@ -82,3 +83,22 @@ def test_caption_refuses_a_cache_for_other_layers(ray_local, tmp_path, adapter, 
                  "--features", str(tmp_path / "cache")]) == 2
     assert "layers: cache has [1, 2], the model needs [0, 1, 2] (missing [0])" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_caption_sampling_stop_and_dtype_from_the_command_line(ray_local, tmp_path, capsys):
+    from benchmark_files import rigged_checkpoint
+
+    ckpt = rigged_checkpoint(tmp_path / "says-x", "x", logit=12.0)  # p("x") > 0.999 at every step
+    write_images(tmp_path / "imgs", 2)
+    args = ["caption", str(tmp_path / "imgs"), "--base", str(ckpt), "--max-new-tokens", "6", "--temperature", "0.7",
+            "--top-p", "0.9", "--seed", "1", "--dtype", "bfloat16", "--format", "jsonl"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert [(r["caption"], r["completion_tokens"]) for r in read_captions(str(tmp_path / "plain"))] == [("xxxxxx", 6)] * 2
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "stopped"), "--stop", "xxx", "--stop", "never"]) == 0
+    out = capsys.readouterr().out
+    # the caption ends before "xxx", and decoding stopped at the token that completed it
+    assert [(r["caption"], r["completion_tokens"]) for r in read_captions(str(tmp_path / "stopped"))] == [("", 3)] * 2
+    assert "1 actor(s) on cpu in bfloat16" in out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["dtypes_used"] == ["bfloat16"] and summary["compute"]["num_gpus"] == 0.0
