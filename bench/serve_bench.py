@@ -3,17 +3,23 @@
   decode      decode tokens/s of a CLI adapter ÷ the one-to-one base with the same LM (KV cache on, same prompt
               and image, in-process ``FusedVLM.stream``; only the decode steps after prefill are timed, EOS
               disabled; median of ``--runs`` interleaved runs). Goal >= 0.9.
-  serve       Ray Serve throughput (completion tokens/s) at ``--clients`` concurrent clients ÷ one client, with
-              dynamic batching, plus p50/p99 request latency (in-process Ray + Serve on a free port, an adapter
-              saved to a temp dir, requests over real HTTP from threads, fixed max_tokens). Goal >= 3x.
+  scaling     ``bench/decode_scaling.py``'s in-process tokens/s by batch size (1 and each ``--clients``), measured
+              in this run: the ceiling for served batching.
+  serve       Ray Serve throughput (completion tokens/s) and p50/p99 request latency at each ``--clients`` count
+              (in-process Ray + Serve on a free port, an adapter saved to a temp dir, requests over real HTTP from
+              threads, each generating exactly ``--max-tokens``: min_tokens = max_tokens). Goal: the largest
+              count ÷ one client >= 0.8 x scaling's batch ratio. Then the time to first token of a short streamed
+              request sent while a ``--long-tokens`` generation runs, against the same request alone and the long
+              one's decode step. Goal: <= alone + 3 decode steps (it joins the running batch at the next step).
   caption     ``pipelines.caption.run_caption`` images/s on a temp folder of synthetic images ÷ a bare loop of
               ``prepare_inputs`` + ``generate`` with the same model over the same images in the same batches
               (both end to end including model load and image decoding, and the bare loop's steady state).
 
-Run by hand (the figures in the report came from this command; one torch thread: on a shared CPU two threads
-per process oversubscribe the cores and OpenMP spin-waits, which slowed decoding ~20x here):
+Run by hand (the figures in bench/RESULTS.md came from this command; one torch thread: on a shared CPU two
+threads per process oversubscribe the cores and OpenMP spin-waits, which slowed decoding ~20x here):
     .venv/bin/python bench/serve_bench.py --base small --serve-base small --threads 1 --caption-n 32
-Shorter: add --quick (3 decode runs, 16 max_tokens, 1 request per concurrent client, 16 caption images).
+Shorter: add --quick (3 decode runs, 16 tokens, 1 request per concurrent client, 16 caption images, one TTFT
+run against a 64-token generation). Parts can be skipped: --skip decode --skip caption.
 """
 
 from __future__ import annotations
@@ -106,11 +112,15 @@ def bench_decode(base_name: str, tokens: int, runs: int) -> dict:
             "one_to_one_tok_s": round(b, 2), "ratio": round(c / b, 3), "goal": ">= 0.9"}
 
 
-# --- b. served throughput ------------------------------------------------------------------------------------
+# --- b. served throughput and latency ------------------------------------------------------------------------
 
-def bench_serve(base_name: str, adapter: Path, clients: int, per_client: int, single: int, max_tokens: int,
-                threads: int) -> dict:
+def bench_serve(base_name: str, adapter: Path, clients: list[int], per_client: int, single: int, max_tokens: int,
+                threads: int, ttft_runs: int, long_tokens: int) -> dict:
+    """Throughput and latency at each client count, and the time to first token of a short request sent while a
+    long generation runs. Every request generates exactly max_tokens (min_tokens = max_tokens: EOS masked, as
+    decode_scaling disables it), so tokens/s compare with decode_scaling's."""
     import base64
+    import http.client
     import io
     import socket
     import urllib.request
@@ -123,27 +133,51 @@ def bench_serve(base_name: str, adapter: Path, clients: int, per_client: int, si
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = app_builder({"adapters": [f"cli={adapter}"], "base": base_name, "max_batch_size": clients,
-                       "max_ongoing_requests": max(32, 2 * clients), "batch_wait_timeout_s": 0.1,
+    most = max(clients)
+    app = app_builder({"adapters": [f"cli={adapter}"], "base": base_name, "max_batch_size": most,
+                       "max_ongoing_requests": max(32, 2 * most), "batch_wait_timeout_s": 0.0,
                        "num_cpus": threads, "ingress_num_cpus": 0.1, "api_key_env": None,
-                       "max_image_pixels": 512 * 512, "max_image_bytes": 1 << 20, "max_body_bytes": 2 << 20})
+                       "max_tokens": max(max_tokens, long_tokens), "default_max_tokens": max_tokens,
+                       "max_image_pixels": 512 * 512,
+                       "max_image_bytes": 1 << 20, "max_body_bytes": 2 << 20})
     serve.run(app, name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    total = 1 + single + sum(c * per_client for c in clients if c > 1)
     urls = []
-    for img in images(1 + single + clients * per_client, seed=1):  # warm-up, one client, concurrent
+    for img in images(total, seed=1):  # warm-up, one client, each concurrent run
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
 
-    def ask(i: int) -> tuple[float, int]:
-        body = {"model": "cli", "temperature": 0, "max_tokens": max_tokens,
+    def body(i: int, tokens: int, **extra) -> dict:
+        return {"model": "cli", "temperature": 0, "max_tokens": tokens, "min_tokens": tokens, **extra,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[i]}},
                                                           {"type": "text", "text": QUESTION}]}]}
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+
+    def ask(i: int) -> tuple[float, int]:
+        req = urllib.request.Request(url, data=json.dumps(body(i, max_tokens)).encode(),
+                                     headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=600) as resp:
+        with urllib.request.urlopen(req, timeout=900) as resp:
             answer = json.loads(resp.read())
         return time.perf_counter() - t0, answer["usage"]["completion_tokens"]
+
+    def streamed(i: int, tokens: int, on_token=None) -> list[float]:
+        """Arrival times (perf_counter) of each token of a streamed request, the send time first."""
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+        times = [time.perf_counter()]
+        conn.request("POST", "/v1/chat/completions", json.dumps(body(i, tokens, stream=True, logprobs=True)),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        for line in resp:
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for _ in (choice.get("logprobs") or {}).get("content") or []:
+                        times.append(time.perf_counter())
+                        if on_token is not None:
+                            on_token(len(times) - 1)
+        conn.close()
+        return times
 
     ask(0)  # warm-up
 
@@ -175,13 +209,44 @@ def bench_serve(base_name: str, adapter: Path, clients: int, per_client: int, si
                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 2), "req_s": round(len(results) / wall, 3),
                 "p50_s": round(float(np.percentile(lat, 50)), 3), "p99_s": round(float(np.percentile(lat, 99)), 3)}
 
-    one = run(1, list(range(1, 1 + single)))
-    many = run(clients, list(range(1 + single, 1 + single + clients * per_client)))
+    by_clients, nxt = {}, 1
+    for c in clients:
+        n = single if c == 1 else c * per_client
+        by_clients[c] = run(c, list(range(nxt, nxt + n)))
+        nxt += n
+        print(json.dumps({"serve_clients": by_clients[c]}), file=sys.stderr, flush=True)
+
+    # time to first token: a short request alone, then sent while a long_tokens generation is running
+    alone, during, steps = [], [], []
+    for _ in range(ttft_runs):
+        t = streamed(0, 8)
+        alone.append(t[1] - t[0])
+    for _ in range(ttft_runs):
+        started = threading.Event()
+        long_times: list[float] = []
+
+        def long_run(times: list[float] = long_times, event: threading.Event = started) -> None:
+            times.extend(streamed(1, long_tokens, on_token=lambda k: k == 16 and event.set()))
+
+        worker = threading.Thread(target=long_run)
+        worker.start()
+        started.wait()
+        t = streamed(2, 8)
+        during.append(t[1] - t[0])
+        worker.join()
+        gaps = np.diff(long_times[1:])  # the long request's decode steps (its first 16, before the short one)
+        steps.append(float(np.median(gaps[:15])))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as resp:
         health = json.loads(resp.read())
     serve.shutdown()
-    return {"base": base_name, "max_tokens": max_tokens, "model_replica_threads": threads, "one_client": one,
-            "concurrent": many, "throughput_ratio": round(many["tok_s"] / one["tok_s"], 3), "goal": ">= 3",
+    ttft_alone, ttft_during, step = (float(np.median(x)) for x in (alone, during, steps))
+    one, many = by_clients[min(clients)], by_clients[most]
+    return {"base": base_name, "max_tokens": max_tokens, "model_replica_threads": threads,
+            "by_clients": by_clients, "throughput_ratio": round(many["tok_s"] / one["tok_s"], 3),
+            "ttft": {"short_alone_s": round(ttft_alone, 3), "short_during_long_s": round(ttft_during, 3),
+                     "decode_step_s": round(step, 3), "long_tokens": long_tokens, "runs": ttft_runs,
+                     "extra_steps": round((ttft_during - ttft_alone) / step, 2),
+                     "goal": "short_during_long_s <= short_alone_s + 3 x decode_step_s"},
             "batch_sizes": health["batch_sizes"], "healthz_generated_tokens": health["generated_tokens"]}
 
 
@@ -231,18 +296,21 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (driver and model replica)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent client counts")
     p.add_argument("--per-client", type=int, default=2, help="requests per concurrent client")
     p.add_argument("--single", type=int, default=6, help="requests of the one-client run")
-    p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of every served request")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens of every served request (min_tokens too)")
+    p.add_argument("--ttft-runs", type=int, default=3, help="short requests timed alone and during a long one")
+    p.add_argument("--long-tokens", type=int, default=256, help="tokens of the long generation of the TTFT test")
     p.add_argument("--caption-n", type=int, default=64)
     p.add_argument("--caption-batch", type=int, default=8)
     p.add_argument("--caption-tokens", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="fewer runs/requests/images (a few minutes on a CPU)")
-    p.add_argument("--skip", action="append", default=[], choices=["decode", "serve", "caption"])
+    p.add_argument("--skip", action="append", default=[], choices=["decode", "scaling", "serve", "caption"])
     a = p.parse_args()
     if a.quick:
         a.runs, a.per_client, a.single, a.max_tokens, a.caption_n, a.caption_tokens = 3, 1, 3, 16, 16, 8
+        a.ttft_runs, a.long_tokens = 1, 64
     torch.set_num_threads(a.threads)
     out: dict = {"torch_threads": a.threads, "cpu_count": os.cpu_count(),
                  "device": "cuda" if torch.cuda.is_available() else "cpu", "quick": a.quick}
@@ -250,6 +318,11 @@ def main() -> int:
     if "decode" not in a.skip:
         out["decode"] = bench_decode(a.base, a.decode_tokens, a.runs)
         print(json.dumps({"decode": out["decode"]}), file=sys.stderr, flush=True)  # progress
+    if "scaling" not in a.skip:  # the in-process ceiling for served batching, in this same run
+        from bench.decode_scaling import measure
+
+        out["decode_scaling"] = measure(a.serve_base, a.threads, a.max_tokens, tuple(sorted({1, *a.clients})))
+        print(json.dumps({"decode_scaling": out["decode_scaling"]}), file=sys.stderr, flush=True)
     if not {"serve", "caption"} <= set(a.skip):
         import ray
 
@@ -263,13 +336,22 @@ def main() -> int:
             try:
                 if "serve" not in a.skip:
                     out["serve"] = bench_serve(a.serve_base, adapter, a.clients, a.per_client, a.single,
-                                               a.max_tokens, a.threads)
+                                               a.max_tokens, a.threads, a.ttft_runs, a.long_tokens)
                     print(json.dumps({"serve": out["serve"]}), file=sys.stderr, flush=True)
                 if "caption" not in a.skip:
                     out["caption"] = bench_caption(a.serve_base, adapter, a.caption_n, a.caption_batch,
                                                    a.caption_tokens, Path(tmp))
             finally:
                 ray.shutdown()
+    if "serve" in out and "decode_scaling" in out:
+        ceiling = out["decode_scaling"]["tok_s_ratio_to_batch1"][max(a.clients)]
+        served, ttft = out["serve"]["throughput_ratio"], out["serve"]["ttft"]
+        out["goals"] = {
+            "throughput": {"served_ratio": served, "decode_scaling_ratio": ceiling, "goal": round(0.8 * ceiling, 3),
+                           "met": served >= 0.8 * ceiling},
+            "ttft": {"short_during_long_s": ttft["short_during_long_s"],
+                     "goal_s": round(ttft["short_alone_s"] + 3 * ttft["decode_step_s"], 3),
+                     "met": ttft["short_during_long_s"] <= ttft["short_alone_s"] + 3 * ttft["decode_step_s"]}}
     out["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))
     return 0

@@ -254,7 +254,7 @@ def test_api_key_is_required_when_configured(server):
 
 
 @pytest.mark.parametrize("name", ["body", "images", "max_tokens", "base64", "not_image", "image_bytes", "pixels",
-                                  "model", "loopback_url", "json", "prompt_tokens", "n"])
+                                  "model", "loopback_url", "json", "prompt_tokens", "n", "prompt_chars"])
 def test_limits_and_bad_requests(server, name):
     from PIL import Image
 
@@ -275,6 +275,8 @@ def test_limits_and_bad_requests(server, name):
         "json": (400, "invalid_json", b'{"model": "plain", "messages": ['),
         "prompt_tokens": (400, "context_length_exceeded", {**ok, "messages": user("word " * 300)}),
         "n": (400, "invalid_value", {**ok, "n": 99}),  # over max_batch_size (n > 1 is honoured)
+        # over max_prompt_chars (16 x max_prompt_tokens = 4096): refused by the ingress before any tokeniser runs
+        "prompt_chars": (400, "context_length_exceeded", {**ok, "messages": user("word " * 2000)}),
     }
     status, code, body = cases[name]
     got, answer = http(url, body)
