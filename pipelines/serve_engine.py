@@ -175,7 +175,12 @@ class Engine:
     @property
     def rows(self) -> int:
         """Rows decoding now."""
-        return sum(len(g.rows) for g in self.groups.values())
+        return sum(len(g.rows) for g in list(self.groups.values()))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for metrics, safe to read from another thread while the engine runs (copies under the GIL)."""
+        return {"running_rows": self.rows, "batch_sizes": dict(self.batch_sizes), "generated": dict(self.generated),
+                "prompt_tokens": dict(self.prompt_tokens), "cancelled_rows": self.cancelled_rows}
 
     @property
     def free_rows(self) -> int:

@@ -71,15 +71,15 @@ class VLMModel:
                                                 description="Tokens generated (EOS included), per served model.")
 
     def stats(self) -> dict[str, Any]:
-        engine = self.engine
-        return {"models": list(engine.models), "device": self.device, "max_batch_size": self.cfg.max_batch_size,
-                "batch_sizes": {str(k): v for k, v in sorted(engine.batch_sizes.items())},
-                "generated_tokens": dict(engine.generated), "prompt_tokens": dict(engine.prompt_tokens),
-                "running_rows": engine.rows, "queued_requests": self.scheduler.queued,
-                "cancelled_requests": self.cancelled, "cancelled_rows": engine.cancelled_rows}
+        snap = self.engine.snapshot()
+        return {"models": list(self.engine.models), "device": self.device, "max_batch_size": self.cfg.max_batch_size,
+                "batch_sizes": {str(k): v for k, v in sorted(snap["batch_sizes"].items())},
+                "generated_tokens": snap["generated"], "prompt_tokens": snap["prompt_tokens"],
+                "running_rows": snap["running_rows"], "queued_requests": self.scheduler.queued,
+                "cancelled_requests": self.cancelled, "cancelled_rows": snap["cancelled_rows"]}
 
     def _count(self) -> None:
-        for model, total in self.engine.generated.items():
+        for model, total in self.engine.snapshot()["generated"].items():
             if total > self.counted[model]:
                 self.generated_metric.inc(total - self.counted[model], tags={"model": model})
                 self.counted[model] = total
