@@ -102,7 +102,7 @@ def read_benchmark(data: str, answers: str | None = None, image_root: str | None
             raise ValueError(f"{data}: record {bad + 1} has keys {sorted(records[bad])}: expected LLaVA's question "
                              f"format (question_id, image, text) or conversations (id, image, conversations)")
     notes: list[str] = []
-    found = attach_references(items, answers, notes) if answers else _inline_kind(items, layout)
+    found = attach_references(items, answers, notes) if answers else _inline_kind(items, layout, records)
     if kind != "auto" and kind != found:
         raise ValueError(f"--benchmark {kind} does not fit {answers or data}: its references are {found} "
                          f"references; drop --benchmark or give the {kind} answers file")
@@ -207,11 +207,23 @@ def read_mmbench(uri: str) -> tuple[list[EvalItem], list[dict[str, Any]]]:
 
 # --- references --------------------------------------------------------------------------------------------
 
-def _inline_kind(items: list[EvalItem], layout: str) -> Kind:
-    """The benchmark the question records' own fields call for (MMBench's TSV: its answer column)."""
+def _inline_kind(items: list[EvalItem], layout: str, records: list[dict[str, Any]]) -> Kind:
+    """The benchmark the question records' own fields call for: MMBench's answer column, the conversations'
+    replies, or a question record's ``label`` (POPE), ``answers`` (VQA) or ``answer`` (with ``choices``: the
+    right option)."""
     if layout == "mmbench_tsv":
         return "multiple_choice" if all(it.reference is not None for it in items) else "unscored"
-    return "exact" if layout == "conversations" and all(it.reference is not None for it in items) else "unscored"
+    if layout == "conversations":
+        return "exact" if all(it.reference is not None for it in items) else "unscored"
+    for field_name, kind in (("label", "pope"), ("answers", "vqav2"), ("answer", "exact")):
+        if all(r.get(field_name) is not None for r in records):
+            for it, r in zip(items, records):
+                value = r[field_name]
+                it.reference = ([a["answer"] if isinstance(a, dict) else str(a) for a in value] if kind == "vqav2"
+                                else str(value).strip().lower() if kind == "pope"
+                                else _choice_answer(value, it.choices))
+            return "multiple_choice" if kind == "exact" and all(it.choices for it in items) else kind
+    return "unscored"
 
 
 def attach_references(items: list[EvalItem], answers: str, notes: list[str]) -> Kind:

@@ -43,6 +43,7 @@ from pipelines.features import DEFAULT_MAX_PIXELS
 from pipelines.generation import Sampling, add_sampling_arguments, complete, sampling_from_args
 
 from .benchmarks import KINDS, Benchmark, EvalItem, answer_rows, candidates, read_benchmark, score_items
+from .scoring import LETTERS
 
 BATCH_CPU, BATCH_GPU = 16, 64  # default questions per model call on each device
 Scoring = Literal["generate", "choice", "both"]
@@ -324,7 +325,7 @@ def _answers_of(scoring: str, bench: Benchmark, rows: list[dict], cands: list[li
             m["completion_tokens"] = int(row["completion_tokens"])
         else:
             best = str(row["chosen"])
-            letter = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[cs.index(best)] if it.choices else None
+            letter = LETTERS[cs.index(best)] if it.choices else None
             texts.append(letter or best)
             m.update({"choice": best, "logprobs": dict(zip(cs, json.loads(row["scores"])))})
         meta.append(m)

@@ -48,10 +48,20 @@ def test_pope_pairs_each_category_in_file_order(tmp_path):
     (labels / "coco_pope_popular.json").unlink()
     with pytest.raises(ValueError, match=r"1 question\(s\) of categories \['popular'\] have no POPE label file"):
         read_benchmark(str(qfile), str(labels), str(images))
-    # a POPE label file given as the question file carries its own labels: one file, its order
-    one = read_benchmark(str(labels / "coco_pope_adversarial.json"), str(labels / "coco_pope_adversarial.json"),
-                         str(images))
-    assert [it.reference for it in one.items] == ["yes", "no"]
+    # a POPE label file given as the question file carries its own labels
+    one = read_benchmark(str(labels / "coco_pope_adversarial.json"), image_root=str(images))
+    assert one.kind == "pope" and [it.reference for it in one.items] == ["yes", "no"]
+
+
+def test_question_records_may_carry_their_references(tmp_path):
+    rows = [{"question_id": 1, "image": "a.png", "text": "Which?", "choices": ["cat", "dog"], "answer": "dog"},
+            {"question_id": 2, "image": "b.png", "text": "Which?", "choices": ["red", "blue"], "answer": 0}]
+    bench = read_benchmark(str(write_jsonl(tmp_path / "mc.jsonl", rows)))
+    assert bench.kind == "multiple_choice" and [it.reference for it in bench.items] == ["B", "A"]
+    assert bench.items[0].prompt == "Which?\nA. cat\nB. dog" and bench.items[0].instruction == MC_INSTRUCTION
+    vqa = read_benchmark(str(write_jsonl(tmp_path / "vqa.jsonl", [
+        {"question_id": 3, "image": "c.png", "text": "What?", "answers": [{"answer": "two"}] * 3 + ["3"] * 7}])))
+    assert vqa.kind == "vqav2" and vqa.items[0].reference == ["two"] * 3 + ["3"] * 7
 
 
 def test_mmbench_tsv_prompts_as_llava_asks_them(tmp_path):

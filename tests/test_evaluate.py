@@ -35,6 +35,12 @@ def says_2(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def ov_says_2(tmp_path_factory) -> str:
+    """LLaVA-OneVision (SigLIP + Qwen2, ChatML, anyres processor) answering "2" to everything."""
+    return str(rigged_checkpoint(tmp_path_factory.mktemp("ckpt") / "ov-says-2", "2", LOGIT, "llava_onevision"))
+
+
+@pytest.fixture(scope="module")
 def says_b(tmp_path_factory) -> str:
     """Answers "B" to everything."""
     return str(rigged_checkpoint(tmp_path_factory.mktemp("ckpt") / "llava-says-b", "B", LOGIT))
@@ -44,7 +50,9 @@ def answers_of(path: str | Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
-def test_vqav2_questions_with_annotations_score_soft_accuracy(ray_local, tmp_path, says_2):
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_vqav2_questions_with_annotations_score_soft_accuracy(ray_local, tmp_path, family, request):
+    base = request.getfixturevalue("says_2" if family == "llava" else "ov_says_2")
     questions, annotations, images = vqav2_files(tmp_path, [
         (1001, 1, "How many dogs are there?", "number", ["2", "2"] + ["3"] * 8),  # 2 humans said 2: 0.6
         (1002, 2, "How many cats are there?", "number", ["two"] * 4 + ["3"] * 6),  # "two" is 2: 1.0
@@ -54,7 +62,7 @@ def test_vqav2_questions_with_annotations_score_soft_accuracy(ray_local, tmp_pat
     qfile = tmp_path / "questions" / questions.name  # the question file away from its images: --image-root
     qfile.parent.mkdir()
     questions.rename(qfile)
-    report = run_eval(EvalJob(data=str(qfile), answers=str(annotations), image_root=str(images), base=says_2,
+    report = run_eval(EvalJob(data=str(qfile), answers=str(annotations), image_root=str(images), base=base,
                               out=str(tmp_path / "vqav2.json"), max_new_tokens=1))
     assert report["benchmark"] == "vqav2" and report["layout"] == "llava_questions" and report["n"] == 4
     assert report["accuracy"] == pytest.approx((0.6 + 1.0 + 0.0 + 0.3) / 4)
@@ -63,7 +71,7 @@ def test_vqav2_questions_with_annotations_score_soft_accuracy(ray_local, tmp_pat
     assert [set(r) for r in rows] == [ANSWER_KEYS] * 4
     assert [r["question_id"] for r in rows] == [1001, 1002, 1003, 1004]  # question-file order
     assert [r["text"] for r in rows] == ["2"] * 4 and rows[0]["prompt"] == "How many dogs are there?" + SHORT
-    assert rows[0]["model_id"] == f"base:{says_2}" and len({r["answer_id"] for r in rows}) == 4
+    assert rows[0]["model_id"] == f"base:{base}" and len({r["answer_id"] for r in rows}) == 4
     assert json.loads((tmp_path / "vqav2.json").read_text())["accuracy"] == pytest.approx(0.475)
     assert report["compute"]["device"] == "cpu" and report["dtypes_used"] == ["float32"]
 
@@ -147,7 +155,17 @@ def test_scienceqa_conversations_with_problems_json_and_text_questions(ray_local
 
 
 def test_every_turn_is_asked_from_the_feature_cache_in_bfloat16(ray_local, tmp_path, says_2):
+    """A CLI adapter (untrained: its injection adds exactly zero, so the rigged answers stay known) over the
+    feature cache, in bfloat16, on conversation records."""
+    from cli_module.adapter import save_adapter
+    from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
+    from cli_module.model import FusedVLM
     from pipelines.features import FeatureJob, run_features
+
+    adapter = tmp_path / "adapter"
+    save_adapter(FusedVLM(load_base(says_2), CLIConfig(vision_layers=[1], inject_layers=[0, 1], attn_dim=16,
+                                                       heads=2, lora_rank=4)), adapter)
 
     images = tmp_path / "data" / "coco" / "val2014"
     write_coco_images(images, [1, 2])
@@ -161,11 +179,13 @@ def test_every_turn_is_asked_from_the_feature_cache_in_bfloat16(ray_local, tmp_p
     run_features(FeatureJob(src=str(data), image_root=str(tmp_path / "data"), out=str(tmp_path / "cache"),
                             base=says_2, vision_layers=[1], dtype="float16"))
     report = run_eval(EvalJob(data=str(data), image_root=str(tmp_path / "data"), features=str(tmp_path / "cache"),
-                              base=says_2, out=str(tmp_path / "multi.json"), max_new_tokens=1, dtype="bfloat16"))
+                              adapter=str(adapter), out=str(tmp_path / "multi.json"), max_new_tokens=1,
+                              dtype="bfloat16"))
     # three questions: "2" (right), "3" (wrong), "two" (right: numbers are normalised)
     assert report["benchmark"] == "exact" and report["n"] == 3 and report["accuracy"] == pytest.approx(2 / 3)
     assert report["per_type"] == {"count": pytest.approx(2 / 3)}
     assert report["dtypes_used"] == ["bfloat16"] and report["compute"]["dtype"] == "bfloat16"
+    assert report["method"] == "cli" and report["model_id"] == "adapter"
     rows = answers_of(tmp_path / "multi.answers.jsonl")
     assert [(r["question_id"], r["metadata"].get("turn", 0), r["prompt"]) for r in rows] == [
         ("a", 0, "How many dogs?"), ("a", 1, "And cats?"), ("b", 0, "How many birds?")]
