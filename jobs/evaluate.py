@@ -364,8 +364,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "problems.json, or JSONL {question_id, answer(s)}")
     p.add_argument("--image-root", help="folder or s3:// prefix of the questions' image paths "
                                         "(default: the question file's folder)")
-    p.add_argument("--benchmark", choices=["auto", *KINDS], default="auto",
-                   help="the metric (auto: what the references call for)")
+    p.add_argument("--benchmark", choices=["auto", *(k for k in KINDS if k != "unscored")], default="auto",
+                   help="the metric, checked against the references (auto: what the references call for)")
     p.add_argument("--scoring", choices=["generate", "choice", "both"], default="generate",
                    help="generate answers, or pick the candidate answer with the highest likelihood, or both")
     p.add_argument("--max-candidates", type=int, default=64,
