@@ -190,6 +190,38 @@ class Engine:
 
     def prepare(self, job: ChatJob, request_id: str) -> Prepared:
         """Chat template, prompt limits, tokeniser and image encoding of one request (no decoder forward)."""
+        (result,) = self.prepare_many([(job, request_id)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_many(self, jobs: list[tuple[ChatJob, str]]) -> list[Prepared | Exception]:
+        """``prepare`` for requests that arrived together: the images of one model are encoded in one batch (a
+        burst of requests then also prefills as one batch). Each result is the request's Prepared, or the error
+        it gets; a batch that fails is retried request by request, so one bad request fails alone."""
+        out: list[Prepared | Exception | None] = [None] * len(jobs)
+        groups: dict[tuple[str, bool], list[tuple[int, str]]] = {}
+        for i, (job, _) in enumerate(jobs):
+            try:
+                groups.setdefault((job.model, bool(job.images)), []).append((i, self._prompt(job)))
+            except Exception as err:  # noqa: BLE001 (the caller turns it into the request's answer)
+                out[i] = err
+        for (model_id, _), members in groups.items():
+            try:
+                self._finish(jobs, model_id, members, out)
+            except Exception as err:  # noqa: BLE001
+                if len(members) == 1:
+                    out[members[0][0]] = err
+                    continue
+                for member in members:  # find the request that fails: the others still go through
+                    try:
+                        self._finish(jobs, model_id, [member], out)
+                    except Exception as alone:  # noqa: BLE001
+                        out[member[0]] = alone
+        return out
+
+    def _prompt(self, job: ChatJob) -> str:
+        """Checks that need no tokens, the chat template, and the prompt's text token count -> the prompt."""
         if job.model not in self.models:
             raise ApiError(404, f"model {job.model!r} is not served by this replica", param="model",
                            code="model_not_found")
@@ -211,24 +243,61 @@ class Engine:
             messages = [m for m in messages if m["role"] != "system"]
             if system and messages:
                 messages[0] = {**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}
-        prompt = render(tok, messages, add_generation_prompt=True)
-        limit = self.max_prompt_tokens
+        try:
+            prompt = render(tok, messages, add_generation_prompt=True)
+        except Exception as err:
+            if type(err).__module__.startswith("jinja2"):  # the template refuses these messages (e.g. roles)
+                raise ApiError(400, f"the model's chat template refused the messages: {err}",
+                               param="messages") from None
+            raise
         text_tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        if text_tokens > limit:
-            raise ApiError(400, f"prompt has {text_tokens} tokens, over max_prompt_tokens={limit}",
+        if text_tokens > self.max_prompt_tokens:
+            raise ApiError(400, f"prompt has {text_tokens} tokens, over max_prompt_tokens={self.max_prompt_tokens}",
                            param="messages", code="context_length_exceeded")
+        return prompt
+
+    def _finish(self, jobs: list[tuple[ChatJob, str]], model_id: str, members: list[tuple[int, str]],
+                out: list[Prepared | Exception | None]) -> None:
+        """Encode the members' prompts and images as one batch; their Prepared (or limit errors) go to ``out``."""
+        encoded = self._encode(model_id, [(jobs[i][0], prompt) for i, prompt in members])
+        for (i, _), (ids, visual) in zip(members, encoded):
+            job, request_id = jobs[i]
+            try:
+                out[i] = self._checked(job, request_id, ids, visual)
+            except ApiError as err:
+                out[i] = err
+
+    def _encode(self, model_id: str, items: list[tuple[ChatJob, str]]) -> list[tuple[torch.Tensor, Any]]:
+        """Prompts (all with an image, or none) -> each one's ids (1, S_i) and VisualState (batch of 1)."""
+        model = self.models[model_id]
+        images = [job.images[0] for job, _ in items] if items[0][0].images else None
         with torch.inference_mode():
-            enc, visual = model.prepare_inputs([prompt], job.images or None)
-        n = int(enc["attention_mask"].sum())
+            enc, visual = model.prepare_inputs([prompt for _, prompt in items], images)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        out, start = [], 0
+        for b, n in enumerate(lengths):
+            one = None
+            if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
+                count = visual.counts[b]
+                one = replace(visual, counts=[count],
+                              image_embeds=None if visual.image_embeds is None else
+                              visual.image_embeds[start:start + count],
+                              tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
+                              kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
+                start += count
+            out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
+        return out
+
+    def _checked(self, job: ChatJob, request_id: str, ids: torch.Tensor, visual: Any) -> Prepared:
+        n, limit = ids.shape[1], self.max_prompt_tokens
         if n > limit:
             raise ApiError(400, f"prompt has {n} tokens with the image's, over max_prompt_tokens={limit}",
                            param="messages", code="context_length_exceeded")
-        context = getattr(model.base.text_config, "max_position_embeddings", None)
+        context = getattr(self.models[job.model].base.text_config, "max_position_embeddings", None)
         if context and n + job.max_tokens > context:
             raise ApiError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of "
                                 f"{context} tokens", param="max_tokens", code="context_length_exceeded")
-        return Prepared(request_id=request_id, job=replace(job, images=[]), ids=enc["input_ids"][:, -n:],
-                        visual=visual)
+        return Prepared(request_id=request_id, job=replace(job, images=[]), ids=ids, visual=visual)
 
     # --- engine thread -------------------------------------------------------------------------------------
 

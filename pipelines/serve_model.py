@@ -2,20 +2,18 @@
 continuously batching engine (``pipelines.serve_engine``, driven by ``pipelines.serve_scheduler``).
 
 Per replica, three threads of work: the Serve event loop (``generate``: one async generator per request), one
-prepare thread (chat template, tokeniser, image encoding: never the decoder) and one engine thread (prefill and
-decode steps). Tokenising a long prompt or encoding a large image therefore never delays the decode steps of
+prepare thread (chat template, tokeniser, image encoding: never the decoder; requests that arrive together are
+prepared in one batch) and one engine thread (prefill and decode steps). Tokenising a long prompt or encoding a large image therefore never delays the decode steps of
 the requests already running. A request whose client goes away is cancelled: Serve cancels ``generate``, whose
 ``finally`` frees its rows before the next step.
 
 Torch is imported inside the deployment only, so the driver and the ingress replicas stay light.
 """
 
-import asyncio
 import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -55,7 +53,7 @@ class VLMModel:
         from ray.util import metrics
 
         from .serve_engine import Engine
-        from .serve_scheduler import Scheduler
+        from .serve_scheduler import Preparer, Scheduler
 
         self.cfg = config
         self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray exposes only the GPUs it assigned
@@ -63,7 +61,7 @@ class VLMModel:
         torch.set_num_threads(max(1, int(cpus)))
         models = {k: m.to(self.device) for k, m in load_models(config).items()}
         self.engine = Engine(models, max_rows=config.max_batch_size, max_prompt_tokens=config.max_prompt_tokens)
-        self.prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslayer-prepare")
+        self.preparer = Preparer(self.engine, max_batch=config.max_batch_size)
         self.scheduler = Scheduler(self.engine, idle_wait_s=config.batch_wait_timeout_s, on_step=self._count)
         self.cancelled = 0  # requests whose client went away before their end
         self.counted: Counter[str] = Counter()  # generated tokens already added to the Ray metric
@@ -88,9 +86,8 @@ class VLMModel:
         """The request's events, in batches (whatever arrived since the last yield): ``Started``, ``Delta``s, and
         one ``End`` last (also alone, when the request cannot be prepared)."""
         request_id = uuid.uuid4().hex
-        loop = asyncio.get_running_loop()
         try:
-            item = await loop.run_in_executor(self.prepare_pool, self.engine.prepare, job, request_id)
+            item = await self.preparer.prepare(job, request_id)
         except ApiError as err:
             yield [End(error=err)]
             return

@@ -1,6 +1,9 @@
-"""Drives an ``Engine`` from asyncio (no Ray): requests join the running batch at the next decode step, every
-request's events arrive on its own queue, and a cancelled request's rows leave before the next step.
+"""Drives an ``Engine`` from asyncio (no Ray): requests are prepared together when they arrive together, join the
+running batch at the next decode step, every request's events arrive on its own queue, and a cancelled request's
+rows leave before the next step.
 
+  Preparer.prepare(job)         the requests waiting for the prepare thread go in one ``Engine.prepare_many``
+                                call (images of one model encoded as one batch), so a burst also prefills together
   submit(prepared) -> queue     the request waits (FIFO) until its n rows fit in the engine's free rows
   loop, while there is work:    [cancel + add the waiting that fit] (prefill: first tokens published at once)
                                 [step] (one token for every running row), on one engine thread
@@ -18,10 +21,49 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from .serve_api import ApiError, End, Event
+from .serve_api import ApiError, ChatJob, End, Event
 from .serve_engine import Engine, Prepared
 
 logger = logging.getLogger("ray.serve")
+
+
+class Preparer:
+    """Runs ``Engine.prepare_many`` on its own thread (never the engine's), over every request that waited."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        self.engine, self.max_batch = engine, max_batch
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslayer-prepare")
+        self.pending: list[tuple[ChatJob, str, asyncio.Future]] = []  # (job, request id, its result)
+        self.task: asyncio.Task | None = None  # the loop, while requests wait
+
+    async def prepare(self, job: ChatJob, request_id: str) -> Prepared:
+        """The request prepared, or the error it gets (raised)."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[Prepared] = loop.create_future()
+        self.pending.append((job, request_id, result))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run())
+        return await result
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            batch = [p for p in self.pending[: self.max_batch] if not p[2].done()]  # done: cancelled meanwhile
+            del self.pending[: self.max_batch]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.thread, self.engine.prepare_many,
+                                                     [(job, rid) for job, rid, _ in batch])
+            except Exception as err:  # noqa: BLE001 (prepare_many answers per request; this is the last resort)
+                results = [err] * len(batch)
+            for (_, _, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 class Scheduler:

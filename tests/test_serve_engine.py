@@ -95,14 +95,15 @@ def test_greedy_continuous_batching_equals_sequential(engine, models):
         "f": (7, job("base", "Short one with an image", images[3], n=3, max_tokens=6)),
         "g": (9, job("tuned", "Late arrival with a long prompt " * 4, images[0], max_tokens=8)),
     }
-    prepared = {rid: engine.prepare(j, rid) for rid, (_, j) in jobs.items()}
+    batch = engine.prepare_many([(j, rid) for rid, (_, j) in jobs.items()])  # images encoded as one batch
+    prepared = dict(zip(jobs, batch))
     arrivals: dict[int, list] = {}
     for rid, (step, _) in jobs.items():
         arrivals.setdefault(step, []).append(prepared[rid])
     got = run(engine, arrivals)
     eos = engine.detok.eos_token_id
     for rid, item in prepared.items():
-        want = alone(engine, models, item)
+        want = alone(engine, models, engine.prepare(jobs[rid][1], rid))  # prepared by itself, decoded by itself
         assert sorted(got[rid]) == list(range(item.job.n)), rid
         for index, deltas in got[rid].items():
             assert token_bytes(deltas) == [engine._token_bytes(t) for t in want if t != eos], (rid, index)
@@ -174,6 +175,23 @@ def test_logprobs_are_the_models(engine, models):
     assert math.isclose(first["logprob"], float(want.max()), abs_tol=1e-4)
     assert [t["logprob"] for t in first["top_logprobs"]] == pytest.approx(top.values.tolist(), abs=1e-4)
     assert first["top_logprobs"][0]["bytes"] == first["bytes"]  # greedy: the chosen token is the most likely
+
+
+def test_prepare_many_isolates_bad_requests(engine):
+    images = random_images(2, seed=6)
+    jobs = [(job("tuned", "one", images[0]), "a"), (job("tuned", "word " * 300, images[1]), "long"),
+            (job("tuned", "two", images[1], logit_bias={10**6: 1.0}), "bias"), (job("base", "text"), "c"),
+            (job("tuned", "three", images[1]), "b")]
+    results = dict(zip([rid for _, rid in jobs], engine.prepare_many(jobs)))
+    assert isinstance(results["long"], ApiError) and results["long"].code == "context_length_exceeded"
+    assert isinstance(results["bias"], ApiError) and results["bias"].param == "logit_bias"
+    for rid, j in [("a", jobs[0][0]), ("c", jobs[3][0]), ("b", jobs[4][0])]:
+        single = engine.prepare(j, rid)
+        assert torch.equal(results[rid].ids, single.ids), rid
+        if single.visual is not None:
+            assert results[rid].visual.counts == single.visual.counts
+            assert torch.allclose(results[rid].visual.image_embeds, single.visual.image_embeds, atol=1e-5)
+            assert torch.allclose(results[rid].visual.kv[0][0], single.visual.kv[0][0], atol=1e-5)
 
 
 def test_prepare_limits(engine):
