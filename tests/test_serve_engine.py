@@ -247,3 +247,23 @@ def test_scheduler_admits_at_the_next_step_and_cancels(engine):
     waited, after_cancel, rows = asyncio.run(scenario())
     assert waited <= 2  # joined the running batch at the next step, not after the 400-token generation
     assert after_cancel <= 2 and rows == 0  # the cancelled row stopped within a step
+
+
+def test_preparer_batches_requests_that_arrive_together(engine):
+    from pipelines.serve_scheduler import Preparer
+
+    calls = []
+    prepare_many = engine.prepare_many
+    engine.prepare_many = lambda jobs: calls.append(len(jobs)) or prepare_many(jobs)
+    images = random_images(4, seed=7)
+
+    async def scenario() -> list:
+        preparer = Preparer(engine, max_batch=8)
+        asks = [preparer.prepare(job("tuned", f"q{i}", images[i]), f"r{i}") for i in range(4)]
+        asks.append(preparer.prepare(job("tuned", "word " * 300), "long"))
+        return await asyncio.gather(*asks, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert calls == [5]  # one prepare_many call: the four images were encoded as one batch
+    assert [r.request_id for r in results[:4]] == ["r0", "r1", "r2", "r3"]
+    assert isinstance(results[4], ApiError) and results[4].code == "context_length_exceeded"
