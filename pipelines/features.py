@@ -265,8 +265,9 @@ def _drop_cached(batch: dict[str, np.ndarray], done: Any) -> dict[str, np.ndarra
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("features", help="precompute multi-layer vision features into a Parquet cache (Ray Data)")
-    p.add_argument("src", help="image folder, s3://bucket/prefix, or manifest (.jsonl/.parquet with an image column)")
-    p.add_argument("--out", required=True, help="cache folder or s3:// prefix")
+    p.add_argument("src", nargs="?", help="image folder, s3://bucket/prefix, or manifest (.jsonl/.json/.parquet with an "
+                                          "image column)")
+    p.add_argument("--out", help="cache folder or s3:// prefix (required unless --estimate)")
     p.add_argument("--base", default="tiny")
     p.add_argument("--layers", dest="vision_layers", type=int, nargs="+", default=[-2, -5, -8, -11],
                    help="the vision layers K to cache: hidden_states indices (negative count from the end)")
@@ -279,10 +280,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     p.add_argument("--image-root", help="folder or s3:// prefix a manifest's relative image paths are under "
                                         "(LLaVA's 665K mix: the folder holding coco/, gqa/, ...)")
+    p.add_argument("--estimate", action="store_true", help="print the cache's size (bytes per image, total, shards) "
+                                                           "for --images (or SRC's image count); encode nothing")
+    p.add_argument("--images", type=int, help="with --estimate: the image count (default: count SRC's images)")
     p.set_defaults(func=_cmd)
 
 
 def _cmd(args: argparse.Namespace) -> int:
+    if args.estimate:
+        return _estimate(args)
+    if args.images is not None:
+        raise ValueError("--images goes with --estimate")
+    if not args.src or not args.out:
+        raise ValueError("give SRC and --out DEST (or --estimate to size a cache without building it)")
     job = FeatureJob(src=args.src, out=args.out, base=args.base, vision_layers=args.vision_layers, pool=args.pool,
                      dtype=args.dtype, batch_size=args.batch_size, concurrency=args.concurrency,
                      cpus_per_actor=args.cpus_per_actor, threads=args.threads, max_pixels=args.max_pixels,
@@ -295,4 +305,24 @@ def _cmd(args: argparse.Namespace) -> int:
           f"{summary['compute']['concurrency']} encoder(s) on {summary['compute']['device']} in "
           f"{summary['compute']['dtype']}" + (f" ({summary['compute']['notes']})" if summary['compute']['notes'] else ""))
     print(json.dumps(summary))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """``--estimate``: the size of the cache these arguments would build, from the encoder's shapes alone."""
+    from cli_module.loading import load_base
+
+    from .feature_cache import estimate
+
+    if args.images is None and not args.src:
+        raise ValueError("--estimate needs --images N or SRC to count")
+    if args.images is not None and args.images < 1:
+        raise ValueError(f"--images must be >= 1, got {args.images}")
+    images = args.images if args.images is not None else len(list_sources(args.src, args.image_root))
+    base = load_base(args.base, weights=False)  # configs only: nothing encoded, no weights read
+    e = estimate(base, args.vision_layers, args.pool, args.dtype, images, args.batch_size or BATCH_CPU)
+    print(f"features --estimate: {e['bytes_per_image'] / 2**20:.2f} MiB per image x {images:,} images = "
+          f"{e['total_bytes'] / 2**30:,.1f} GiB in {e['shards']:,} shards ({args.base}, layers "
+          f"{' '.join(map(str, args.vision_layers))}, pool {args.pool}, {args.dtype}; shapes {e['shapes']})")
+    print(json.dumps(e))
     return 0

@@ -184,3 +184,18 @@ def test_estimate_matches_the_cache_it_predicts(data, dtype, tmp_path):
     assert e["total_bytes"] == e["bytes_per_image"] * 558_128 and e["shards"] == -(-558_128 // 32)
     big = estimate(load_base("llava-1.5-7b-shape"), [6, 12, 18, 23], 1, "float16", images=1)
     assert big["tensor_bytes_per_image"] == (576 + 4 * 576) * 1024 * 2  # DESIGN.md: 1.2 MB per layer per image
+
+
+def test_estimate_command_counts_the_source_or_takes_a_count(data, capsys):
+    from jobs.cli import main
+
+    assert main(["features", str(data / "images"), "--estimate", "--base", "tiny", "--layers", "1", "2",
+                 "--batch-size", "10"]) == 0
+    counted = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert counted["images"] == 24 and counted["shards"] == 3 and counted["tensor_bytes_per_image"] == 3 * 16 * 32 * 2
+    assert main(["features", "--estimate", "--images", "558128", "--base", "llava-onevision-0.5b-shape",
+                 "--layers", "6", "13", "20", "26", "--pool", "3", "--dtype", "int8"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "558,128 images" in line and "'layers': [4, 81, 1152]" in line
+    assert main(["features", str(data / "images"), "--images", "5"]) == 2  # --images only sizes an estimate
+    assert "--images goes with --estimate" in capsys.readouterr().err
