@@ -1,0 +1,194 @@
+"""The powered quality benchmark (issue "Quality that can be trusted"): CLI against every baseline with intervals.
+
+Protocol, on one `crosslayer data synth` set (all seven question types):
+1. Stage 1 as LLaVA's: the projector learns from the image captions (captions.jsonl as LLaVA-Pretrain-style
+   conversations), then from the questions; the result is `one_to_one`. Its likelihood ("choice") accuracy per
+   question type is reported next to the most-frequent-answer rate of that type, so a stage 1 that learned
+   only answer priors shows.
+2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) from that projector,
+   the same steps and data, each seed in ``--seeds``; validation loss curves are kept (metrics.jsonl).
+3. Every model answers the test questions twice (``crosslayer eval --scoring both``): generated answers by
+   exact match, and likelihood over the answers seen for the question type.
+4. Statistics (``jobs.intervals``): each method's accuracy with a 95% bootstrap interval over questions, seeds
+   pooled; each baseline's paired difference to CLI on the same questions, with its interval; a difference whose
+   interval holds 0 is "no difference found".
+Finished runs are reused (summary.json / eval.json on disk), so an interrupted benchmark resumes.
+
+    python bench/quality_powered.py                                # the protocol: 5,000 images, 3 seeds
+    python bench/quality_powered.py --base tiny --n 240 --stage1-steps 4 --caption-steps 4 --stage2-steps 4 \
+        --seeds 0 --eval-n 40 --work out/quality-smoke                # a smoke run of the whole pipeline
+Writes ``--results`` (JSON) and prints the Markdown tables for bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.quality import METHODS  # noqa: E402  (the stage-2 methods, shared with bench/quality.py)
+
+BASES = {  # base -> (vision layers K, injection layers T, pool, attention width, image size)
+    "small": ([3, 6, 9, 12], [2, 10, 18, 26], 2, 256, 112),
+    "tiny": ([1, 2], [0, 1], 1, 16, 32),
+}
+
+
+def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: int, lr: float, seed: int,
+          extra: list[str], precision: str, workers: int, threads: int) -> dict:
+    from jobs.train import run_train
+    from jobs.train_config import load_config, recipe_overrides
+
+    done = work / name / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    layers, inject, pool, attn, _ = BASES[base]
+    overrides = [*recipe_overrides(base=base, output_dir=work / name, data_dir=data_dir, features=cache,
+                                   steps=steps, lr=lr, micro_batch=8 // workers, vision_layers=layers,
+                                   inject_layers=inject, pool=pool, attn_dim=attn, heads=4 if attn % 4 == 0 else 2,
+                                   workers=workers, seed=seed, log_every=max(1, steps // 20)),
+                 f"trainer.cpus_per_worker={threads}", f"deepspeed.precision={precision}",
+                 f"trainer.eval_every={max(1, steps // 10)}", "trainer.max_failures=2", *extra]
+    if pool == 1 or base == "tiny":
+        overrides = [o for o in overrides if not o.startswith("cli.pool=")] + ["cli.pool=1"]
+    return run_train(load_config(None, overrides))
+
+
+def caption_conversations(data: Path) -> Path:
+    """captions.jsonl -> LLaVA-Pretrain-style conversations (one caption turn per image)."""
+    out = data / "captions-conv.jsonl"
+    rows = [json.loads(x) for x in (data / "captions.jsonl").read_text().splitlines()]
+    out.write_text("".join(json.dumps({"id": f"cap{i}", "image": r["image"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": r["caption"]}]})
+        + "\n" for i, r in enumerate(rows)))
+    return out
+
+
+def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
+    """(questions,) 0/1 of one eval run and scoring, in the test file's order."""
+    from jobs.scoring import normalize_answer
+
+    path = report["answers_files"][scoring]
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    if len(rows) != len(records):
+        raise ValueError(f"{path}: {len(rows)} answers for {len(records)} questions")
+    return np.array([normalize_answer(r["text"]) == normalize_answer(q["answer"]) for r, q in zip(rows, records)],
+                    dtype=float)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", choices=list(BASES), default="small")
+    ap.add_argument("--n", type=int, default=5000, help="synthetic images (one question each)")
+    ap.add_argument("--test-frac", type=float, default=0.2, help="share of them in test.jsonl")
+    ap.add_argument("--eval-n", type=int, default=1000, help="test questions asked")
+    ap.add_argument("--caption-steps", type=int, default=300)
+    ap.add_argument("--stage1-steps", type=int, default=600)
+    ap.add_argument("--stage2-steps", type=int, default=600)
+    ap.add_argument("--stage1-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-lr", type=float, default=5e-4)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker")
+    ap.add_argument("--work", default="out/quality-powered")
+    ap.add_argument("--results", default="bench/quality-powered-results.json")
+    args = ap.parse_args()
+
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    from jobs.evaluate import EvalJob, run_eval
+    from jobs.intervals import accuracy_interval, paired_difference, verdict
+    from pipelines.features import FeatureJob, run_features
+    from pipelines.synth import SynthConfig, synthesize
+
+    t0, work = time.time(), Path(args.work).resolve()
+    layers, _, pool, _, size = BASES[args.base]
+    data = work / "data"
+    if not (data / "meta.json").exists():
+        synthesize(SynthConfig(out=str(data), n=args.n, seed=0, image_size=size, test_frac=args.test_frac))
+    records = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: args.eval_n]
+    (data / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    cache = work / f"cache-pool{pool}"
+    if not (cache / "cache.json").exists():
+        run_features(FeatureJob(src=str(data / "images"), out=str(cache), base=args.base, vision_layers=layers,
+                                pool=pool, batch_size=16, threads=args.threads))
+    common = dict(precision=args.precision, workers=args.workers, threads=args.threads)
+    captions = caption_conversations(data)
+    stage1a = train(work, args.base, "stage1-captions", data, cache, args.caption_steps, args.stage1_lr, 0,
+                    ["method=projector_ft", f"data.train={captions}", "data.eval=null", "data.eval_fraction=0.02"],
+                    **common)
+    stage1 = train(work, args.base, "stage1", data, cache, args.stage1_steps, args.stage1_lr, 0,
+                   ["method=projector_ft", f"init_projector={stage1a['adapter']}"], **common)
+    print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
+
+    def evaluate(adapter: str) -> dict:
+        done = Path(adapter).parent / "eval.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache), adapter=adapter,
+                                scoring="both", out=str(done)))
+
+    scores: dict[str, dict[str, list[np.ndarray]]] = {}
+    runs = {"one_to_one": [(0, stage1)]}
+    for method in args.methods:
+        runs[method] = [(seed, train(work, args.base, f"{method}-seed{seed}", data, cache, args.stage2_steps,
+                                     args.stage2_lr, seed, [*METHODS[method], f"init_projector={stage1['adapter']}"],
+                                     **common)) for seed in args.seeds]
+        print(f"[quality] {method} trained ({time.time() - t0:.0f} s)", flush=True)
+    for method, method_runs in runs.items():
+        for _, summary in method_runs:
+            report = evaluate(summary["adapter"])
+            for scoring in ("generate", "choice"):
+                scores.setdefault(method, {}).setdefault(scoring, []).append(correctness(report, records, scoring))
+    ray.shutdown()
+
+    types = sorted({r["type"] for r in records})
+    train_rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    prior = {t: Counter(r["answer"] for r in train_rows if r["type"] == t) for t in types}
+    majority = {t: float(np.mean([r["answer"] == prior[t].most_common(1)[0][0] for r in records if r["type"] == t]))
+                for t in types}
+    one = scores["one_to_one"]["choice"][0]
+    stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | questions |", "|---|---|---|---|"]
+    for t in types:
+        mask = np.array([r["type"] == t for r in records])
+        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {majority[t]:.3f} | {int(mask.sum())} |")
+    table = ["| method | seeds | choice accuracy [95% CI] | generated exact match [95% CI] | "
+             "choice: paired difference to CLI [95% CI] | verdict |", "|---|---|---|---|---|---|"]
+    out: dict = {"args": vars(args), "types": types, "majority_rate": majority, "methods": {}}
+    cli = np.stack(scores["cli"]["choice"]) if "cli" in scores else None
+    for method, by in scores.items():
+        choice, gen = np.stack(by["choice"]), np.stack(by["generate"])
+        ci_c, ci_g = accuracy_interval(choice), accuracy_interval(gen)
+        row = {"choice": vars(ci_c), "generate": vars(ci_g), "seeds": len(choice),
+               "val_loss": [s["eval_loss"] for _, s in runs[method]]}
+        diff_text, verdict_text = "-", "-"
+        if cli is not None and method != "cli":
+            diff = paired_difference(choice, cli)
+            row["paired_difference_to_cli"], row["verdict"] = vars(diff), verdict(diff)
+            diff_text, verdict_text = str(diff), f"{verdict(diff)} than CLI" if verdict(diff) != "no difference found" \
+                else verdict(diff)
+        out["methods"][method] = row
+        table.append(f"| {method} | {len(choice)} | {ci_c} | {ci_g} | {diff_text} | {verdict_text} |")
+    out["seconds"] = round(time.time() - t0)
+    out["tables"] = {"stage1": "\n".join(stage1_rows), "methods": "\n".join(table)}
+    Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
+    print("\n".join(stage1_rows) + "\n\n" + "\n".join(table))
+    print(f"[quality] {out['seconds']} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
