@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 from fastapi.responses import JSONResponse
 
+from .typed_config import build, check_fields
+
 IMAGE = "<image>"  # placeholder put where an image part was (= cli_module.prompting.IMAGE, which pulls in torch)
 DTYPES = ("float32", "bfloat16", "float16")
 PIL_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS)
@@ -72,15 +74,7 @@ class ServeConfig:
             self.adapters = [self.adapters]
         self.adapters = [a if isinstance(a, str) else f"{a['id']}={a['path']}" for a in self.adapters]
         self.image_url_allowlist = [h.lower() for h in self.image_url_allowlist]
-        for f in dataclasses.fields(self):  # YAML can hand over strings: check the numbers' types first
-            value = getattr(self, f.name)
-            if f.type in (int, float, float | None, int | None) and value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int if f.type in (int, int | None)
-                                                              else (int, float))):
-                integer = f.type in (int, int | None)
-                raise ValueError(f"{f.name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name} must be finite, got {value!r}")
+        check_fields(self)  # every value of its annotated type (YAML can hand over strings), as TrainConfig's
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         positive = ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_tokens",
@@ -123,11 +117,15 @@ class ServeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown serve config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        """A mapping of ServeConfig fields (YAML, a Serve config's ``args``), through the typed-config engine:
+        unknown keys and values of the wrong type fail naming them."""
+        data = dict(data)
+        adapters = data.get("adapters")
+        if isinstance(adapters, (str, dict)):
+            adapters = [adapters]
+        if isinstance(adapters, list):  # {"id": ..., "path": ...} entries, as Serve configs write them
+            data["adapters"] = [f"{a.get('id')}={a.get('path')}" if isinstance(a, dict) else a for a in adapters]
+        return build(cls, data)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ServeConfig":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from cli_module.files import atomic_write
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
@@ -124,13 +126,7 @@ def write_atomic(uri: str, data: bytes) -> None:
     """Write under a hidden temporary name beside the target, then rename: readers never see half a file."""
     if uri.startswith("s3://"):
         return _s3_put(uri, data)
-    fs, path = resolve(uri)
-    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
-    fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
+    atomic_write(resolve(uri)[1], data)  # its temporary name starts with .tmp- too (remove_temporaries)
 
 
 def write_json(uri: str, obj: object) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -39,6 +38,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from cli_module.files import atomic_write
 
 TYPES = ("color", "shape", "texture", "stripes", "count", "position", "relation")
 LEVELS = {"texture": "low", "stripes": "low", "count": "mid", "color": "mid", "shape": "mid",
@@ -265,12 +266,6 @@ def make_question(rng: np.random.Generator, scene: dict[str, Any], qtype: str) -
 
 # ---------------------------------------------------------------------------------------------------- writing
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
 
@@ -291,7 +286,7 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         image = f"images/{i:06d}.png"
         buf = io.BytesIO()
         render(scene).save(buf, format="PNG")
-        _write_atomic(cfg.out / image, buf.getvalue())
+        atomic_write(cfg.out / image, buf.getvalue())
         records.append({"id": f"synth-{i:06d}", "image": image, "type": qtype, "answer": answer, "params": params,
                         "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                           {"from": "gpt", "value": answer}]})
@@ -299,18 +294,18 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
         scenes.append({"image": image, "scene": scene})
     counts = {}
     for split, (lo, hi) in bounds.items():
-        _write_atomic(cfg.out / f"{split}.jsonl", _jsonl(records[lo:hi]))
+        atomic_write(cfg.out / f"{split}.jsonl", _jsonl(records[lo:hi]))
         per_type = Counter(r["type"] for r in records[lo:hi])
         counts[split] = {"total": hi - lo, "per_type": {t: per_type.get(t, 0) for t in TYPES}}
     for stale in (cfg.out / "images").glob("[0-9]*.png"):            # left by an earlier, larger run
         if stale.stem.isdigit() and int(stale.stem) >= cfg.n:
             stale.unlink()
-    _write_atomic(cfg.out / "captions.jsonl", _jsonl(captions))
-    _write_atomic(cfg.out / "scenes.jsonl", _jsonl(scenes))
+    atomic_write(cfg.out / "captions.jsonl", _jsonl(captions))
+    atomic_write(cfg.out / "scenes.jsonl", _jsonl(scenes))
     meta = {"n": cfg.n, "seed": cfg.seed, "image_size": cfg.image_size, "val_frac": cfg.val_frac,
             "test_frac": cfg.test_frac, "types": list(TYPES), "levels": LEVELS, "vocabulary": VOCABULARY,
             "counts": counts}
-    _write_atomic(cfg.out / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(cfg.out / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return meta
 
 

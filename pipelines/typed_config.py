@@ -78,6 +78,14 @@ def build(cls: Any, data: Any, prefix: str = "") -> Any:
     return cls(**values)
 
 
+def check_fields(obj: Any) -> None:
+    """The same checks (and light conversions) on a dataclass instance made in code, in place: call it first in
+    ``__post_init__`` so that ``Config(max_tokens="512")`` fails as the YAML value would."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        setattr(obj, f.name, _coerce(f.name, getattr(obj, f.name), hints[f.name]))
+
+
 def _strip_optional(hint: Any) -> Any:
     if get_origin(hint) in (Union, types.UnionType):
         rest = [a for a in get_args(hint) if a is not type(None)]
@@ -93,7 +101,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         return _coerce(key, value, _strip_optional(hint))
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, f"{key}.")
+        return value if isinstance(value, hint) else build(hint, value, f"{key}.")
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{key}={value!r} is not one of {list(args)}")

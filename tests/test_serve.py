@@ -304,8 +304,10 @@ def test_serve_config_validation_and_yaml():
         ServeConfig(max_tokens="512")
     with pytest.raises(ValueError, match="max_images=3"):
         ServeConfig(max_images=3)
-    with pytest.raises(ValueError, match="unknown serve config keys \\['max_tokenz'\\]"):
+    with pytest.raises(ValueError, match="unknown config key 'max_tokenz'; valid keys at the top level are"):
         ServeConfig.from_dict({"max_tokenz": 3})
+    with pytest.raises(ValueError, match="max_batch_size must be an integer, got 2.5"):
+        ServeConfig.from_dict({"max_batch_size": 2.5})
     with pytest.raises(ValueError, match="used twice"):
         ServeConfig(base="tiny", adapters=["a=/x/one", "a=/y/two"])
     assert [i for i, _ in ServeConfig(adapters=["/x/plain", "best=/y/tuned"]).model_specs()] == ["plain", "best"]
