@@ -328,6 +328,19 @@ class FusedVLM(nn.Module):
         return tokens, gates
 
 
+def crop_tokens(base: Base) -> int:
+    """Select-layer features of one whole-image crop (N): found by running the encoder on one blank crop, on the
+    meta device when the base is there (shapes only, no compute)."""
+    return int(encode_images(base, blank_crop(base), []).select_features.shape[1])
+
+
+def blank_crop(base: Base) -> torch.Tensor:
+    """One zero image (1, 3, H, W) at the size the base's processor crops to, on the encoder's device and dtype."""
+    weight = next(base.vision_tower.parameters())
+    side = base.grid * base.vision_config.patch_size  # the processor's crop (e.g. 112 px for `small`)
+    return torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)
+
+
 def whole_image_crop(pixel_values):
     """LLaVA-OneVision's anyres pixels (B, P, C, H, W) -> the whole-image (base) crop (B, C, H, W), which comes
     first; 4-D pixels pass as they are. Works on torch tensors and numpy arrays alike."""

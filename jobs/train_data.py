@@ -95,11 +95,10 @@ def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int) -> Cac
 
 def encoder_view(base: Any) -> CacheView:
     """No cache: the workers run the frozen encoder on each micro-batch's decoded images (one whole-image crop)."""
-    if base.grid is None:
-        raise ValueError(f"base {base.name!r}: the visual token count is unknown without a feature cache; "
-                         f"build one with `crosslayer features` and set data.features")
-    n = base.grid * base.grid  # patch tokens (select strategies drop the CLS token or have none)
-    return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None, image_tokens=base.image_tokens(n))
+    from cli_module.model import crop_tokens
+
+    return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None,
+                     image_tokens=base.image_tokens(crop_tokens(base)))
 
 
 @dataclass

@@ -212,13 +212,10 @@ def estimate(base: Any, vision_layers: list[int], pool: int, dtype: Dtype, image
     """The size of a cache without running the encoder: the encoder runs on the meta device (shapes only) for one
     whole-image crop, as the cache stores it. Bytes are the tensors' (int8 adds a float32 scale per token) plus
     ~100 bytes of id and path per image; Parquet's compression saves little on float features."""
-    import torch
 
-    from cli_module.model import encode_images
+    from cli_module.model import blank_crop, encode_images
 
-    weight = next(base.vision_tower.parameters())
-    side = base.vision_config.image_size
-    pixels = torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)  # meta: no compute
+    pixels = blank_crop(base)  # on the meta device for a base loaded with weights=False: no compute
     feats = encode_images(base, pixels, resolve_vision_layers(vision_layers, base.num_vision_layers), pool)
     per = DTYPE_BYTES[dtype]
     shapes = {"select": tuple(feats.select_features.shape[1:])}
