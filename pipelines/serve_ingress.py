@@ -20,6 +20,7 @@ import logging
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .serve_api import ApiError, ChatJob, Delta, End, Event, ServeConfig, Started, StreamOptions
 from .serve_images import ImageLoader
 from .serve_metrics import IngressMetrics, RequestTrack
-from .serve_request import parse_chat_request, parse_json, read_json
+from .serve_request import parse_chat_request, parse_json, read_body
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,6 +68,13 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _abandoned(stream: Any, track: RequestTrack) -> None:
+    """A streaming body was dropped: if it never ran to its end, free the model's rows and settle the gauges."""
+    if not track.closed:
+        stream.cancel()
+        track.close(cancelled=True)
 
 
 async def _events(stream: Any) -> AsyncIterator[Event]:
@@ -178,7 +186,7 @@ class OpenAIIngress:
         model, track = "unknown", None
         try:
             self._auth(request)
-            raw = await read_json(request, self.cfg.max_body_bytes)
+            raw = await read_body(request, self.cfg.max_body_bytes)
             loop = asyncio.get_running_loop()
             body = await loop.run_in_executor(self.parse_pool, parse_json, raw)
             job, options, urls = await loop.run_in_executor(self.parse_pool, parse_chat_request, body, self.cfg,
@@ -231,8 +239,9 @@ class OpenAIIngress:
         track.started(first.prompt_tokens)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": job.model}
         if options.stream:
-            return StreamingResponse(self._chunks(stream, events, meta, job, first.prompt_tokens, options, track),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            chunks = self._chunks(stream, events, meta, job, first.prompt_tokens, options, track)
+            weakref.finalize(chunks, _abandoned, stream, track)  # a body never iterated (client gone at once)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._complete(stream, events, meta, job, first.prompt_tokens, track)
 
     async def _complete(self, stream: Any, events: AsyncIterator[Event], meta: dict, job: ChatJob,

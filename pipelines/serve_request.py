@@ -37,7 +37,7 @@ MESSAGE_NULL_KEYS = ("name", "refusal", "tool_calls", "function_call", "audio", 
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 
 
-async def read_json(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """Read at most ``limit`` bytes of body (413 above, whatever Content-Length says)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
