@@ -63,7 +63,7 @@ def train(work: Path, name: str, steps: int, lr: float, seed: int, cache: str, e
     overrides = [*recipe_overrides(base="small", output_dir=work / name, data_dir=work / "data",
                                    features=work / cache, steps=steps, lr=lr, micro_batch=4, vision_layers=LAYERS,
                                    inject_layers=INJECT, pool=2, attn_dim=256, seed=seed, log_every=20),
-                 "trainer.max_failures=2", "cli.lora_rank=16", "cli.lora_alpha=32", *extra]
+                 "trainer.max_failures=2", "cli.lora_rank=16", "cli.lora_alpha=32", "deepspeed.precision=bf16", *extra]
     return run_train(load_config(None, overrides))
 
 

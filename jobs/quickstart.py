@@ -37,6 +37,7 @@ class Preset:
     micro_batch: int  # sequences per worker per step
     eval_n: int  # test records evaluated
     captions: int  # images captioned
+    precision: str = "fp32"  # DeepSpeed precision of both stages (bf16: frozen base in bf16, fp32 master weights)
 
 
 PRESETS = {
@@ -45,7 +46,7 @@ PRESETS = {
                    captions=4),
     "small": Preset(base="small", n=640, image_size=112, vision_layers=[3, 6, 9, 12], pool=2, inject_layers=[2, 10, 18, 26],
                     attn_dim=256, stage1_steps=60, stage2_steps=60, stage1_lr=1e-3, stage2_lr=5e-4, micro_batch=4,
-                    eval_n=64, captions=6),
+                    eval_n=64, captions=6, precision="bf16"),
 }
 
 
@@ -62,7 +63,7 @@ def train_stage(p: Preset, work: Path, name: str, method: str, steps: int, lr: f
                                    features=work / "cache", steps=steps, lr=lr, micro_batch=p.micro_batch,
                                    vision_layers=p.vision_layers, inject_layers=p.inject_layers, pool=p.pool,
                                    attn_dim=p.attn_dim),
-                 f"method={method}", "deepspeed.zero_stage=2"]
+                 f"method={method}", "deepspeed.zero_stage=2", f"deepspeed.precision={p.precision}"]
     if init_projector:
         overrides.append(f"init_projector={init_projector}")
     return run_train(load_config(None, overrides))
