@@ -31,7 +31,15 @@ from torch.nn import functional as F
 from .faults import FaultPlan
 from .train_config import TrainConfig, lr_factor
 from .train_data import CacheView
-from .train_stream import FeatureReader, ImageFeatures, Loader, MicroBatches, RankExamples, order_seed
+from .train_stream import (
+    FeatureReader,
+    ImageFeatures,
+    Loader,
+    MicroBatches,
+    PixelStream,
+    RankExamples,
+    order_seed,
+)
 
 STATE_FILE = "trainer_state.json"  # step, DeepSpeed tag, world size, metric history: beside DeepSpeed's files
 
@@ -224,6 +232,9 @@ class WorkerTrainer:
         t3 = time.perf_counter()
         self.step, self.history = restore(self.engine, self.cfg, self.world)
         self.start = self.step
+        if view.uri is None:  # on the fly: Ray Data decodes this rank's images from here on, in the run's order
+            self.train_data.stream = PixelStream(shard["train"], self.micro, self.step * t.grad_accum,
+                                                 t.max_steps * t.grad_accum + 1, base.image_processor)
         if self.rank == 0:
             say(f"[train] rank 0 ready in {time.perf_counter() - t0:.1f} s: {len(self.train_data)} train examples "
                 f"{t1 - t0:.1f} s, model {t2 - t1:.1f} s, deepspeed.initialize {t3 - t2:.1f} s, features "

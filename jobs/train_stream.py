@@ -6,8 +6,9 @@ epoch, position, rank) (``MicroBatches``), so a resumed run sees exactly the dat
 knows the next micro-batch in advance: ``Loader`` reads its features in a background thread while the current
 step runs. Features come from the cache's Parquet shards, one row group per read (``FeatureReader``; an image is
 stored once however many examples use it; transient storage errors are retried, a missing or truncated shard
-fails naming it), or, without a cache, from decoding the images and running the frozen encoder on the worker's
-device (``ImageFeatures``; decoding in the background thread, the encoder in the step's).
+fails naming it), or, without a cache, from the frozen encoder on the worker's device (``ImageFeatures``) over
+images that Ray Data tasks decode and preprocess on CPUs, in the run's order from the resume point
+(``PixelStream``).
 """
 
 from __future__ import annotations
@@ -192,28 +193,70 @@ class FeatureReader:
         return VisionFeatures(select_features=decode_column(picked, "select", self.view.dtype), layers=layers)
 
 
+def decode_pixels(sources: list[str], processor: Any) -> np.ndarray:
+    """Read and preprocess images with the base's processor -> (B, C, H, W) whole-image crops; an unreadable image
+    ends the run naming it (no cache records it as the feature cache would)."""
+    from PIL import Image
+
+    from cli_module.model import whole_image_crop
+
+    images = []
+    for src in sources:
+        try:
+            with Image.open(io.BytesIO(storage.read_bytes(src))) as im:
+                images.append(im.convert("RGB"))
+        except Exception as err:  # noqa: BLE001 (any unreadable image ends the run, naming it)
+            raise RuntimeError(f"image {src} cannot be read ({type(err).__name__}: {err}); fix or drop its row, or "
+                               f"train from a feature cache (which records and skips bad images)") from err
+    return np.ascontiguousarray(whole_image_crop(processor(images=images, return_tensors="np")["pixel_values"]))
+
+
+def _decode_rows(batch: dict[str, np.ndarray], processor: Any) -> dict[str, np.ndarray]:
+    """Ray Data map: a batch of ``source`` rows -> the same rows with their ``pixels``."""
+    return {"source": batch["source"], "pixels": decode_pixels([str(x) for x in batch["source"]], processor)}
+
+
+class PixelStream:
+    """Encode on the fly, training split: Ray Data tasks (on any node's CPUs) read and preprocess the images of this
+    rank's micro-batches ``start`` .. ``stop`` - 1 in the order the run takes them (order preserved); ``take`` hands
+    them over micro-batch by micro-batch, checking that each is the image the batch expects."""
+
+    def __init__(self, examples: RankExamples, micro: MicroBatches, start: int, stop: int, processor: Any,
+                 batch_size: int = 16):
+        import ray
+        from ray.data import DataContext
+
+        items = [{"source": examples.sources[i]} for m in range(start, stop) for i in micro.rows(m)[1]
+                 if examples.sources[i] is not None]
+        self.rows: Any = iter(())
+        if items:
+            ctx = DataContext.get_current()
+            ctx.execution_options.preserve_order = True  # the run's order, not completion order
+            ctx.enable_progress_bars = False
+            ds = ray.data.from_items(items).map_batches(_decode_rows, batch_size=batch_size, batch_format="numpy",
+                                                        num_cpus=0.5, fn_kwargs={"processor": processor})
+            self.rows = iter(ds.iter_rows())
+
+    def take(self, sources: list[str]) -> np.ndarray:
+        out = []
+        for src in sources:
+            row = next(self.rows, None)
+            if row is None or str(row["source"]) != src:
+                raise RuntimeError(f"decoded image stream out of step: expected {src}, got "
+                                   f"{None if row is None else row['source']}")
+            out.append(row["pixels"])
+        return np.stack(out)
+
+
 class ImageFeatures:
-    """No cache: decode an example's image with the base's processor (whole-image crop) and encode it with the
-    frozen encoder (``encode``, on the model's device)."""
+    """No cache: the frozen encoder on decoded images (``encode``, on the model's device); ``pixels`` decodes in
+    this process (evaluation batches; training takes its pixels from a ``PixelStream``)."""
 
     def __init__(self, model: Any):
         self.model = model
 
     def pixels(self, sources: list[str]) -> np.ndarray:
-        from PIL import Image
-
-        from cli_module.model import whole_image_crop
-
-        images = []
-        for src in sources:
-            try:
-                with Image.open(io.BytesIO(storage.read_bytes(src))) as im:
-                    images.append(im.convert("RGB"))
-            except Exception as err:  # noqa: BLE001 (any unreadable image ends the run, naming it)
-                raise RuntimeError(f"image {src} cannot be read ({type(err).__name__}: {err}); fix or drop its "
-                                   f"row, or train from a feature cache (which records and skips bad images)") from err
-        proc = self.model.base.image_processor(images=images, return_tensors="np")
-        return whole_image_crop(proc["pixel_values"])
+        return decode_pixels(sources, self.model.base.image_processor)
 
     def encode(self, pixels: np.ndarray) -> Any:
         import torch
@@ -234,8 +277,9 @@ class Loader:
     features of a coming batch in a background thread, ``batch(rows)`` takes them (or reads them now)."""
 
     def __init__(self, examples: RankExamples, pad_id: int, reader: FeatureReader | None = None,
-                 images: ImageFeatures | None = None):
+                 images: ImageFeatures | None = None, stream: PixelStream | None = None):
         self.examples, self.pad_id, self.reader, self.images = examples, pad_id, reader, images
+        self.stream = stream  # on the fly: pixels decoded by Ray Data in the run's order (else decoded here)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslayer-prefetch")
         self.pending: dict[bytes, Future] = {}
 
@@ -250,7 +294,8 @@ class Loader:
         picked = rows[with_image]
         if self.reader is not None:
             return self.reader.features(self.examples.location[picked])
-        return self.images.pixels([self.examples.sources[i] for i in picked])
+        sources = [self.examples.sources[i] for i in picked]
+        return self.stream.take(sources) if self.stream is not None else self.images.pixels(sources)
 
     def prefetch(self, rows: np.ndarray) -> None:
         key = np.asarray(rows, dtype=np.int64).tobytes()
