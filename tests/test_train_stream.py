@@ -199,3 +199,24 @@ def test_estimate_command_counts_the_source_or_takes_a_count(data, capsys):
     assert "558,128 images" in line and "'layers': [4, 81, 1152]" in line
     assert main(["features", str(data / "images"), "--images", "5"]) == 2  # --images only sizes an estimate
     assert "--images goes with --estimate" in capsys.readouterr().err
+
+
+def test_on_the_fly_resume_takes_the_images_from_the_resume_point(data, tmp_path, monkeypatch):
+    """A crashed on-the-fly run resumed from its step-2 checkpoint ends with the uninterrupted run's adapter: Ray
+    Data decodes the images from the resume point on, in the run's order."""
+    from ray.train import TrainingFailedError
+    from safetensors.torch import load_file
+
+    from jobs.train import run_train
+
+    args = ["data.features=", "trainer.checkpoint_every=2", "trainer.max_failures=0"]
+    run_train(load_config(CONFIG, overrides(data, tmp_path / "whole", *args, "trainer.run_name=whole")))
+    monkeypatch.setenv("CROSSLAYER_FAULTS", json.dumps({"crash_at_step": 3}))
+    crashed = overrides(data, tmp_path / "crashed", *args, "trainer.run_name=crashed")
+    with pytest.raises(TrainingFailedError, match="crash_at_step=3"):
+        run_train(load_config(CONFIG, crashed))
+    monkeypatch.delenv("CROSSLAYER_FAULTS")
+    assert run_train(load_config(CONFIG, crashed))["steps"] == 4
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "adapter" / "adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
