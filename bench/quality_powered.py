@@ -61,6 +61,12 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
     return run_train(load_config(None, overrides))
 
 
+def method_overrides(method: str, base: str) -> list[str]:
+    """bench/quality.py's stage-2 overrides, with AGF-only's single vision layer set to this base's last one."""
+    last = BASES[base][0][-1]
+    return [f"cli.vision_layers=[{last}]" if o.startswith("cli.vision_layers=") else o for o in METHODS[method]]
+
+
 def caption_conversations(data: Path) -> Path:
     """captions.jsonl -> LLaVA-Pretrain-style conversations (one caption turn per image)."""
     out = data / "captions-conv.jsonl"
@@ -145,7 +151,8 @@ def main() -> int:
     runs = {"one_to_one": [(0, stage1)]}
     for method in args.methods:
         runs[method] = [(seed, train(work, args.base, f"{method}-seed{seed}", data, cache, args.stage2_steps,
-                                     args.stage2_lr, seed, [*METHODS[method], f"init_projector={stage1['adapter']}"],
+                                     args.stage2_lr, seed, [*method_overrides(method, args.base),
+                                                            f"init_projector={stage1['adapter']}"],
                                      **common)) for seed in args.seeds]
         print(f"[quality] {method} trained ({time.time() - t0:.0f} s)", flush=True)
     for method, method_runs in runs.items():
