@@ -42,7 +42,7 @@ BASES = {  # base -> (vision layers K, injection layers T, pool, attention width
 
 
 def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: int, lr: float, seed: int,
-          extra: list[str], precision: str, workers: int, threads: int) -> dict:
+          extra: list[str], precision: str, workers: int, threads: int, gpu: bool = False) -> dict:
     from jobs.train import run_train
     from jobs.train_config import load_config, recipe_overrides
 
@@ -55,7 +55,8 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
                                    inject_layers=inject, pool=pool, attn_dim=attn, heads=4 if attn % 4 == 0 else 2,
                                    workers=workers, seed=seed, log_every=max(1, steps // 20)),
                  f"trainer.cpus_per_worker={threads}", f"deepspeed.precision={precision}",
-                 f"trainer.eval_every={max(1, steps // 10)}", "trainer.max_failures=2", *extra]
+                 f"trainer.eval_every={max(1, steps // 10)}", "trainer.max_failures=2",
+                 f"trainer.use_gpu={'true' if gpu else 'false'}", *extra]
     if pool == 1 or base == "tiny":
         overrides = [o for o in overrides if not o.startswith("cli.pool=")] + ["cli.pool=1"]
     return run_train(load_config(None, overrides))
@@ -105,6 +106,7 @@ def main() -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (2 x 1 thread measured faster here)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--gpu", action="store_true", help="train on one GPU per worker (trainer.use_gpu=true)")
     ap.add_argument("--work", default="out/quality-powered")
     ap.add_argument("--results", default="bench/quality-powered-results.json")
     args = ap.parse_args()
@@ -131,7 +133,7 @@ def main() -> int:
     if not (cache / "cache.json").exists():
         run_features(FeatureJob(src=str(data / "images"), out=str(cache), base=args.base, vision_layers=layers,
                                 pool=pool, batch_size=16, threads=args.threads))
-    common = dict(precision=args.precision, workers=args.workers, threads=args.threads)
+    common = dict(precision=args.precision, workers=args.workers, threads=args.threads, gpu=args.gpu)
     captions = caption_conversations(data)
     stage1a = train(work, args.base, "stage1-captions", data, cache, args.caption_steps, args.stage1_lr, 0,
                     ["method=projector_ft", f"data.train={captions}", "data.eval=null", "data.eval_fraction=0.02"],
