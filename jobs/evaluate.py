@@ -33,14 +33,13 @@ import numpy as np
 from pipelines import storage
 from pipelines.compute import (
     Compute,
-    ComputeSpec,
     add_compute_arguments,
     cluster_resources,
     place_model,
     resolve_compute,
 )
 from pipelines.features import DEFAULT_MAX_PIXELS
-from pipelines.generation import Sampling, add_sampling_arguments, complete, sampling_from_args
+from pipelines.generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
 
 from .benchmarks import KINDS, Benchmark, EvalItem, answer_rows, candidates, read_benchmark, score_items
 from .scoring import LETTERS
@@ -50,7 +49,7 @@ Scoring = Literal["generate", "choice", "both"]
 
 
 @dataclass
-class EvalJob:
+class EvalJob(GenerationJob):
     """Arguments of `crosslayer eval`."""
 
     data: str  # question file: LLaVA's question JSONL, MMBench's TSV, or LLaVA conversations (local or s3://)
@@ -92,13 +91,6 @@ class EvalJob:
     def scorings(self) -> list[str]:
         return ["generate", "choice"] if self.scoring == "both" else [self.scoring]
 
-    def compute_spec(self) -> ComputeSpec:
-        return ComputeSpec(device=self.device, dtype=self.dtype, concurrency=self.concurrency,
-                           gpus_per_actor=self.gpus_per_actor, batch_size=self.batch_size)
-
-    def sampling(self) -> Sampling:
-        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                        seed=self.seed, stop=list(self.stop))
 
 
 # --- images ----------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class Example:
     input_ids: list[int]  # (S,) prompt + answer, <image> expanded to the image's token count
     labels: list[int]  # (S,) answer tokens, -100 elsewhere
     location: tuple[int, int, int] | None = None  # (shard, row group, row) of its features in the cache
-    source: str | None = None  # the image's path / URI (read by workers that encode on the fly)
+    source: str | None = None  # the image's path / URI, kept only without a cache (workers encode on the fly)
 
 
 @dataclass
@@ -304,7 +304,7 @@ def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None
             bad.append(("image not in the feature cache", f"{where}: image_id {image_id}"))
             continue
         if image_id is not None and index is not None:
-            location = index.where[image_id]
+            location, source = index.where[image_id], None  # read from the cache: the path is not needed
         elif source is not None:
             image_id = hashlib.sha256(source.encode()).hexdigest()[:32]  # encoded on the fly: any stable id
         truncated += bool(row["truncated"])
@@ -366,17 +366,22 @@ EXAMPLE_SCHEMA = pa.schema([("split", pa.int8()), ("idx", pa.int64()), ("image_i
                             ("labels", pa.list_(pa.int32()))])
 
 
-def write_examples(prepared: PreparedData, uri: str) -> str:
-    """The run's examples (tokens and feature locations, no features) as one Parquet file; each worker reads
-    its own rows from it. Returns ``uri``."""
+def examples_table(examples: dict[str, list[Example]]) -> pa.Table:
+    """Examples by split name -> the examples file's rows (tokens and feature locations, no features)."""
     rows = []
-    for split, code in SPLITS.items():
-        for e in getattr(prepared, split):
+    for split, items in examples.items():
+        for e in items:
             shard, group, row = e.location or (-1, -1, -1)
-            rows.append({"split": code, "idx": e.idx, "image_id": e.image_id, "shard": shard, "row_group": group,
-                         "row": row, "source": e.source, "input_ids": e.input_ids, "labels": e.labels})
+            rows.append({"split": SPLITS[split], "idx": e.idx, "image_id": e.image_id, "shard": shard,
+                         "row_group": group, "row": row, "source": e.source, "input_ids": e.input_ids,
+                         "labels": e.labels})
+    return pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)
+
+
+def write_examples(prepared: PreparedData, uri: str) -> str:
+    """The run's examples as one Parquet file; each worker reads its own rows from it. Returns ``uri``."""
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA), sink, row_group_size=8192)
+    pq.write_table(examples_table({split: getattr(prepared, split) for split in SPLITS}), sink, row_group_size=8192)
     storage.write_atomic(uri, sink.getvalue())
     return uri
 

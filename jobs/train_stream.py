@@ -93,12 +93,9 @@ class RankExamples:
     @classmethod
     def from_examples(cls, examples: list[Any]) -> RankExamples:
         """From the driver's ``Example`` list (one process, no file: evaluation of a run, benchmarks)."""
-        from .train_data import EXAMPLE_SCHEMA
+        from .train_data import examples_table
 
-        rows = [{"split": 0, "idx": e.idx, "image_id": e.image_id, "shard": (e.location or (-1, -1, -1))[0],
-                 "row_group": (e.location or (-1, -1, -1))[1], "row": (e.location or (-1, -1, -1))[2],
-                 "source": e.source, "input_ids": e.input_ids, "labels": e.labels} for e in examples]
-        return cls._from_tables([pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)] if rows else [])
+        return cls._from_tables([examples_table({"train": examples})] if examples else [])
 
     @classmethod
     def _from_tables(cls, tables: list[pa.Table]) -> RankExamples:

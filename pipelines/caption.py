@@ -27,14 +27,13 @@ import pyarrow.parquet as pq
 from . import storage
 from .compute import (
     Compute,
-    ComputeSpec,
     add_compute_arguments,
     cluster_resources,
     place_model,
     resolve_compute,
 )
 from .features import DEFAULT_MAX_PIXELS, decode_batch, list_sources
-from .generation import Sampling, add_sampling_arguments, complete, sampling_from_args
+from .generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
 
 BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
 
@@ -44,7 +43,7 @@ OUTPUT_SCHEMA = pa.schema([("source", pa.string()), ("image_id", pa.string()), (
 
 
 @dataclass
-class CaptionJob:
+class CaptionJob(GenerationJob):
     """Arguments of `crosslayer caption`."""
 
     src: str  # folder, s3:// prefix or manifest
@@ -74,13 +73,6 @@ class CaptionJob:
         self.compute_spec()  # validates device, dtype, concurrency, batch size
         self.sampling()  # validates the sampling settings
 
-    def compute_spec(self) -> ComputeSpec:
-        return ComputeSpec(device=self.device, dtype=self.dtype, concurrency=self.concurrency,
-                           gpus_per_actor=self.gpus_per_actor, batch_size=self.batch_size)
-
-    def sampling(self) -> Sampling:
-        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                        seed=self.seed, stop=list(self.stop))
 
 
 class Captioner:

@@ -87,3 +87,19 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> N
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
     return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, stop=list(args.stop))
+
+
+class GenerationJob:
+    """Mixin of the jobs that generate with an actor pool (caption, eval): their compute and sampling settings,
+    read from the dataclass fields of the same names (``device``, ``dtype``, ``concurrency``, ``gpus_per_actor``,
+    ``batch_size``; ``max_new_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``)."""
+
+    def compute_spec(self) -> Any:
+        from .compute import ComputeSpec
+
+        return ComputeSpec(device=self.device, dtype=self.dtype, concurrency=self.concurrency,
+                           gpus_per_actor=self.gpus_per_actor, batch_size=self.batch_size)
+
+    def sampling(self) -> Sampling:
+        return Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                        seed=self.seed, stop=list(self.stop))
