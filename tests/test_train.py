@@ -333,8 +333,11 @@ def test_checkpoints_and_outputs_on_s3(colour_data, bucket):
     from jobs.train import run_train
     from pipelines import storage
 
-    out = f"s3://{bucket}/train"
+    out, cache = f"s3://{bucket}/train", f"s3://{bucket}/cache"
+    for f in (colour_data / "cache").iterdir():  # the feature cache on S3 too: workers stream it from there
+        boto3.client("s3").upload_file(str(f), bucket, f"cache/{f.name}")
     cfg = load_config(CONFIG, overrides(colour_data, Path("unused"), f"output_dir={out}", "trainer.run_name=s3run",
+                                        f"data.features={cache}",
                                         "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.num_to_keep=1",
                                         "trainer.eval_every=4"))
     summary = run_train(cfg)
