@@ -14,7 +14,7 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    interval holds 0 is "no difference found".
 Finished runs are reused (summary.json / eval.json on disk), so an interrupted benchmark resumes.
 
-    python bench/quality_powered.py                                # the protocol: 5,000 images, 3 seeds
+    python bench/quality_powered.py                                # the protocol: 5,600 images, 3 seeds
     python bench/quality_powered.py --base tiny --n 240 --stage1-steps 4 --caption-steps 4 --stage2-steps 4 \
         --seeds 0 --eval-n 40 --work out/quality-smoke                # a smoke run of the whole pipeline
 Writes ``--results`` (JSON) and prints the Markdown tables for bench/RESULTS.md.
@@ -42,7 +42,7 @@ BASES = {  # base -> (vision layers K, injection layers T, pool, attention width
 
 
 def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: int, lr: float, seed: int,
-          extra: list[str], precision: str, workers: int, threads: int, gpu: bool = False) -> dict:
+          extra: list[str], precision: str, workers: int, threads: int, evals: int, gpu: bool = False) -> dict:
     from jobs.train import run_train
     from jobs.train_config import load_config, recipe_overrides
 
@@ -55,7 +55,8 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
                                    inject_layers=inject, pool=pool, attn_dim=attn, heads=4 if attn % 4 == 0 else 2,
                                    workers=workers, seed=seed, log_every=max(1, steps // 20)),
                  f"trainer.cpus_per_worker={threads}", f"deepspeed.precision={precision}",
-                 f"trainer.eval_every={max(1, steps // 10)}", "trainer.max_failures=2",
+                 f"trainer.eval_every={max(1, steps // evals)}", "trainer.max_failures=2",
+                 f"data.eval={data_dir / 'val-sub.jsonl'}",
                  f"trainer.use_gpu={'true' if gpu else 'false'}", *extra]
     if pool == 1 or base == "tiny":
         overrides = [o for o in overrides if not o.startswith("cli.pool=")] + ["cli.pool=1"]
@@ -69,9 +70,11 @@ def method_overrides(method: str, base: str) -> list[str]:
 
 
 def caption_conversations(data: Path) -> Path:
-    """captions.jsonl -> LLaVA-Pretrain-style conversations (one caption turn per image)."""
+    """captions.jsonl -> LLaVA-Pretrain-style conversations (one caption turn per image), of the training images
+    only: captions of validation or test images would describe the very scenes the models are scored on."""
     out = data / "captions-conv.jsonl"
-    rows = [json.loads(x) for x in (data / "captions.jsonl").read_text().splitlines()]
+    train = {json.loads(x)["image"] for x in (data / "train.jsonl").read_text().splitlines()}
+    rows = [r for r in map(json.loads, (data / "captions.jsonl").read_text().splitlines()) if r["image"] in train]
     out.write_text("".join(json.dumps({"id": f"cap{i}", "image": r["image"], "conversations": [
         {"from": "human", "value": "<image>\nDescribe the image briefly."}, {"from": "gpt", "value": r["caption"]}]})
         + "\n" for i, r in enumerate(rows)))
@@ -93,9 +96,11 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=list(BASES), default="small")
-    ap.add_argument("--n", type=int, default=5000, help="synthetic images (one question each)")
-    ap.add_argument("--test-frac", type=float, default=0.2, help="share of them in test.jsonl")
+    ap.add_argument("--n", type=int, default=5600, help="synthetic images (one question each)")
+    ap.add_argument("--test-frac", type=float, default=0.18, help="share of them in test.jsonl (0.1 go to val.jsonl)")
     ap.add_argument("--eval-n", type=int, default=1000, help="test questions asked")
+    ap.add_argument("--val-n", type=int, default=200, help="validation questions of the training curves")
+    ap.add_argument("--evals-per-run", type=int, default=5, help="validation points on each run's curve")
     ap.add_argument("--caption-steps", type=int, default=300)
     ap.add_argument("--stage1-steps", type=int, default=600)
     ap.add_argument("--stage2-steps", type=int, default=600)
@@ -108,6 +113,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--gpu", action="store_true", help="train on one GPU per worker (trainer.use_gpu=true)")
     ap.add_argument("--work", default="out/quality-powered")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: the tables from the runs already trained and scored under --work")
     ap.add_argument("--results", default="bench/quality-powered-results.json")
     args = ap.parse_args()
 
@@ -128,12 +135,20 @@ def main() -> int:
         synthesize(SynthConfig(out=str(data), n=args.n, seed=0, image_size=size, test_frac=args.test_frac))
     records = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: args.eval_n]
     (data / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    val = (data / "val.jsonl").read_text().splitlines()[: args.val_n]
+    (data / "val-sub.jsonl").write_text("".join(x + "\n" for x in val))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    pools = {pool} | {1 for m in args.methods if "cli.pool=1" in METHODS[m]}  # deepstack and input_fusion: pool 1
+    for p in sorted(pools):
+        if not (work / f"cache-pool{p}" / "cache.json").exists():
+            run_features(FeatureJob(src=str(data / "images"), out=str(work / f"cache-pool{p}"), base=args.base,
+                                    vision_layers=layers, pool=p, batch_size=16, threads=args.threads))
     cache = work / f"cache-pool{pool}"
-    if not (cache / "cache.json").exists():
-        run_features(FeatureJob(src=str(data / "images"), out=str(cache), base=args.base, vision_layers=layers,
-                                pool=pool, batch_size=16, threads=args.threads))
-    common = dict(precision=args.precision, workers=args.workers, threads=args.threads, gpu=args.gpu)
+
+    def cache_of(method: str) -> Path:
+        return work / "cache-pool1" if "cli.pool=1" in METHODS.get(method, []) else cache
+    common = dict(precision=args.precision, workers=args.workers, threads=args.threads, gpu=args.gpu,
+                  evals=args.evals_per_run)
     captions = caption_conversations(data)
     stage1a = train(work, args.base, "stage1-captions", data, cache, args.caption_steps, args.stage1_lr, 0,
                     ["method=projector_ft", f"data.train={captions}", "data.eval=null", "data.eval_fraction=0.02"],
@@ -142,26 +157,35 @@ def main() -> int:
                    ["method=projector_ft", f"init_projector={stage1a['adapter']}"], **common)
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
 
-    def evaluate(adapter: str) -> dict:
+    def evaluate(adapter: str, method: str) -> dict:
         done = Path(adapter).parent / "eval.json"
         if done.is_file():
             return json.loads(done.read_text())
-        return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache), adapter=adapter,
+        return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache_of(method)), adapter=adapter,
                                 scoring="both", out=str(done)))
 
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
-    runs = {"one_to_one": [(0, stage1)]}
-    for method in args.methods:
-        runs[method] = [(seed, train(work, args.base, f"{method}-seed{seed}", data, cache, args.stage2_steps,
-                                     args.stage2_lr, seed, [*method_overrides(method, args.base),
-                                                            f"init_projector={stage1['adapter']}"],
-                                     **common)) for seed in args.seeds]
-        print(f"[quality] {method} trained ({time.time() - t0:.0f} s)", flush=True)
-    for method, method_runs in runs.items():
-        for _, summary in method_runs:
-            report = evaluate(summary["adapter"])
-            for scoring in ("generate", "choice"):
-                scores.setdefault(method, {}).setdefault(scoring, []).append(correctness(report, records, scoring))
+    runs: dict[str, list[tuple[int, dict]]] = {"one_to_one": [(0, stage1)]}
+
+    def score(method: str, summary: dict) -> None:
+        report = evaluate(summary["adapter"], method)
+        for scoring in ("generate", "choice"):
+            scores.setdefault(method, {}).setdefault(scoring, []).append(correctness(report, records, scoring))
+
+    score("one_to_one", stage1)
+    # Seed-major, each run scored as soon as it is trained: an interrupted benchmark (or --report-only while it
+    # runs) has whole seeds of every method rather than every seed of a few methods.
+    for seed in args.seeds:
+        for method in args.methods:
+            name = f"{method}-seed{seed}"
+            if args.report_only:
+                if not (work / name / "summary.json").is_file() or not (work / name / "eval.json").is_file():
+                    continue
+            summary = train(work, args.base, name, data, cache_of(method), args.stage2_steps, args.stage2_lr, seed,
+                            [*method_overrides(method, args.base), f"init_projector={stage1['adapter']}"], **common)
+            runs.setdefault(method, []).append((seed, summary))
+            score(method, summary)
+            print(f"[quality] {name} trained and scored ({time.time() - t0:.0f} s)", flush=True)
     ray.shutdown()
 
     types = sorted({r["type"] for r in records})
