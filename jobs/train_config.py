@@ -93,6 +93,8 @@ class OptimArgs:
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr over this many steps
     min_lr_ratio: float = 0.0  # the schedule ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # global gradient-norm clipping (DeepSpeed gradient_clipping; 0 = off)
+    gate_lr_scale: float = 1.0  # learning rate of AGF's gate controller (gate_proj, gate_bias), times lr
+    out_lr_scale: float = 1.0  # learning rate of AGF's output map W_o (out_proj), times lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -106,6 +108,9 @@ class OptimArgs:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.gate_lr_scale <= 0 or self.out_lr_scale <= 0:
+            raise ValueError(f"optim.gate_lr_scale ({self.gate_lr_scale}) and optim.out_lr_scale "
+                             f"({self.out_lr_scale}) must be > 0")
 
 
 @dataclass

@@ -98,14 +98,32 @@ def skip_shm_comm_op() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def param_groups(model: nn.Module, o: Any) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups: AGF's gate controller at lr * gate_lr_scale, its output map W_o at
+    lr * out_lr_scale, the rest at lr (the schedule scales every group alike). A scale other than 1 for parameters
+    this method does not have is refused, not ignored."""
+    groups: dict[str, list[nn.Parameter]] = {"rest": [], "gate": [], "out": []}  # rest first: the logged lr
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            kind = "gate" if ".gate_proj." in name or name.endswith(".gate_bias") else \
+                "out" if name.startswith("agf.") and ".out_proj." in name else "rest"
+            groups[kind].append(p)
+    scale = {"gate": o.gate_lr_scale, "out": o.out_lr_scale, "rest": 1.0}
+    for kind, option in (("gate", "optim.gate_lr_scale"), ("out", "optim.out_lr_scale")):
+        if scale[kind] != 1.0 and not groups[kind]:
+            raise ValueError(f"{option}={scale[kind]} but this model trains no AGF {kind} parameters (method cli "
+                             f"with a gate has them); leave {option} at 1")
+    return [{"params": ps, "lr": o.lr * scale[kind], "name": kind} for kind, ps in groups.items() if ps]
+
+
 def make_engine(model: nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """-> (engine, lr scheduler): AdamW over the trainable parameters only, LambdaLR warmup + decay."""
     import deepspeed
 
     skip_shm_comm_op()
     o = cfg.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, optim=o, max_steps=cfg.trainer.max_steps))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -126,23 +144,36 @@ def answer_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_sums(forward: Any, data: Loader, batch_size: int, num_batches: int,
-              device: Any = "cpu") -> torch.Tensor:
+              device: Any = "cpu", gates: bool = False) -> torch.Tensor:
     """Sums over ``num_batches`` batches (the same count on every rank: ZeRO-3 forwards are collective); a rank
-    out of rows repeats its first batch with weight 0."""
-    sums = torch.zeros(3, dtype=torch.float64)
+    out of rows repeats its first batch with weight 0. With ``gates``: then the AGF gates summed over the positions
+    that predict an answer token, flattened (|T| * K), for ``eval_metrics`` to average."""
+    sums: torch.Tensor | None = None
     for b in range(num_batches):
         rows, weight = np.arange(b * batch_size, min((b + 1) * batch_size, len(data))), 1.0
         if len(rows) == 0:
             rows, weight = np.arange(min(batch_size, len(data))), 0.0
         batch = data.batch(rows).to(device)
-        out = forward(batch.input_ids, batch.attention_mask, features=batch.features)
-        sums += weight * answer_sums(out.logits, batch.labels).cpu()
-    return sums
+        out = forward(batch.input_ids, batch.attention_mask, features=batch.features,
+                      **({"return_gates": True} if gates else {}))
+        part = answer_sums(out.logits, batch.labels).cpu()
+        if gates:
+            answer = (batch.labels[:, 1:] != -100).unsqueeze(-1).unsqueeze(-1)  # (B, S-1, 1, 1)
+            g = (out.gates[:, :-1].double() * answer).sum(dim=(0, 1))  # (|T|, K): positions predicting answers
+            part = torch.cat([part, g.flatten().cpu()])
+        sums = weight * part if sums is None else sums + weight * part
+    return sums if sums is not None else torch.zeros(3, dtype=torch.float64)
 
 
-def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+def eval_metrics(sums: torch.Tensor, gate_shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """-> eval_loss and eval_token_acc (per answer token); with ``gate_shape`` (|T|, K), eval_gates: the mean gate
+    of each injection layer (rows) and vision layer (columns) at the positions that predict an answer token."""
     tokens = max(float(sums[1]), 1.0)
-    return {"eval_loss": float(sums[0]) / tokens, "eval_token_acc": float(sums[2]) / tokens}
+    out: dict[str, Any] = {"eval_loss": float(sums[0]) / tokens, "eval_token_acc": float(sums[2]) / tokens}
+    if gate_shape is not None:
+        gates = (sums[3:] / tokens).view(gate_shape)
+        out["eval_gates"] = [[round(float(v), 4) for v in row] for row in gates]
+    return out
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------
@@ -244,13 +275,16 @@ class WorkerTrainer:
     def evaluate(self) -> dict[str, float]:
         import torch.distributed as dist
 
+        cli = self.cfg.cli
+        gate_shape = (len(cli.inject_layers), len(cli.vision_layers)) \
+            if self.cfg.method == "cli" and cli.gate != "none" else None
         self.engine.eval()
         sums = eval_sums(self.engine, self.eval_data, self.cfg.trainer.eval_batch_size, self.eval_batches,
-                         self.engine.device)
+                         self.engine.device, gates=gate_shape is not None)
         sums = sums.to(self.engine.device)
         dist.all_reduce(sums)
         self.engine.train()
-        return eval_metrics(sums.cpu())
+        return eval_metrics(sums.cpu(), gate_shape)
 
     def train_step(self) -> tuple[torch.Tensor, int]:
         """One optimizer step -> ([loss sum, micro-batches, real tokens] summed over ranks, epoch)."""
@@ -328,4 +362,6 @@ def progress_line(row: dict[str, Any], max_steps: int) -> str:
             f"lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s {row['step_time_s'] * 1000:.0f} ms/step")
     if "eval_loss" in row:
         line += f" | eval loss {row['eval_loss']:.4f} answer-token acc {row['eval_token_acc']:.3f}"
+    if "eval_gates" in row:  # the mean over injection layers of each vision layer's gate
+        line += " gates " + " ".join(f"{float(np.mean(col)):.2f}" for col in zip(*row["eval_gates"]))
     return line

@@ -139,6 +139,37 @@ def test_deepspeed_config_is_explicit():
     assert min(factors) >= 0.1 and factors[-1] == pytest.approx(0.1, abs=0.01)
 
 
+def test_gate_and_output_learning_rates_are_their_own_groups():
+    """optim.gate_lr_scale / out_lr_scale: AdamW's first step moves each parameter by about its group's lr."""
+    from cli_module.loading import load_base
+    from jobs.train_loop import build_model, param_groups
+
+    cfg = load_config(CONFIG, ["optim.lr=1e-3", "optim.gate_lr_scale=10", "optim.out_lr_scale=0.1"])
+    model = build_model(load_base("tiny"), cfg)
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    assert {k: g["lr"] for k, g in groups.items()} == pytest.approx({"rest": 1e-3, "gate": 1e-2, "out": 1e-4})
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert {named[id(p)].split(".", 2)[-1] for p in groups["gate"]["params"]} == {"gate_bias", "gate_proj.weight",
+                                                                                   "gate_proj.bias"}
+    assert all(named[id(p)].endswith("out_proj.weight") for p in groups["out"]["params"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(groups.values()), lr=cfg.optim.lr, weight_decay=0.0)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    assert moved["agf.0.gate_bias"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["agf.0.out_proj.weight"] == pytest.approx(1e-4, rel=1e-3)
+    assert moved["agf.0.q_proj.weight"] == pytest.approx(1e-3, rel=1e-3)
+
+    no_gates = load_config(CONFIG, ["cli.gate=none", "optim.gate_lr_scale=2"])
+    with pytest.raises(ValueError, match="optim.gate_lr_scale=2.0 but this model trains no AGF gate"):
+        param_groups(build_model(load_base("tiny"), no_gates), no_gates.optim)
+    with pytest.raises(ValueError, match=r"optim.gate_lr_scale \(0.0\) and optim.out_lr_scale \(1.0\) must be > 0"):
+        load_config(CONFIG, ["optim.gate_lr_scale=0"])
+
+
 # --- bad input: found before any worker starts ----------------------------------------------------------
 
 def test_bad_rows_fail_before_training_or_are_skipped(colour_data, tmp_path):
@@ -216,11 +247,16 @@ def test_zero2_two_workers_learns_and_adapter_reproduces_eval(reference, colour_
     assert np.mean([r["loss"] for r in train[-5:]]) < train[0]["loss"] - 0.15, [r["loss"] for r in train]
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 10, 20, 30] and evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.15
+    # the AGF gates over training: (injection layers x vision layers) means at the answer positions, in (0, 1)
+    cfg = load_config(CONFIG, overrides(colour_data, out))
+    shape = (len(cfg.cli.inject_layers), len(cfg.cli.vision_layers))
+    assert all(np.asarray(r["eval_gates"]).shape == shape for r in evals)
+    assert all(0 < g < 1 for r in evals for row in r["eval_gates"] for g in row)
+    assert np.abs(np.asarray(evals[-1]["eval_gates"]) - np.asarray(evals[0]["eval_gates"])).max() > 1e-3
     assert evals[0]["eval_token_acc"] < 0.1 and evals[-1]["eval_token_acc"] > 0.25
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train)
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and summary["steps"] == STEPS
 
-    cfg = load_config(CONFIG, overrides(colour_data, out))
     got = evaluate_adapter(out / "adapter", cfg)
     assert got["eval_loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
     assert got["eval_token_acc"] == pytest.approx(summary["eval_token_acc"], abs=1e-6)
@@ -238,10 +274,14 @@ def test_zero_stages_and_baselines_save_loadable_adapters(stage, method, colour_
     from jobs.train import run_train
     from jobs.train_loop import build_model
 
+    scales = ["optim.gate_lr_scale=4", "optim.out_lr_scale=2"] if method == "cli" else []  # DeepSpeed's groups
     cfg = load_config(CONFIG, overrides(colour_data, tmp_path, f"deepspeed.zero_stage={stage}", f"method={method}",
-                                        "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=0"))
+                                        "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=0",
+                                        *scales))
     summary = run_train(cfg)
     assert summary["steps"] == 4 and np.isfinite(summary["loss"])
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ("eval_gates" in rows[-1]) == (method == "cli")
     model = load_adapter(tmp_path / "adapter")
     assert model.config.method == method and model.projector_modified == (method == "projector_ft")
     trained, untrained = adapter_state(tmp_path / "adapter"), build_model(load_base("tiny"), cfg).adapter_state_dict()
