@@ -93,6 +93,57 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
                     dtype=float)
 
 
+def per_type_table(scores: dict, records: list[dict], types: list[str]) -> list[str]:
+    """Choice accuracy per question type (seeds pooled), and CLI - one-to-one per type, paired, with its interval."""
+    from jobs.intervals import paired_difference
+
+    rows = ["| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
+    masks = {t: np.array([r["type"] == t for r in records]) for t in types}
+    for method, by in scores.items():
+        choice = np.stack(by["choice"])
+        rows.append(f"| {method} | " + " | ".join(f"{choice[:, masks[t]].mean():.3f}" for t in types) + " |")
+    cli, one = np.stack(scores["cli"]["choice"]), np.stack(scores["one_to_one"]["choice"])
+    rows.append("| CLI - one-to-one [95% CI] | " + " | ".join(
+        str(paired_difference(cli[:, masks[t]], one[:, masks[t]])) for t in types) + " |")
+    rows.append("| questions | " + " | ".join(str(int(masks[t].sum())) for t in types) + " |")
+    return rows
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve_table(run_dirs: dict[str, list[Path]]) -> list[str]:
+    """Validation loss at each evaluation of each method (mean over its seeds): has it flattened?"""
+    curves = {m: [{r["step"]: r["eval_loss"] for r in metrics_rows(d) if "eval_loss" in r} for d in dirs]
+              for m, dirs in run_dirs.items()}
+    out = []
+    for method, runs in curves.items():
+        steps = sorted(set.intersection(*(set(c) for c in runs)))
+        out.append(f"| {method} (validation loss, mean of {len(runs)}) | "
+                   + ", ".join(f"{s}: {np.mean([c[s] for c in runs]):.3f}" for s in steps) + " |")
+    return ["| run | validation loss at step |", "|---|---|", *out]
+
+
+def gate_table(run_dirs: list[Path]) -> list[str]:
+    """CLI's gates over training: at each evaluation, each vision layer's mean gate over the injection layers at the
+    answer positions (mean over seeds), then the last evaluation per injection layer."""
+    runs = [[r for r in metrics_rows(d) if "eval_gates" in r] for d in run_dirs]
+    runs = [r for r in runs if r]
+    if not runs:
+        return ["(no eval_gates in these runs' metrics.jsonl)"]
+    steps = sorted(set.intersection(*({r["step"] for r in rows} for rows in runs)))
+    at = {s: np.mean([np.asarray(next(r["eval_gates"] for r in rows if r["step"] == s)) for rows in runs], axis=0)
+          for s in steps}  # step -> (|T|, K)
+    k = at[steps[0]].shape[1]
+    out = ["| step | " + " | ".join(f"vision layer #{i}" for i in range(k)) + " |", "|---|" + "---|" * k]
+    out += [f"| {s} | " + " | ".join(f"{v:.3f}" for v in at[s].mean(axis=0)) + " |" for s in steps]
+    out += ["", "| injection layer # (last evaluation) | " + " | ".join(f"vision layer #{i}" for i in range(k))
+            + " |", "|---|" + "---|" * k]
+    out += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for t, row in enumerate(at[steps[-1]])]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=list(BASES), default="small")
@@ -215,11 +266,22 @@ def main() -> int:
                 else verdict(diff)
         out["methods"][method] = row
         table.append(f"| {method} | {len(choice)} | {ci_c} | {ci_g} | {diff_text} | {verdict_text} |")
-    out["seconds"] = round(time.time() - t0)
-    out["tables"] = {"stage1": "\n".join(stage1_rows), "methods": "\n".join(table)}
+    tables = {"stage1": stage1_rows, "methods": table}
+    if cli is not None:
+        goal = paired_difference(cli, np.stack(scores["one_to_one"]["choice"]))
+        met = goal.estimate >= 0.08 and goal.low > 0
+        out["cli_minus_one_to_one"] = vars(goal)
+        tables["goal"] = [f"CLI - one-to-one (choice accuracy, paired): {goal}; goal >= +0.080 with the interval "
+                          f"above 0: {'met' if met else 'missed'}."]
+        tables["per_type"] = per_type_table(scores, records, types)
+        tables["gates"] = gate_table([work / f"cli-seed{seed}" for seed, _ in runs["cli"]])
+    tables["curves"] = curve_table({m: [Path(s["adapter"]).parent for _, s in r] for m, r in runs.items()})
+    if not args.report_only:
+        out["seconds"] = round(time.time() - t0)
+    out["tables"] = {k: "\n".join(v) for k, v in tables.items()}
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
-    print("\n".join(stage1_rows) + "\n\n" + "\n".join(table))
-    print(f"[quality] {out['seconds']} s in all")
+    print("\n\n".join(out["tables"].values()))
+    print(f"[quality] {round(time.time() - t0)} s")
     return 0
 
 
