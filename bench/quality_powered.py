@@ -162,6 +162,8 @@ def main() -> int:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers (2 x 1 thread measured faster here)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--eval-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                    help="the answering model's dtype (the models train with the frozen base in bf16)")
     ap.add_argument("--gpu", action="store_true", help="train on one GPU per worker (trainer.use_gpu=true)")
     ap.add_argument("--work", default="out/quality-powered")
     ap.add_argument("--report-only", action="store_true",
@@ -213,7 +215,8 @@ def main() -> int:
         if done.is_file():
             return json.loads(done.read_text())
         return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache_of(method)), adapter=adapter,
-                                scoring="both", out=str(done)))
+                                scoring="both", out=str(done), dtype=args.eval_dtype,
+                                concurrency=0 if args.gpu else os.cpu_count() or 1))  # CPU: one 1-thread actor a core
 
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
     runs: dict[str, list[tuple[int, dict]]] = {"one_to_one": [(0, stage1)]}
