@@ -47,8 +47,8 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
     from jobs.train_config import load_config, recipe_overrides
 
     done = work / name / "summary.json"
-    if done.is_file():
-        return json.loads(done.read_text())
+    if done.is_file():  # finished: its adapter is where this --work holds it (the folder may have moved)
+        return {**json.loads(done.read_text()), "adapter": str(work / name / "adapter")}
     layers, inject, pool, attn, _ = BASES[base]
     overrides = [*recipe_overrides(base=base, output_dir=work / name, data_dir=data_dir, features=cache,
                                    steps=steps, lr=lr, micro_batch=8 // workers, vision_layers=layers,
@@ -86,6 +86,8 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
     from jobs.scoring import normalize_answer
 
     path = report["answers_files"][scoring]
+    if not Path(path).is_file() and "eval_json" in report:  # a moved --work: the file lies beside its eval.json
+        path = str(Path(report["eval_json"]).parent / Path(path).name)
     rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
     if len(rows) != len(records):
         raise ValueError(f"{path}: {len(rows)} answers for {len(records)} questions")
@@ -213,7 +215,7 @@ def main() -> int:
     def evaluate(adapter: str, method: str) -> dict:
         done = Path(adapter).parent / "eval.json"
         if done.is_file():
-            return json.loads(done.read_text())
+            return {**json.loads(done.read_text()), "eval_json": str(done)}
         return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache_of(method)), adapter=adapter,
                                 scoring="both", out=str(done), dtype=args.eval_dtype,
                                 concurrency=0 if args.gpu else os.cpu_count() or 1))  # CPU: one 1-thread actor a core
