@@ -146,6 +146,24 @@ def gate_table(run_dirs: list[Path]) -> list[str]:
     return out
 
 
+def export(work: Path, dest: Path) -> int:
+    """The small records of every finished run (and the stage-1 adapters stage 2 starts from) -> ``dest``; data and
+    feature caches are left out: ``crosslayer data synth`` (seed 0) and the feature job rebuild them exactly."""
+    import shutil
+
+    done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
+    for run in done:
+        names = ["summary.json", "metrics.jsonl", "eval.json", *(f.name for f in run.glob("eval.answers*.jsonl"))]
+        if run.name.startswith("stage1"):
+            names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
+        for name in names:
+            if (run / name).is_file():
+                (dest / run.name / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(run / name, dest / run.name / name)
+    print(f"[quality] exported {len(done)} finished runs to {dest}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=list(BASES), default="small")
@@ -168,11 +186,16 @@ def main() -> int:
                     help="the answering model's dtype (the models train with the frozen base in bf16)")
     ap.add_argument("--gpu", action="store_true", help="train on one GPU per worker (trainer.use_gpu=true)")
     ap.add_argument("--work", default="out/quality-powered")
+    ap.add_argument("--export", default=None,
+                    help="copy the finished runs' records (summaries, metrics, eval reports, answers files, the "
+                         "stage-1 adapters) to this folder and stop: a --work to resume from on another machine")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: the tables from the runs already trained and scored under --work")
     ap.add_argument("--results", default="bench/quality-powered-results.json")
     args = ap.parse_args()
 
+    if args.export:
+        return export(Path(args.work), Path(args.export))
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
