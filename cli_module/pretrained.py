@@ -319,7 +319,7 @@ def smollm2_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------
 # The `small` base: DINOv2-S + a fresh 2-layer MLP projector + SmolLM2-135M, as a ComposedVLM folder
 
-SMALL_FOLDER = "small-base-112"
+SMALL_FOLDER = "small-base-112-v2"  # v2: the projector normalises its input tokens
 SMALL_IMAGE_TOKEN = "<image>"
 SMALL_SELECT_LAYER = -1  # the last encoder layer feeds the LLM input, as one-to-one VLMs do
 SMALL_IMAGE_SIDE = 112  # 8x8 = 64 image tokens: sequences of about 100 tokens keep CPU training steps short
@@ -339,7 +339,7 @@ def _build_small(_source: Path, folder: Path) -> None:
     lm.resize_token_embeddings(len(tok), mean_resizing=False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the same fresh projector in every process
-        projector = MLPProjector(vision.config.hidden_size, lm.config.hidden_size)
+        projector = MLPProjector(vision.config.hidden_size, lm.config.hidden_size, input_norm=True)
     save_composed(ComposedVLM(vision, projector, lm), tok, _dinov2_image_processor(SMALL_IMAGE_SIDE), folder,
                   image_token=SMALL_IMAGE_TOKEN, select_layer=SMALL_SELECT_LAYER, select_strategy="default")
 

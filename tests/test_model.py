@@ -208,6 +208,34 @@ def test_mismatched_base_and_pickles_are_refused(tiny_base, tmp_path):
     assert (tmp_path / "adapter" / WEIGHTS).is_file()
 
 
+def test_projector_input_norm_is_saved_and_makes_p_scale_free(tiny_base, tmp_path):
+    """A composed base whose projector normalises its input tokens: the flag survives save and load, adds no
+    weights, and P then maps a layer's states and the same states 40x larger to the same tokens (the `small`
+    base needs it: its DINOv2 layers' norms differ ~40x)."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+    from cli_module.composed import ComposedVLM, MLPProjector, save_composed
+    from cli_module.loading import load_base
+
+    vision = AutoModel.from_config(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=16, patch_size=4))
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=4,
+                                                      vocab_size=len(tiny_base.tokenizer)))
+    normed, plain = MLPProjector(32, 32, input_norm=True), MLPProjector(32, 32)
+    assert normed.state_dict().keys() == plain.state_dict().keys()
+    for name, proj in (("normed", normed), ("plain", plain)):
+        save_composed(ComposedVLM(vision, proj, lm), tiny_base.tokenizer, tiny_base.image_processor, tmp_path / name,
+                      image_token="<image>", select_layer=-2, select_strategy="default")
+    loaded, loaded_plain = load_base(str(tmp_path / "normed")).projector, load_base(str(tmp_path / "plain")).projector
+    assert loaded.input_norm and not loaded_plain.input_norm
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), normed(x), atol=1e-6)
+        assert torch.allclose(loaded(40 * x), loaded(x), atol=1e-4)
+        assert not torch.allclose(loaded_plain(40 * x), loaded_plain(x), atol=1e-2)
+
+
 def test_weightless_bases_validate_like_loaded_ones(tiny_base, tmp_path):
     """load_base(weights=False) on a LLaVA folder and on a composed folder: every parameter on the meta device,
     the same shapes, tokenizer and processor, and adapters are checked (and refused) exactly as on the real base."""
