@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import METHODS as BASELINES  # noqa: E402  (the stage-2 methods, shared with bench/quality.py)
 
-# CLI variants measured to find out why CLI falls short (issue part 3), run like the methods when asked for:
-# cli_gate_lr01 trains the gate controller at a tenth of the learning rate (its gates closed within 30 steps at
-# the full rate, seed 0: a per-coordinate Adam step over 832 gate inputs moves a gate's logit ~0.15 a step).
+# CLI variants measured to find out why CLI falls short (issue part 3), run like the methods when asked for.
+# CLI's gates closed (0.4 -> 0.01) within 30 steps; gate_proj and b_k barely moved, the context c_k turned to
+# point against the gate's weights (measured: bench/RESULTS.md). cli_gate_lr01: the gate controller at a tenth
+# of the learning rate; cli_out_lr01: W_o at a tenth (a smaller early injection, less pressure to close).
 VARIANTS: dict[str, list[str]] = {
     "cli_gate_lr01": ["method=cli", "optim.gate_lr_scale=0.1"],
+    "cli_out_lr01": ["method=cli", "optim.out_lr_scale=0.1"],
     "cli_image_positions": ["method=cli", "cli.positions=image"],
     "cli_sparse": ["method=cli", "cli.inject_layers=[10,26]"],
 }
