@@ -149,12 +149,14 @@ def gate_table(run_dirs: list[Path]) -> list[str]:
     steps = sorted(set.intersection(*({r["step"] for r in rows} for rows in runs)))
     at = {s: np.mean([np.asarray(next(r["eval_gates"] for r in rows if r["step"] == s)) for rows in runs], axis=0)
           for s in steps}  # step -> (|T|, K)
+    cli = json.loads((run_dirs[0] / "run.json").read_text())["config"]["cli"]  # the layers, for the headers
     k = at[steps[0]].shape[1]
-    out = ["| step | " + " | ".join(f"vision layer #{i}" for i in range(k)) + " |", "|---|" + "---|" * k]
+    head = " | ".join(f"vision layer {v}" for v in cli["vision_layers"])
+    out = [f"| step (mean over injection layers) | {head} |", "|---|" + "---|" * k]
     out += [f"| {s} | " + " | ".join(f"{v:.3f}" for v in at[s].mean(axis=0)) + " |" for s in steps]
-    out += ["", "| injection layer # (last evaluation) | " + " | ".join(f"vision layer #{i}" for i in range(k))
-            + " |", "|---|" + "---|" * k]
-    out += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for t, row in enumerate(at[steps[-1]])]
+    out += ["", f"| decoder layer (last evaluation) | {head} |", "|---|" + "---|" * k]
+    out += [f"| {t} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for t, row in zip(cli["inject_layers"],
+                                                                                      at[steps[-1]])]
     return out
 
 
@@ -165,7 +167,8 @@ def export(work: Path, dest: Path) -> int:
 
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
     for run in done:
-        names = ["summary.json", "metrics.jsonl", "eval.json", *(f.name for f in run.glob("eval.answers*.jsonl"))]
+        names = ["summary.json", "run.json", "metrics.jsonl", "eval.json",
+                 *(f.name for f in run.glob("eval.answers*.jsonl"))]
         if run.name.startswith("stage1"):
             names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
         for name in names:
@@ -290,10 +293,12 @@ def main() -> int:
     majority = {t: float(np.mean([r["answer"] == prior[t].most_common(1)[0][0] for r in records if r["type"] == t]))
                 for t in types}
     one = scores["one_to_one"]["choice"][0]
-    stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | questions |", "|---|---|---|---|"]
+    stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | chance (1 / answers) | "
+                   "questions |", "|---|---|---|---|---|"]
     for t in types:
         mask = np.array([r["type"] == t for r in records])
-        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {majority[t]:.3f} | {int(mask.sum())} |")
+        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {majority[t]:.3f} | {1 / len(prior[t]):.3f} | "
+                           f"{int(mask.sum())} |")
     table = ["| method | seeds | choice accuracy [95% CI] | generated exact match [95% CI] | "
              "choice: paired difference to CLI [95% CI] | verdict |", "|---|---|---|---|---|---|"]
     out: dict = {"args": vars(args), "types": types, "majority_rate": majority, "methods": {}}
