@@ -227,7 +227,7 @@ def main() -> int:
 
     t0, work = time.time(), Path(args.work).resolve()
     layers, _, pool, _, size = BASES[args.base]
-    data = work / "data"
+    data = (work / "data").resolve()  # a data folder shared by link: the cache knows its images by real path
     if not (data / "meta.json").exists():
         synthesize(SynthConfig(out=str(data), n=args.n, seed=0, image_size=size, test_frac=args.test_frac))
     records = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: args.eval_n]
