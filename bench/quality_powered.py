@@ -12,7 +12,10 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
 4. Statistics (``jobs.intervals``): each method's accuracy with a 95% bootstrap interval over questions, seeds
    pooled; each baseline's paired difference to CLI on the same questions, with its interval; a difference whose
    interval holds 0 is "no difference found".
-Finished runs are reused (summary.json / eval.json on disk), so an interrupted benchmark resumes.
+Runs go seed by seed (every method's seed 0 first), each scored as soon as it is trained; finished runs are reused
+(summary.json / eval.json on disk), so an interrupted benchmark resumes, and ``--export DIR`` copies the finished
+runs' records to resume on another machine (the data and caches are rebuilt exactly). CLI variants (``VARIANTS``)
+measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
 
     python bench/quality_powered.py                                # the protocol: 5,600 images, 3 seeds
     python bench/quality_powered.py --base tiny --n 240 --stage1-steps 4 --caption-steps 4 --stage2-steps 4 \
