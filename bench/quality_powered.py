@@ -164,20 +164,25 @@ def gate_table(run_dirs: list[Path]) -> list[str]:
 
 
 def export(work: Path, dest: Path) -> int:
-    """The small records of every finished run (and the stage-1 adapters stage 2 starts from) -> ``dest``; data and
-    feature caches are left out: ``crosslayer data synth`` (seed 0) and the feature job rebuild them exactly."""
+    """The small records of every finished run (and the stage-1 adapter stage 2 starts from) -> ``dest``: summaries,
+    metrics, eval reports, and answers files cut to each question's id and answer. Data and feature caches are
+    left out: ``crosslayer data synth`` (seed 0) and the feature job rebuild them exactly."""
     import shutil
 
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
     for run in done:
-        names = ["summary.json", "run.json", "metrics.jsonl", "eval.json",
-                 *(f.name for f in run.glob("eval.answers*.jsonl"))]
-        if run.name.startswith("stage1"):
+        names = ["summary.json", "run.json", "metrics.jsonl", "eval.json"]
+        if run.name == "stage1":  # stage 2 starts from its projector
             names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
+        (dest / run.name).mkdir(parents=True, exist_ok=True)
         for name in names:
             if (run / name).is_file():
                 (dest / run.name / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run / name, dest / run.name / name)
+        for answers in run.glob("eval.answers*.jsonl"):  # what the statistics read: each question's answer
+            rows = [json.loads(x) for x in answers.read_text().splitlines()]
+            (dest / run.name / answers.name).write_text("".join(
+                json.dumps({"question_id": r["question_id"], "text": r["text"]}) + "\n" for r in rows))
     print(f"[quality] exported {len(done)} finished runs to {dest}")
     return 0
 
@@ -240,7 +245,7 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
     pools = {pool} | {1 for m in args.methods if "cli.pool=1" in METHODS[m]}  # deepstack and input_fusion: pool 1
     for p in sorted(pools):
-        if not (work / f"cache-pool{p}" / "cache.json").exists():
+        if not args.report_only and not (work / f"cache-pool{p}" / "cache.json").exists():
             run_features(FeatureJob(src=str(data / "images"), out=str(work / f"cache-pool{p}"), base=args.base,
                                     vision_layers=layers, pool=p, batch_size=16, threads=args.threads))
     cache = work / f"cache-pool{pool}"
