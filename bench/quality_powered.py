@@ -50,6 +50,11 @@ VARIANTS: dict[str, list[str]] = {
 }
 METHODS = {**BASELINES, **VARIANTS}
 
+
+def pool_of(method: str, base_pool: int) -> int:
+    """deepstack and input_fusion read the pool-1 cache (they add to / widen the image tokens)."""
+    return 1 if "cli.pool=1" in METHODS.get(method, []) else base_pool
+
 BASES = {  # base -> (vision layers K, injection layers T, pool, attention width, image size)
     "small": ([3, 6, 9, 12], [2, 10, 18, 26], 2, 256, 112),
     "tiny": ([1, 2], [0, 1], 1, 16, 32),
@@ -243,15 +248,15 @@ def main() -> int:
     val = (data / "val.jsonl").read_text().splitlines()[: args.val_n]
     (data / "val-sub.jsonl").write_text("".join(x + "\n" for x in val))
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
-    pools = {pool} | {1 for m in args.methods if "cli.pool=1" in METHODS[m]}  # deepstack and input_fusion: pool 1
-    for p in sorted(pools):
+    for p in sorted({pool} | {pool_of(m, pool) for m in args.methods}):
         if not args.report_only and not (work / f"cache-pool{p}" / "cache.json").exists():
             run_features(FeatureJob(src=str(data / "images"), out=str(work / f"cache-pool{p}"), base=args.base,
                                     vision_layers=layers, pool=p, batch_size=16, threads=args.threads))
     cache = work / f"cache-pool{pool}"
 
     def cache_of(method: str) -> Path:
-        return work / "cache-pool1" if "cli.pool=1" in METHODS.get(method, []) else cache
+        return work / f"cache-pool{pool_of(method, pool)}"
+
     common = dict(precision=args.precision, workers=args.workers, threads=args.threads, gpu=args.gpu,
                   evals=args.evals_per_run)
     captions = caption_conversations(data)
@@ -285,9 +290,8 @@ def main() -> int:
     for seed in args.seeds:
         for method in args.methods:
             name = f"{method}-seed{seed}"
-            if args.report_only:
-                if not (work / name / "summary.json").is_file() or not (work / name / "eval.json").is_file():
-                    continue
+            if args.report_only and not all((work / name / f).is_file() for f in ("summary.json", "eval.json")):
+                continue
             summary = train(work, args.base, name, data, cache_of(method), args.stage2_steps, args.stage2_lr, seed,
                             [*method_overrides(method, args.base), f"init_projector={stage1['adapter']}"], **common)
             runs.setdefault(method, []).append((seed, summary))
@@ -312,10 +316,10 @@ def main() -> int:
     out: dict = {"args": vars(args), "types": types, "majority_rate": majority, "methods": {}}
     cli = np.stack(scores["cli"]["choice"]) if "cli" in scores else None
     for method, by in scores.items():
-        choice, gen = np.stack(by["choice"]), np.stack(by.get("generate", [np.zeros(len(records))]))
-        ci_c, ci_g = accuracy_interval(choice), accuracy_interval(gen) if "generate" in by else None
+        choice, gen = np.stack(by["choice"]), by.get("generate", [])  # generate: the --generate-seeds' runs
+        ci_c, ci_g = accuracy_interval(choice), accuracy_interval(np.stack(gen)) if gen else None
         row = {"choice": vars(ci_c), "generate": vars(ci_g) if ci_g else None, "seeds": len(choice),
-               "generate_seeds": len(by.get("generate", [])),
+               "generate_seeds": len(gen),
                "val_loss": [s["eval_loss"] for _, s in runs[method]]}
         diff_text, verdict_text = "-", "-"
         if cli is not None and method != "cli":

@@ -144,25 +144,24 @@ def answer_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def eval_sums(forward: Any, data: Loader, batch_size: int, num_batches: int,
-              device: Any = "cpu", gates: bool = False) -> torch.Tensor:
+              device: Any = "cpu", gate_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Sums over ``num_batches`` batches (the same count on every rank: ZeRO-3 forwards are collective); a rank
-    out of rows repeats its first batch with weight 0. With ``gates``: then the AGF gates summed over the positions
-    that predict an answer token, flattened (|T| * K), for ``eval_metrics`` to average."""
-    sums: torch.Tensor | None = None
+    out of rows repeats its first batch with weight 0. With ``gate_shape`` (|T|, K): then the AGF gates summed over
+    the positions that predict an answer token, flattened, for ``eval_metrics`` to average."""
+    sums = torch.zeros(3 + (gate_shape[0] * gate_shape[1] if gate_shape else 0), dtype=torch.float64)
     for b in range(num_batches):
         rows, weight = np.arange(b * batch_size, min((b + 1) * batch_size, len(data))), 1.0
         if len(rows) == 0:
             rows, weight = np.arange(min(batch_size, len(data))), 0.0
         batch = data.batch(rows).to(device)
         out = forward(batch.input_ids, batch.attention_mask, features=batch.features,
-                      **({"return_gates": True} if gates else {}))
-        part = answer_sums(out.logits, batch.labels).cpu()
-        if gates:
+                      **({"return_gates": True} if gate_shape else {}))
+        sums[:3] += weight * answer_sums(out.logits, batch.labels).cpu()
+        if gate_shape:
             answer = (batch.labels[:, 1:] != -100).unsqueeze(-1).unsqueeze(-1)  # (B, S-1, 1, 1)
             g = (out.gates[:, :-1].double() * answer).sum(dim=(0, 1))  # (|T|, K): positions predicting answers
-            part = torch.cat([part, g.flatten().cpu()])
-        sums = weight * part if sums is None else sums + weight * part
-    return sums if sums is not None else torch.zeros(3, dtype=torch.float64)
+            sums[3:] += weight * g.flatten().cpu()
+    return sums
 
 
 def eval_metrics(sums: torch.Tensor, gate_shape: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -280,7 +279,7 @@ class WorkerTrainer:
             if self.cfg.method == "cli" and cli.gate != "none" else None
         self.engine.eval()
         sums = eval_sums(self.engine, self.eval_data, self.cfg.trainer.eval_batch_size, self.eval_batches,
-                         self.engine.device, gates=gate_shape is not None)
+                         self.engine.device, gate_shape)
         sums = sums.to(self.engine.device)
         dist.all_reduce(sums)
         self.engine.train()

@@ -1,0 +1,119 @@
+"""Two measurements behind bench/RESULTS.md's "Why" (the powered quality protocol), on a --work folder of
+bench/quality_powered.py:
+
+* ``tokens``: the norm of the cached vision tokens per layer, and of P's tokens (the base's projector, or a
+  stage-1 adapter's) per layer with their spread across images, against the LLM's token-embedding norm;
+* ``gates``: a CLI adapter's gate logit at the position that predicts the answer, split into its terms
+  W_g,h . h + W_g,c . c_k + b_k per vision layer, with the cosine of c_k and W_g,c (decoder layer ``--layer``).
+
+    python bench/quality_diagnostics.py tokens --work out/quality-powered --adapter out/quality-powered/stage1/adapter
+    python bench/quality_diagnostics.py tokens --work out/quality-powered --base small     # the untrained projector
+    python bench/quality_diagnostics.py gates --work out/quality-powered --adapter out/quality-powered/cli-seed0/adapter
+(``--base DIR`` loads an adapter over another base folder, e.g. the `small` v1 folder of run 1.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cache_rows(cache: str, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` rows of a feature cache: source, select (B, N, D), layers (B, K, N', D)."""
+    from pipelines.feature_cache import load_cache_table, table_to_numpy
+
+    return table_to_numpy(load_cache_table(cache).slice(0, n))
+
+
+def tokens(args: argparse.Namespace) -> None:
+    from cli_module.adapter import load_model
+    from pipelines.feature_cache import read_cache_info
+
+    cache = str(Path(args.work) / args.cache)
+    rows, layers = cache_rows(cache, args.images), read_cache_info(cache)["key"]["layers"]
+    model, _ = load_model(args.adapter, args.base)
+    with torch.no_grad():
+        emb = model.base.language_model.embed_tokens.weight.norm(dim=-1).mean()
+        print(f"LLM token embedding norm {emb:.2f}")
+        named = [("select", torch.from_numpy(rows["select"].astype(np.float32)))]
+        named += [(f"layer {k}", torch.from_numpy(rows["layers"][:, i].astype(np.float32))) for i, k in enumerate(layers)]
+        for name, x in named:  # (B, N, D)
+            p = model.base.projector(x)
+            print(f"{name}: cached token norm {x.norm(dim=-1).mean():.2f}; P's tokens norm {p.norm(dim=-1).mean():.2f},"
+                  f" spread across images {p.std(0).norm(dim=-1).mean():.2f}")
+
+
+def gates(args: argparse.Namespace) -> None:
+    from cli_module.adapter import load_model
+    from cli_module.loading import load_base
+    from cli_module.prompting import render
+    from pipelines.feature_cache import CacheLookup, read_cache_info
+
+    work = Path(args.work)
+    model, _ = load_model(args.adapter, args.base)
+    model.eval()
+    cache = str(work / args.cache)
+    key = read_cache_info(cache)["key"]
+    lookup = CacheLookup(cache, load_base(key["base"], weights=False), model.vision_layers, key["pool"])
+    records = [json.loads(x) for x in (work / "data" / "val-sub.jsonl").read_text().splitlines()][: args.images]
+    rows = cache_rows(cache, len(lookup.rows))
+    by_source = {Path(str(s)).name: str(i) for s, i in zip(rows["source"], rows["image_id"])}
+    feats = lookup.features([by_source[Path(r["image"]).name] for r in records])
+    tok, family = model.base.tokenizer, model.base.kind
+    prompts = [render(tok, [{"role": "user", "content": r["conversations"][0]["value"]}], add_generation_prompt=True,
+                      family=family) for r in records]
+    inputs, visual = model.prepare_inputs(prompts, features=feats)
+    agf, seen = model.agf[args.layer], {}
+    forward = agf.forward
+
+    def spy(h, kv, mask=None):  # the gate's terms at the last prompt position, as AGF.forward computes them
+        keys, values = kv
+        b, s, _ = h.shape
+        hn = agf.norm_q(h.to(agf.q_proj.weight.dtype))
+        w_h, w_c = agf.gate_proj.weight[0, : hn.shape[-1]], agf.gate_proj.weight[0, hn.shape[-1]:]
+        k, dh = keys.shape[2], keys.shape[-1]
+        q = agf.q_proj(hn).view(b, s, agf.heads, dh).transpose(1, 2).unsqueeze(2).expand(b, agf.heads, k, s, dh)
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, keys, values)  # (B, H, K, S, dh)
+        c = ctx.permute(0, 3, 2, 1, 4).reshape(b, s, k, agf.attn_dim)[:, -1]  # (B, K, A)
+        seen.update(wh=(hn[:, -1] @ w_h).mean(), wc=(c @ w_c).mean(0), c_norm=c.norm(dim=-1).mean(0),
+                    cos=((c @ w_c) / (c.norm(dim=-1) * w_c.norm())).mean(0), bias=agf.gate_bias[:, 0])
+        return forward(h, kv, mask)
+
+    agf.forward = spy
+    with torch.no_grad():
+        out = model(**inputs, visual=visual, return_gates=True)
+    gate = out.gates[:, -1, args.layer].mean(0)  # (K,)
+    print(f"decoder layer {model.config.inject_layers[args.layer]}, {len(records)} validation prompts, answer position")
+    print(f"gate per vision layer {gate.numpy().round(4)}; W_g,h . h {float(seen['wh']):.2f}")
+    print(f"W_g,c . c_k {seen['wc'].numpy().round(2)}; |c_k| {seen['c_norm'].numpy().round(1)}; "
+          f"cos(c_k, W_g,c) {seen['cos'].numpy().round(3)}; b_k {seen['bias'].detach().numpy().round(4)}")
+    w = agf.gate_proj.weight.detach()[0]
+    print(f"|W_g,c| {float(w[model.base.language_model.config.hidden_size:].norm()):.3f}, "
+          f"|gate_proj.weight| {float(w.norm()):.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["tokens", "gates"])
+    ap.add_argument("--work", default="out/quality-powered", help="bench/quality_powered.py's --work")
+    ap.add_argument("--adapter", default=None, help="a stage-1 adapter (tokens; none: --base's own projector) or a "
+                                                    "CLI adapter (gates)")
+    ap.add_argument("--base", default=None, help="the base folder to load the adapter over (default: its own)")
+    ap.add_argument("--cache", default="cache-pool2")
+    ap.add_argument("--images", type=int, default=40, help="cache rows (tokens) or validation prompts (gates)")
+    ap.add_argument("--layer", type=int, default=0, help="gates: which injection layer (index into inject_layers)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    {"tokens": tokens, "gates": gates}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
