@@ -27,6 +27,13 @@ class Base:
     select_layer: int  # vision hidden_states index the base feeds to the LLM input (LLaVA: -2)
     select_strategy: str  # "default" drops the CLS token, "full" keeps every token
     revision: str | None = None  # hub revision or content hash, recorded in caches and adapters
+    encoder_source: tuple[str, str | None] | None = None  # (name, revision) of the base whose encoder this one
+    # shares unchanged (a derived base, cli_module.derived): feature caches are keyed by it
+
+    @property
+    def encoder_identity(self) -> tuple[str, str | None]:
+        """(name, revision) that the encoder's features depend on: the feature cache's key."""
+        return self.encoder_source or (self.name, self.revision)
 
     @property
     def vision_tower(self) -> nn.Module:

@@ -11,14 +11,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion"]
+Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct"]
 Gate = Literal["layer", "channel", "none"]
 Positions = Literal["all", "text", "image"]
 
 
 @dataclass
 class CLIConfig:
-    method: Method = "cli"  # cli, or a baseline: one_to_one, projector_ft, deepstack, input_fusion
+    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion), or instruct (P + LLM)
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
     lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
     lora_alpha: float = 32.0  # AMP scale is alpha / rank, as in LoRA
@@ -72,8 +72,8 @@ class CLIConfig:
 
     def validate_for(self, vision_layers: int, text_layers: int, grid: int | None) -> None:
         """Check indices against a base: ``vision_layers``/``text_layers`` are depths, ``grid`` the token side."""
-        if self.method in ("one_to_one", "projector_ft"):
-            return  # neither reads extra vision layers nor touches decoder layers
+        if self.method in ("one_to_one", "projector_ft", "instruct"):
+            return  # none reads extra vision layers or hooks decoder layers
         resolve_vision_layers(self.vision_layers, vision_layers)
         for t in self.inject_layers:
             if not 0 <= t < text_layers:

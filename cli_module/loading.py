@@ -1,7 +1,7 @@
 """Loading a base by name: a preset (``tiny``, ``tiny-onevision``, ``small``, ``llava-1.5-7b-shape``), a Hugging
 Face hub id, a local folder or an ``s3://`` prefix (mirrored into the local cache first) holding a
 ``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` checkpoint (safetensors only,
-never pickle), or a composed-base folder.
+never pickle), a composed-base folder, or a derived base (a fine-tuned projector and LLM over any of these).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from .bases import Base
 from .composed import COMPOSED_FILE, VisionStub, load_composed
+from .derived import apply_derived, is_derived, read_derived
 from .files import atomic_write, cache_root
 from .presets import build_llava_7b_shape, build_llava_onevision_shape, build_tiny
 from .prompting import fallback_template
@@ -43,6 +44,14 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
     elif name in SHAPES:
         base = SHAPES[name]()
     else:
+        path = fetch_s3_prefix(name) if name.startswith("s3://") else name
+        if is_derived(path):  # the source base, then the fine-tuned projector and LLM over it
+            meta = read_derived(path)
+            if revision is not None and revision != meta["weights_sha256"][:16]:
+                raise ValueError(f"{name}: revision {revision!r} asked for, the folder holds weights "
+                                 f"{meta['weights_sha256'][:16]!r}; a derived base has no other revisions")
+            source = load_base(meta["source"], meta["source_revision"], dtype, vision, weights, language)
+            return apply_derived(source, path, meta, name, weights=weights and language)
         base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights)
     if not vision and not isinstance(base.vision_tower, VisionStub):
         owner = base.model if base.kind == "composed" else base.model.model

@@ -8,7 +8,8 @@ The base's own input path is untouched; AGF runs as a forward hook after each de
 per-call ``VisualState`` whose AGF keys/values were computed once per image, so decoding with the base's KV
 cache costs one query and one gate per injection layer and step. Precomputed features (the feature cache)
 enter as ``VisionFeatures`` and skip the encoder. Baselines share every line except their trainable part:
-``one_to_one`` (nothing), ``projector_ft`` (P), ``deepstack`` (W_i V̂_{k_i} added at the image positions of layer
+``one_to_one`` (nothing), ``projector_ft`` (P), ``instruct`` (P and the LLM: LLaVA's visual instruction tuning,
+which makes the trained base CLI sits on; saved as a derived base, ``cli_module.derived``), ``deepstack`` (W_i V̂_{k_i} added at the image positions of layer
 t_i, W_i a zero-initialised D x D map like AGF's W_o), ``input_fusion`` (layers concatenated into a widened
 projector).
 """
@@ -115,6 +116,7 @@ class FusedVLM(nn.Module):
                 self.fusion_layers = [k for k in self.vision_layers if k != self.select_layer]
                 self.fusion_projector = FusionProjector(base.projector, len(self.fusion_layers))
         self.projector_modified = config.method == "projector_ft"  # the adapter then carries P's weights
+        self.trains_base = config.method == "instruct"  # P and the LLM train: the result is a derived base
         self._state: dict | None = None  # set only during a forward: visual state, masks, gate sink
         self._hooks = [base.language_model.layers[t].register_forward_hook(self._make_hook(i))
                        for i, t in enumerate(config.inject_layers)] if config.method in ("cli", "deepstack") else []
@@ -123,12 +125,16 @@ class FusedVLM(nn.Module):
     # --- parameters ---------------------------------------------------------------------------------
 
     def mark_trainable(self) -> None:
-        """Only the method's own parameters train; the base stays frozen (P too, unless projector_ft)."""
+        """Only the method's own parameters train; the base stays frozen (P too, unless projector_ft; instruct
+        trains P and the LLM, never the encoder)."""
         self.base.model.requires_grad_(False)
         for name, p in self.named_parameters():
             p.requires_grad_(not name.startswith("base_model."))
-        if self.config.method == "projector_ft":
+        if self.config.method in ("projector_ft", "instruct"):
             self.base.projector.requires_grad_(True)
+        if self.config.method == "instruct":
+            self.base.language_model.requires_grad_(True)
+            self.base.lm_head.requires_grad_(True)
 
     def param_counts(self) -> dict[str, float | int]:
         total = sum(p.numel() for p in self.parameters())

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the --config recipe's base, else tiny)")
     p.add_argument("--config", help="a training recipe (crosslayer train --config): validated, and its `cli:` "
                                     "settings checked against the base")
-    p.add_argument("--method", choices=["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion"])
+    p.add_argument("--method", choices=["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct"])
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("quickstart", help="run the main job end to end on an embedded base")

@@ -31,7 +31,7 @@ from pipelines import storage
 from .faults import FaultPlan
 from .train_config import TrainConfig, deepspeed_config, load_config
 from .train_data import PreparedData, prepare_data, rank_sizes, write_examples
-from .train_loop import STATE_FILE, WorkerPlan, build_model, train_loop_per_worker
+from .train_loop import STATE_FILE, WorkerPlan, build_model, param_groups, train_loop_per_worker
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train's controller poll interval (Ray's default: 2 s)
 
@@ -61,7 +61,8 @@ def setup(cfg: TrainConfig) -> TrainSetup:
     model = build_model(base, cfg)  # checks the plug-in config against the base, loads init_projector
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method {cfg.method!r} has no trainable parameters: it is the frozen base as it is; "
-                         f"evaluate it without training, or pick cli, projector_ft, deepstack or input_fusion")
+                         f"evaluate it without training, or pick cli, projector_ft, deepstack, input_fusion or instruct")
+    param_groups(model, cfg.optim)  # refuses a learning-rate scale for parameters this method does not train
     data = prepare_data(cfg, base, model.vision_layers)
     tok = base.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -78,8 +79,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def fix(path: str | None) -> str | None:
         return path if not path or path.startswith("s3://") else os.path.abspath(path)
 
-    return dataclasses.replace(
-        cfg, output_dir=fix(cfg.output_dir), init_projector=fix(cfg.init_projector),
+    base = os.path.abspath(cfg.base) if os.path.isdir(cfg.base) else cfg.base  # a local folder, as transformers
+    return dataclasses.replace(                                                  # resolves a name (folder first)
+        cfg, base=base, output_dir=fix(cfg.output_dir), init_projector=fix(cfg.init_projector),
         data=dataclasses.replace(cfg.data, train=fix(cfg.data.train), eval=fix(cfg.data.eval),
                                  features=fix(cfg.data.features), image_root=fix(cfg.data.image_root)),
         trainer=dataclasses.replace(cfg.trainer, storage_path=fix(cfg.trainer.storage_path)))
@@ -134,7 +136,8 @@ def env_var(key: str, value: str) -> Iterator[None]:
 
 
 def finish(s: TrainSetup, result: Any) -> dict[str, Any]:
-    """Copy the final checkpoint's adapter and write metrics.jsonl, loss.png and summary.json."""
+    """Copy the final checkpoint's adapter (method instruct: its derived base, ``model/``) and write metrics.jsonl,
+    loss.png and summary.json."""
     out = s.cfg.output_dir
     ckpt = result.checkpoint
     if ckpt is None:
@@ -145,9 +148,12 @@ def finish(s: TrainSetup, result: Any) -> dict[str, Any]:
             return f.read()
 
     from cli_module.adapter import CONFIG, WEIGHTS
+    from cli_module.derived import DERIVED_FILE, DERIVED_WEIGHTS
 
-    for name in (WEIGHTS, CONFIG):
-        storage.write_atomic(storage.join(out, "adapter", name), read(f"adapter/{name}"))
+    instruct = s.cfg.method == "instruct"
+    folder, files = ("model", (DERIVED_WEIGHTS, DERIVED_FILE)) if instruct else ("adapter", (WEIGHTS, CONFIG))
+    for name in files:  # the json last: a folder holding it is complete
+        storage.write_atomic(storage.join(out, folder, name), read(f"{folder}/{name}"))
     state = json.loads(read(STATE_FILE))
     history = state["history"]
     storage.write_atomic(storage.join(out, "metrics.jsonl"),
@@ -160,7 +166,8 @@ def finish(s: TrainSetup, result: Any) -> dict[str, Any]:
                "eval_token_acc": last_eval.get("eval_token_acc"), "tokens_per_s": last_train.get("tokens_per_s"),
                "examples": {"train": len(s.data.train), "eval": len(s.data.eval)}, "rows_read": s.data.rows_read,
                "skipped": s.data.skipped, "truncated": s.data.truncated, "text_only": s.data.text_only,
-               "params": s.params, "adapter": storage.join(out, "adapter"),
+               "params": s.params, "adapter": None if instruct else storage.join(out, "adapter"),
+               "base": storage.join(out, "model") if instruct else s.cfg.base,
                "seconds": round(time.time() - s.started, 1)}
     storage.write_json(storage.join(out, "summary.json"), summary)
     return summary

@@ -95,6 +95,7 @@ class OptimArgs:
     grad_clip: float = 1.0  # global gradient-norm clipping (DeepSpeed gradient_clipping; 0 = off)
     gate_lr_scale: float = 1.0  # learning rate of AGF's gate controller (gate_proj, gate_bias), times lr
     out_lr_scale: float = 1.0  # learning rate of AGF's output map W_o (out_proj), times lr
+    lm_lr_scale: float = 1.0  # method instruct: learning rate of the LLM (P keeps lr), times lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -108,9 +109,9 @@ class OptimArgs:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.gate_lr_scale <= 0 or self.out_lr_scale <= 0:
-            raise ValueError(f"optim.gate_lr_scale ({self.gate_lr_scale}) and optim.out_lr_scale "
-                             f"({self.out_lr_scale}) must be > 0")
+        if min(self.gate_lr_scale, self.out_lr_scale, self.lm_lr_scale) <= 0:
+            raise ValueError(f"optim.gate_lr_scale ({self.gate_lr_scale}), optim.out_lr_scale ({self.out_lr_scale}) "
+                             f"and optim.lm_lr_scale ({self.lm_lr_scale}) must be > 0")
 
 
 @dataclass
@@ -130,7 +131,7 @@ class DeepSpeedArgs:
 class TrainConfig:
     base: str = "tiny"  # base preset, hub id, folder or s3:// prefix (the one the feature cache was built with)
     method: Method | None = None  # cli or a baseline; when set it overrides cli.method
-    output_dir: str = "out/train"  # adapter/, metrics.jsonl, loss.png, summary.json go here (local or s3://)
+    output_dir: str = "out/train"  # adapter/ (instruct: model/), metrics.jsonl, loss.png, summary.json (or s3://)
     init_projector: str | None = None  # adapter folder whose projector.* weights replace P (two-stage recipe)
     cli: CLIConfig = field(default_factory=CLIConfig)  # the plug-in's settings (CLIConfig fields)
     data: DataArgs = field(default_factory=DataArgs)  # conversations, feature cache, eval split, bad rows

@@ -79,6 +79,10 @@ def build_model(base: Any, cfg: TrainConfig) -> Any:
 def adapter_params(model: Any) -> list[nn.Parameter]:
     """The parameters an adapter file holds (gathered first under ZeRO-3)."""
     params = [p for n, p in model.named_parameters() if not n.startswith("base_model.")]
+    if model.trains_base:  # instruct: what a derived base holds
+        from cli_module.derived import trained_modules
+
+        return params + [p for m in trained_modules(model.base).values() for p in m.parameters()]
     if model.projector_modified:
         params += list(model.base.projector.parameters())
     return params
@@ -100,19 +104,21 @@ def skip_shm_comm_op() -> None:
 
 def param_groups(model: nn.Module, o: Any) -> list[dict[str, Any]]:
     """The trainable parameters in AdamW groups: AGF's gate controller at lr * gate_lr_scale, its output map W_o at
-    lr * out_lr_scale, the rest at lr (the schedule scales every group alike). A scale other than 1 for parameters
-    this method does not have is refused, not ignored."""
-    groups: dict[str, list[nn.Parameter]] = {"rest": [], "gate": [], "out": []}  # rest first: the logged lr
+    lr * out_lr_scale, the LLM (method instruct) at lr * lm_lr_scale, the rest at lr (the schedule scales every
+    group alike). A scale other than 1 for parameters this method does not have is refused, not ignored."""
+    groups: dict[str, list[nn.Parameter]] = {"rest": [], "gate": [], "out": [], "lm": []}  # rest first: logged lr
+    lm = {id(p) for p in model.base.language_model.parameters()} | {id(p) for p in model.base.lm_head.parameters()}
     for name, p in model.named_parameters():
         if p.requires_grad:
             kind = "gate" if ".gate_proj." in name or name.endswith(".gate_bias") else \
-                "out" if name.startswith("agf.") and ".out_proj." in name else "rest"
+                "out" if name.startswith("agf.") and ".out_proj." in name else "lm" if id(p) in lm else "rest"
             groups[kind].append(p)
-    scale = {"gate": o.gate_lr_scale, "out": o.out_lr_scale, "rest": 1.0}
-    for kind, option in (("gate", "optim.gate_lr_scale"), ("out", "optim.out_lr_scale")):
+    scale = {"gate": o.gate_lr_scale, "out": o.out_lr_scale, "lm": o.lm_lr_scale, "rest": 1.0}
+    owner = {"gate": "AGF gate", "out": "AGF output", "lm": "LLM"}
+    for kind, option in (("gate", "optim.gate_lr_scale"), ("out", "optim.out_lr_scale"), ("lm", "optim.lm_lr_scale")):
         if scale[kind] != 1.0 and not groups[kind]:
-            raise ValueError(f"{option}={scale[kind]} but this model trains no AGF {kind} parameters (method cli "
-                             f"with a gate has them); leave {option} at 1")
+            raise ValueError(f"{option}={scale[kind]} but this model trains no {owner[kind]} parameters (method "
+                             f"{'instruct' if kind == 'lm' else 'cli with a gate'} has them); leave {option} at 1")
     return [{"params": ps, "lr": o.lr * scale[kind], "name": kind} for kind, ps in groups.items() if ps]
 
 
@@ -187,11 +193,16 @@ def save_checkpoint(engine: Any, model: Any, plan: WorkerPlan, cfg: TrainConfig,
     try:
         tag = f"global_step{step}"
         engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=True)
+        extra = {"train_step": step, "run_name": plan.run_name, **plan.extra}
         with deepspeed.zero.GatheredParameters(adapter_params(model), modifier_rank=None):
-            from cli_module.adapter import save_adapter
+            if model.trains_base and rank == 0:  # instruct: the trained P and LLM, as a base over cfg.base
+                from cli_module.derived import save_derived
 
-            save_adapter(model, Path(tmp) / "adapter", is_main_process=rank == 0,
-                         extra={"train_step": step, "run_name": plan.run_name, **plan.extra})
+                save_derived(model.base, Path(tmp) / "model", cfg.base, model.base.revision, extra)
+            elif not model.trains_base:
+                from cli_module.adapter import save_adapter
+
+                save_adapter(model, Path(tmp) / "adapter", is_main_process=rank == 0, extra=extra)
         if rank == 0:
             state = {"step": step, "tag": tag, "world_size": len(plan.train_sizes), "history": history,
                      "base": cfg.base, "cli_config": cfg.cli.to_dict(), "seed": cfg.trainer.seed}

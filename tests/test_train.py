@@ -21,6 +21,8 @@ import pytest
 import torch
 from conftest import colour_images
 
+from cli_module.config import CLIConfig
+from cli_module.model import FusedVLM
 from jobs.train_config import TrainConfig, deepspeed_config, load_config, lr_factor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -166,7 +168,7 @@ def test_gate_and_output_learning_rates_are_their_own_groups():
     no_gates = load_config(CONFIG, ["cli.gate=none", "optim.gate_lr_scale=2"])
     with pytest.raises(ValueError, match="optim.gate_lr_scale=2.0 but this model trains no AGF gate"):
         param_groups(build_model(load_base("tiny"), no_gates), no_gates.optim)
-    with pytest.raises(ValueError, match=r"optim.gate_lr_scale \(0.0\) and optim.out_lr_scale \(1.0\) must be > 0"):
+    with pytest.raises(ValueError, match=r"optim.gate_lr_scale \(0.0\), optim.out_lr_scale \(1.0\) and optim.lm_lr_scale \(1.0\) must be > 0"):
         load_config(CONFIG, ["optim.gate_lr_scale=0"])
 
 
@@ -313,6 +315,40 @@ def test_init_projector_takes_stage1_projector(tmp_path):
     save_adapter(stage2, tmp_path / "no-projector")
     with pytest.raises(ValueError, match="holds no projector.* weights"):
         build_model(load_base("tiny"), load_config(CONFIG, [f"init_projector={tmp_path / 'no-projector'}"]))
+
+
+def test_instruct_writes_a_derived_base_that_stage_2_trains_on(colour_data, tmp_path):
+    """LLaVA's visual instruction tuning (P + LLM, ZeRO-2, two workers) -> model/, a base that loads by its folder,
+    reproduces the run's eval loss, reads the source's feature cache, and takes a CLI run on top."""
+    from cli_module.loading import load_base
+    from jobs.train import run_train, setup
+    from jobs.train_loop import eval_metrics, eval_sums
+    from jobs.train_stream import local_loader
+
+    cfg = load_config(CONFIG, overrides(colour_data, tmp_path / "instruct", "method=instruct", "optim.lm_lr_scale=0.5",
+                                        "trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=0"))
+    summary = run_train(cfg)
+    model_dir = tmp_path / "instruct" / "model"
+    assert summary["adapter"] is None and summary["base"] == str(model_dir)
+    assert not (tmp_path / "instruct" / "adapter").exists()
+    derived, source = load_base(str(model_dir)), load_base("tiny")
+    moved = [not torch.equal(p, q) for p, q in zip(derived.language_model.parameters(),
+                                                   source.language_model.parameters())]
+    assert any(moved) and not any(not torch.equal(p, q) for p, q in zip(derived.vision_tower.parameters(),
+                                                                           source.vision_tower.parameters()))
+    s = setup(cfg)
+    fused = FusedVLM(derived, CLIConfig(method="one_to_one")).eval()
+    data = local_loader(s.data, "eval", s.pad_id)
+    got = eval_metrics(eval_sums(fused, data, batch_size=8, num_batches=-(-len(data) // 8)))["eval_loss"]
+    assert got == pytest.approx(summary["eval_loss"], abs=1e-3)  # the saved weights are the trained ones
+
+    stage2 = load_config(CONFIG, overrides(colour_data, tmp_path / "cli", f"base={model_dir}", "trainer.max_steps=2",
+                                           "trainer.eval_every=2", "trainer.checkpoint_every=0"))
+    second = run_train(stage2)  # the cache built for tiny feeds it: the encoder is tiny's
+    config = json.loads((tmp_path / "cli" / "adapter" / "adapter_config.json").read_text())
+    assert second["steps"] == 2 and config["base_model"] == str(model_dir)
+    with pytest.raises(ValueError, match="optim.lm_lr_scale=0.5 but this model trains no LLM parameters"):
+        setup(load_config(CONFIG, overrides(colour_data, tmp_path / "x", "optim.lm_lr_scale=0.5")))
 
 
 def test_method_without_trainable_parameters(colour_data, tmp_path):
