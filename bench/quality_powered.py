@@ -2,11 +2,13 @@
 
 Protocol, on one `crosslayer data synth` set (all seven question types):
 1. Stage 1 as LLaVA's: the projector learns from the image captions (captions.jsonl as LLaVA-Pretrain-style
-   conversations), then from the questions; the result is `one_to_one`. Its likelihood ("choice") accuracy per
+   conversations), then from the questions; then (``--instruct-steps``, LLaVA's stage 2, visual instruction
+   tuning) the projector and the LLM learn from the questions (``method=instruct``), which gives a derived base:
+   the trained VLM the paper puts CLI on. That base is `one_to_one`. Its likelihood ("choice") accuracy per
    question type is reported next to the most-frequent-answer rate of that type, so a stage 1 that learned
-   only answer priors shows.
-2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) from that projector,
-   the same steps and data, each seed in ``--seeds``; validation loss curves are kept (metrics.jsonl).
+   only answer priors shows. (``--instruct-steps 0``: the projector-only stage 1 of the first runs.)
+2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) on that base (its LLM
+   frozen again), the same steps and data, each seed in ``--seeds``; validation loss curves are kept.
 3. Every model answers the test questions twice (``crosslayer eval --scoring both``): generated answers by
    exact match, and likelihood over the answers seen for the question type.
 4. Statistics (``jobs.intervals``): each method's accuracy with a 95% bootstrap interval over questions, seeds
@@ -14,7 +16,8 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    interval holds 0 is "no difference found".
 Runs go seed by seed (every method's seed 0 first), each scored as soon as it is trained; finished runs are reused
 (summary.json / eval.json on disk), so an interrupted benchmark resumes, and ``--export DIR`` copies the finished
-runs' records to resume on another machine (the data and caches are rebuilt exactly). CLI variants (``VARIANTS``)
+runs' records to resume on another machine (the data and caches are rebuilt exactly; the derived base's
+weights are not exported: resuming elsewhere trains it again). CLI variants (``VARIANTS``)
 measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
 
     python bench/quality_powered.py                                # the protocol: 5,600 images, 3 seeds
@@ -62,15 +65,20 @@ BASES = {  # base -> (vision layers K, injection layers T, pool, attention width
 
 
 def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: int, lr: float, seed: int,
-          extra: list[str], precision: str, workers: int, threads: int, evals: int, gpu: bool = False) -> dict:
+          extra: list[str], precision: str, workers: int, threads: int, evals: int, gpu: bool = False,
+          base_path: str | None = None) -> dict:
+    """One run (reused when finished) -> its summary with ``dir``; ``base`` names the settings in BASES,
+    ``base_path`` the model to load (default: that preset; a derived base for stage 2)."""
     from jobs.train import run_train
     from jobs.train_config import load_config, recipe_overrides
 
     done = work / name / "summary.json"
     if done.is_file():  # finished: its adapter is where this --work holds it (the folder may have moved)
-        return {**json.loads(done.read_text()), "adapter": str(work / name / "adapter")}
+        summary = json.loads(done.read_text())
+        return {**summary, "dir": str(work / name), "adapter": summary["adapter"] and str(work / name / "adapter"),
+                "base": str(work / name / "model") if summary["adapter"] is None else summary.get("base")}
     layers, inject, pool, attn, _ = BASES[base]
-    overrides = [*recipe_overrides(base=base, output_dir=work / name, data_dir=data_dir, features=cache,
+    overrides = [*recipe_overrides(base=base_path or base, output_dir=work / name, data_dir=data_dir, features=cache,
                                    steps=steps, lr=lr, micro_batch=8 // workers, vision_layers=layers,
                                    inject_layers=inject, pool=pool, attn_dim=attn, heads=4 if attn % 4 == 0 else 2,
                                    workers=workers, seed=seed, log_every=max(1, steps // 20)),
@@ -80,7 +88,7 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
                  f"trainer.use_gpu={'true' if gpu else 'false'}", *extra]
     if pool == 1 or base == "tiny":
         overrides = [o for o in overrides if not o.startswith("cli.pool=")] + ["cli.pool=1"]
-    return run_train(load_config(None, overrides))
+    return {**run_train(load_config(None, overrides)), "dir": str(work / name)}
 
 
 def method_overrides(method: str, base: str) -> list[str]:
@@ -177,7 +185,7 @@ def export(work: Path, dest: Path) -> int:
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
     for run in done:
         names = ["summary.json", "run.json", "metrics.jsonl", "eval.json"]
-        if run.name == "stage1":  # stage 2 starts from its projector
+        if run.name == "stage1":  # stage 2 (or instruct) starts from its projector
             names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
         (dest / run.name).mkdir(parents=True, exist_ok=True)
         for name in names:
@@ -203,6 +211,10 @@ def main() -> int:
     ap.add_argument("--caption-steps", type=int, default=300)
     ap.add_argument("--stage1-steps", type=int, default=600)
     ap.add_argument("--stage2-steps", type=int, default=600)
+    ap.add_argument("--instruct-steps", type=int, default=600,
+                    help="LLaVA's stage 2 (projector + LLM, method instruct) after the projector-only stage 1; 0: none")
+    ap.add_argument("--instruct-lr", type=float, default=2e-4, help="its projector's learning rate")
+    ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
     ap.add_argument("--stage1-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lr", type=float, default=5e-4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -265,14 +277,23 @@ def main() -> int:
                     **common)
     stage1 = train(work, args.base, "stage1", data, cache, args.stage1_steps, args.stage1_lr, 0,
                    ["method=projector_ft", f"init_projector={stage1a['adapter']}"], **common)
+    one_base = None  # what stage 2 loads: the derived base after instruct, else the preset with stage 1's P
+    if args.instruct_steps:
+        stage1 = train(work, args.base, "stage1-instruct", data, cache, args.instruct_steps, args.instruct_lr, 0,
+                       ["method=instruct", f"init_projector={stage1['adapter']}",
+                        f"optim.lm_lr_scale={args.instruct_lm_lr_scale}"], **common)
+        one_base = stage1["base"]
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
+    stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
 
-    def evaluate(adapter: str, method: str, seed: int) -> dict:
-        done = Path(adapter).parent / "eval.json"
+    def evaluate(summary: dict, method: str, seed: int) -> dict:
+        done = Path(summary["dir"]) / "eval.json"
         if done.is_file():
             return {**json.loads(done.read_text()), "eval_json": str(done)}
         scoring = "both" if seed in args.generate_seeds else "choice"
+        adapter = summary["adapter"]  # None: the derived base as it is (one-to-one after instruct)
         return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache_of(method)), adapter=adapter,
+                                base=None if adapter else summary["base"],
                                 scoring=scoring, out=str(done), dtype=args.eval_dtype,
                                 concurrency=0 if args.gpu else os.cpu_count() or 1))  # CPU: one 1-thread actor a core
 
@@ -280,7 +301,7 @@ def main() -> int:
     runs: dict[str, list[tuple[int, dict]]] = {"one_to_one": [(0, stage1)]}
 
     def score(method: str, summary: dict, seed: int) -> None:
-        report = evaluate(summary["adapter"], method, seed)
+        report = evaluate(summary, method, seed)
         for scoring in report["answers_files"]:  # generate (the --generate-seeds' runs) and choice
             scores.setdefault(method, {}).setdefault(scoring, []).append(correctness(report, records, scoring))
 
@@ -293,7 +314,7 @@ def main() -> int:
             if args.report_only and not all((work / name / f).is_file() for f in ("summary.json", "eval.json")):
                 continue
             summary = train(work, args.base, name, data, cache_of(method), args.stage2_steps, args.stage2_lr, seed,
-                            [*method_overrides(method, args.base), f"init_projector={stage1['adapter']}"], **common)
+                            [*method_overrides(method, args.base), *stage2_from], base_path=one_base, **common)
             runs.setdefault(method, []).append((seed, summary))
             score(method, summary, seed)
             print(f"[quality] {name} trained and scored ({time.time() - t0:.0f} s)", flush=True)
@@ -343,7 +364,7 @@ def main() -> int:
         for method in [m for m in runs if m == "cli" or m in VARIANTS]:
             tables[f"gates {method}"] = [f"{method}:", ""] + gate_table([work / f"{method}-seed{seed}"
                                                                         for seed, _ in runs[method]])
-    tables["curves"] = curve_table({m: [Path(s["adapter"]).parent for _, s in r] for m, r in runs.items()})
+    tables["curves"] = curve_table({m: [Path(s["dir"]) for _, s in r] for m, r in runs.items()})
     if not args.report_only:
         out["seconds"] = round(time.time() - t0)
     out["tables"] = {k: "\n".join(v) for k, v in tables.items()}
