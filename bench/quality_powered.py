@@ -246,7 +246,6 @@ def main() -> int:
     import ray
 
     from jobs.evaluate import EvalJob, run_eval
-    from jobs.intervals import accuracy_interval, paired_difference, verdict
     from pipelines.features import FeatureJob, run_features
     from pipelines.synth import SynthConfig, synthesize
 
@@ -319,6 +318,19 @@ def main() -> int:
             score(method, summary, seed)
             print(f"[quality] {name} trained and scored ({time.time() - t0:.0f} s)", flush=True)
     ray.shutdown()
+    out = report(args, scores, runs, records, data, work)
+    if not args.report_only:
+        out["seconds"] = round(time.time() - t0)
+        Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"[quality] {round(time.time() - t0)} s")
+    return 0
+
+
+def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray]]],
+           runs: dict[str, list[tuple[int, dict]]], records: list[dict], data: Path, work: Path) -> dict:
+    """The tables (stage 1 against the answer prior, methods with intervals, the goal, per type, gates, curves)
+    from the runs' 0/1 correctness: printed as Markdown and written to ``args.results`` (JSON)."""
+    from jobs.intervals import accuracy_interval, paired_difference, verdict
 
     types = sorted({r["type"] for r in records})
     train_rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
@@ -365,13 +377,10 @@ def main() -> int:
             tables[f"gates {method}"] = [f"{method}:", ""] + gate_table([work / f"{method}-seed{seed}"
                                                                         for seed, _ in runs[method]])
     tables["curves"] = curve_table({m: [Path(s["dir"]) for _, s in r] for m, r in runs.items()})
-    if not args.report_only:
-        out["seconds"] = round(time.time() - t0)
     out["tables"] = {k: "\n".join(v) for k, v in tables.items()}
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
     print("\n\n".join(out["tables"].values()))
-    print(f"[quality] {round(time.time() - t0)} s")
-    return 0
+    return out
 
 
 if __name__ == "__main__":
