@@ -63,7 +63,8 @@ def image_processor_settings(proc: Any) -> dict[str, Any]:
 def cache_key_for(base: Any, vision_layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
     """The key of a cache of ``vision_layers`` (hidden_states indices, negative from the end) for ``base``."""
     depth = base.num_vision_layers
-    return CacheKey(base=base.name, revision=base.revision, image_processor=image_processor_settings(base.image_processor),
+    name, revision = base.encoder_identity  # a derived base shares its source's encoder, hence its caches
+    return CacheKey(base=name, revision=revision, image_processor=image_processor_settings(base.image_processor),
                     select_layer=resolve_vision_layers([base.select_layer], depth)[0],
                     layers=resolve_vision_layers(vision_layers, depth), pool=pool, dtype=dtype)
 

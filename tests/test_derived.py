@@ -61,6 +61,8 @@ def test_saved_weights_load_back_as_a_base(tmp_path):
     light = load_base(str(tmp_path / "d"), weights=False)
     assert light.name == loaded.name and light.encoder_identity == loaded.encoder_identity
     assert torch.equal(light.projector.linear_1.weight, fresh.projector.linear_1.weight)
+    encoder_only = load_base(str(tmp_path / "d"), language=False)  # what `crosslayer features --base DIR` loads
+    assert encoder_only.encoder_identity == ("tiny", fresh.revision) and encoder_only.language_model.embed_tokens.weight.is_meta
 
 
 def test_tied_head_is_stored_once_and_must_match(tmp_path):
