@@ -218,8 +218,10 @@ class FusedVLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
                 features: VisionFeatures | None = None, visual: VisualState | None = None,
                 labels: torch.Tensor | None = None, cache: object | None = None, use_cache: bool = False,
-                return_gates: bool = False, logits_to_keep: int = 0) -> FusedOutput:
-        """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState."""
+                return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False) -> FusedOutput:
+        """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState.
+        ``float_logits``: the LM head in fp32 on a bf16/fp16 model (likelihood scoring: bf16 logits step by 0.125
+        at |16| to 32, so candidates' scores tie and the first listed wins)."""
         if visual is None and (pixel_values is not None or features is not None):
             features = features if features is not None else self.encode_images(pixel_values, image_sizes)
             visual = self.prepare_visual(features)
@@ -247,7 +249,12 @@ class FusedVLM(nn.Module):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.base.lm_head(hidden)  # (B, S, V)
+        head = self.base.lm_head
+        if float_logits and hidden.dtype != torch.float32:
+            bias = None if head.bias is None else head.bias.float()
+            logits = F.linear(hidden.float(), head.weight.float(), bias)  # (B, S, V) fp32
+        else:
+            logits = head(hidden)  # (B, S, V)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -63,6 +63,33 @@ def test_shared_prefill_equals_a_full_forward_per_candidate(tiny_base):
             assert scores[b][c] == pytest.approx(full, abs=1e-4)
 
 
+def test_bf16_models_score_with_fp32_logits():
+    """A bf16 model with logits in the tens (bf16 steps by 0.125 there): scores equal the fp32 head over the same
+    bf16 hidden states, not bf16 logits, so candidates do not tie on the bf16 grid."""
+    model = FusedVLM(load_base("tiny"), CLIConfig(method="one_to_one")).to(torch.bfloat16)
+    with torch.no_grad():
+        model.base.lm_head.weight.mul_(300)
+    tok = model.base.tokenizer
+    dialogue = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    cands = ["red", "green", "blue", "a red one"]
+    conts = [continuation_ids(tok, dialogue, c) for c in cands]
+    prompt, image = render(tok, dialogue, True), random_images(1, seed=5)
+    inputs, visual = model.prepare_inputs([prompt], images=image)
+    (scores,) = score_continuations(model, inputs, visual, [conts])
+    n = inputs["input_ids"].shape[1]
+    for c, cont in enumerate(conts):
+        ids = torch.cat([inputs["input_ids"], torch.tensor([cont])], dim=1)
+        with torch.no_grad():
+            out = model(ids, torch.ones_like(ids), visual=visual, float_logits=True)
+            plain = model(ids, torch.ones_like(ids), visual=visual).logits
+        assert out.logits.dtype == torch.float32 and plain.dtype == torch.bfloat16
+        assert float(out.logits.abs().mean()) > 16  # where bf16's step is 0.125 or more
+        assert float((out.logits - plain.float()).abs().max()) > 0.01  # the bf16 logits are rounded
+        logp = F.log_softmax(out.logits[0], -1)
+        assert scores[c] == pytest.approx(sum(float(logp[n - 1 + j, t]) for j, t in enumerate(cont)), abs=1e-3)
+    assert len(set(scores)) == len(scores)
+
+
 def test_the_reply_is_scored_without_the_end_of_turn_marker(tmp_path):
     base = load_base(str(save_tiny_checkpoint(tmp_path / "ov", "llava_onevision")))
     ids = continuation_ids(base.tokenizer, [{"role": "user", "content": "<image>\nWhat?"}], "no",
