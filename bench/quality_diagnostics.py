@@ -3,12 +3,15 @@ bench/quality_powered.py:
 
 * ``tokens``: the norm of the cached vision tokens per layer, and of P's tokens (the base's projector, or a
   stage-1 adapter's) per layer with their spread across images, against the LLM's token-embedding norm;
+* ``prior``: whether models read the image at all: per type, the reference's choice log-probability against the
+  answer prior's, and how much a candidate's log-probability moves across images for the same question text;
 * ``gates``: a CLI adapter's gate logit at the position that predicts the answer, split into its terms
   W_g,h . h + W_g,c . c_k + b_k per vision layer, with the cosine of c_k and W_g,c (decoder layer ``--layer``).
 
     python bench/quality_diagnostics.py tokens --work out/quality-powered --adapter out/quality-powered/stage1/adapter
     python bench/quality_diagnostics.py tokens --work out/quality-powered --base small     # the untrained projector
     python bench/quality_diagnostics.py gates --work out/quality-powered --adapter out/quality-powered/cli-seed0/adapter
+    python bench/quality_diagnostics.py prior stage1-instruct cli-seed0 --work out/quality-instruct
 (``--base DIR`` loads an adapter over another base folder, e.g. the `small` v1 folder of run 1.)
 """
 
@@ -99,9 +102,46 @@ def gates(args: argparse.Namespace) -> None:
           f"|gate_proj.weight| {float(w.norm()):.3f}")
 
 
+def prior(args: argparse.Namespace) -> None:
+    """Does a model read the image at all? From its choice-scored answers (eval.answers.choice.jsonl), per question
+    type: the reference's log-probability normalised over the candidates, against the answer prior's (the
+    reference's share of the training answers of that type, among the same candidates); and, for questions whose
+    text is identical, the spread across images of each candidate's log-probability."""
+    import math
+    from collections import Counter, defaultdict
+
+    work = Path(args.work)
+    records = [json.loads(x) for x in (work / "data" / "test-sub.jsonl").read_text().splitlines()]
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in map(json.loads, (work / "data" / "train.jsonl").read_text().splitlines()):
+        counts[r["type"]][r["answer"]] += 1
+    for run in args.runs:
+        rows = [json.loads(x) for x in (work / run / "eval.answers.choice.jsonl").read_text().splitlines()]
+        if len(rows) != len(records) or "metadata" not in rows[0]:
+            raise ValueError(f"{run}: needs the full choice answers file of the {len(records)} test questions")
+        model, prior_lp = defaultdict(list), defaultdict(list)
+        same_text = defaultdict(lambda: defaultdict(list))  # question text -> candidate -> log-probs over images
+        for row, q in zip(rows, records):
+            lp = row["metadata"]["logprobs"]
+            z = math.log(sum(math.exp(v) for v in lp.values()))
+            model[q["type"]].append(lp[q["answer"]] - z)
+            c = counts[q["type"]]
+            prior_lp[q["type"]].append(math.log(max(c[q["answer"]], 1) / sum(max(c[a], 1) for a in lp)))
+            for cand, v in lp.items():
+                same_text[row["prompt"]][cand].append(v - z)
+        spread = [float(np.std(v)) for by in same_text.values() for v in by.values() if len(v) >= 10]
+        flat = lambda d: float(np.mean([x for v in d.values() for x in v]))  # noqa: E731
+        print(f"{run}: reference log-prob {flat(model):.3f} (answer prior {flat(prior_lp):.3f}); spread of a "
+              f"candidate's log-prob across images, same question text: median {np.median(spread):.3f} "
+              f"({len(spread)} candidate x question-text pairs)")
+        print("  per type (model / prior): " + "; ".join(f"{t} {np.mean(model[t]):.3f} / {np.mean(prior_lp[t]):.3f}"
+                                                      for t in sorted(model)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["tokens", "gates"])
+    ap.add_argument("what", choices=["tokens", "gates", "prior"])
+    ap.add_argument("runs", nargs="*", help="prior: run folders under --work (e.g. stage1-instruct cli-seed0)")
     ap.add_argument("--work", default="out/quality-powered", help="bench/quality_powered.py's --work")
     ap.add_argument("--adapter", default=None, help="a stage-1 adapter (tokens; none: --base's own projector) or a "
                                                     "CLI adapter (gates)")
@@ -111,7 +151,7 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=0, help="gates: which injection layer (index into inject_layers)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"tokens": tokens, "gates": gates}[args.what](args)
+    {"tokens": tokens, "gates": gates, "prior": prior}[args.what](args)
     return 0
 
 
