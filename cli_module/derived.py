@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .bases import Base
@@ -34,10 +34,10 @@ def trained_modules(base: Base) -> dict[str, nn.Module]:
     return {"projector": base.projector, "language_model": base.language_model, "lm_head": base.lm_head}
 
 
-def derived_state(base: Base) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """-> (weights by prefixed name, ties): a parameter shared by two names (a tied LM head) is stored under the
+def derived_parameters(base: Base) -> tuple[dict[str, nn.Parameter], dict[str, str]]:
+    """-> (parameters by prefixed name, ties): a parameter shared by two names (a tied LM head) is kept under the
     first and recorded in ``ties`` as {second name: first name}."""
-    state: dict[str, torch.Tensor] = {}
+    params: dict[str, nn.Parameter] = {}
     ties: dict[str, str] = {}
     seen: dict[int, str] = {}
     for prefix, module in trained_modules(base).items():
@@ -47,8 +47,8 @@ def derived_state(base: Base) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 ties[key] = seen[id(p)]
                 continue
             seen[id(p)] = key
-            state[key] = p.detach().to("cpu").contiguous()
-    return state, ties
+            params[key] = p
+    return params, ties
 
 
 def save_derived(base: Base, out: str | Path, source: str, source_revision: str | None,
@@ -56,9 +56,10 @@ def save_derived(base: Base, out: str | Path, source: str, source_revision: str 
     """Write ``base``'s projector and LLM weights as a derived base of ``source`` (the weights file first, the
     json last: a folder with the json is complete)."""
     out = Path(out)
-    state, ties = derived_state(base)
-    atomic_write(out / DERIVED_WEIGHTS, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    digest = hashlib.sha256((out / DERIVED_WEIGHTS).read_bytes()).hexdigest()
+    params, ties = derived_parameters(base)
+    data = save({k: p.detach().to("cpu").contiguous() for k, p in params.items()}, metadata={"format": "pt"})
+    atomic_write(out / DERIVED_WEIGHTS, data)
+    digest = hashlib.sha256(data).hexdigest()
     meta = {"format": FORMAT, "source": source, "source_revision": source_revision, "weights_sha256": digest,
             "tied": ties, "method": "instruct", "extra": dict(extra or {})}
     atomic_write(out / DERIVED_FILE, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
@@ -81,28 +82,26 @@ def read_derived(path: str | Path) -> dict[str, Any]:
 
 
 def apply_derived(base: Base, path: str | Path, meta: dict[str, Any], name: str, weights: bool = True) -> Base:
-    """Put the derived folder ``path``'s weights into ``base`` (its source, freshly loaded) and name the result
-    ``name`` (the folder or s3:// prefix it was loaded from); its encoder identity stays the source's, so the
-    source's feature caches serve it."""
+    """Put the derived folder ``path``'s weights into ``base`` (its source, freshly loaded; ``weights=False``: a
+    meta-device or encoder-only load, no weight file read) and name the result ``name`` (the folder or s3://
+    prefix it was loaded from); its encoder identity stays the source's, so the source's caches serve it."""
     path = Path(path)
-    if weights and next(base.language_model.parameters()).device.type != "meta":
+    if weights:
         state = load_file(str(path / DERIVED_WEIGHTS))
-        want, ties = derived_state(base)
+        params, ties = derived_parameters(base)
         if ties != meta["tied"]:
             raise ValueError(f"{path}: tied weights {meta['tied']} differ from the source base's {ties}; load it "
                              f"over the base it was trained from")
-        missing, unknown = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        missing, unknown = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unknown:
             raise ValueError(f"{path}: weights do not fit source base {meta['source']!r}: missing {missing[:5]}, "
                              f"unexpected {unknown[:5]}; load it over the base it was trained from")
         with torch.no_grad():
             for key, tensor in state.items():
-                prefix, param = key.split(".", 1)
-                target = trained_modules(base)[prefix].get_parameter(param)
-                if target.shape != tensor.shape:
+                if params[key].shape != tensor.shape:
                     raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the source base's is "
-                                     f"{tuple(target.shape)}")
-                target.copy_(tensor.to(target.dtype))
+                                     f"{tuple(params[key].shape)}")
+                params[key].copy_(tensor.to(params[key].dtype))
     base.encoder_source = base.encoder_source or (base.name, base.revision)
     base.name, base.revision = name, meta["weights_sha256"][:16]
     return base

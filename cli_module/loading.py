@@ -52,7 +52,7 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
                                  f"{meta['weights_sha256'][:16]!r}; a derived base has no other revisions")
             source = load_base(meta["source"], meta["source_revision"], dtype, vision, weights, language)
             return apply_derived(source, path, meta, name, weights=weights and language)
-        base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights)
+        base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights, path=path)
     if not vision and not isinstance(base.vision_tower, VisionStub):
         owner = base.model if base.kind == "composed" else base.model.model
         owner.vision_tower = VisionStub(base.vision_config)
@@ -85,7 +85,7 @@ def chat_template_of(path: str, tokenizer: Any, family: str, revision: str | Non
 # --- checkpoints: hub id, local folder, s3:// ---------------------------------------------------------
 
 def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
-                    weights: bool = True) -> Base:
+                    weights: bool = True, path: str | None = None) -> Base:
     """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle.
     ``weights=False``: the model is built from its config on the meta device and no weight file is read."""
     from transformers import (
@@ -96,7 +96,8 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
         LlavaOnevisionForConditionalGeneration,
     )
 
-    path = fetch_s3_prefix(source) if source.startswith("s3://") else source
+    if path is None:  # load_base passes the folder it already mirrored
+        path = fetch_s3_prefix(source) if source.startswith("s3://") else source
     if Path(path, COMPOSED_FILE).is_file():
         return load_composed(Path(path), name=source, weights=weights)
     if os.path.isdir(path) and not Path(path, "config.json").is_file():

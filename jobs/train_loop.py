@@ -195,14 +195,14 @@ def save_checkpoint(engine: Any, model: Any, plan: WorkerPlan, cfg: TrainConfig,
         engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=True)
         extra = {"train_step": step, "run_name": plan.run_name, **plan.extra}
         with deepspeed.zero.GatheredParameters(adapter_params(model), modifier_rank=None):
-            if model.trains_base and rank == 0:  # instruct: the trained P and LLM, as a base over cfg.base
-                from cli_module.derived import save_derived
-
-                save_derived(model.base, Path(tmp) / "model", cfg.base, model.base.revision, extra)
-            elif not model.trains_base:
+            if not model.trains_base:
                 from cli_module.adapter import save_adapter
 
                 save_adapter(model, Path(tmp) / "adapter", is_main_process=rank == 0, extra=extra)
+            elif rank == 0:  # instruct: the trained P and LLM, as a base over cfg.base
+                from cli_module.derived import save_derived
+
+                save_derived(model.base, Path(tmp) / "model", cfg.base, model.base.revision, extra)
         if rank == 0:
             state = {"step": step, "tag": tag, "world_size": len(plan.train_sizes), "history": history,
                      "base": cfg.base, "cli_config": cfg.cli.to_dict(), "seed": cfg.trainer.seed}

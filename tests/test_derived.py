@@ -95,3 +95,18 @@ def test_bad_folders_are_refused_with_the_fix(tmp_path):
     meta_path.write_text(json.dumps({**meta, "format": 9}))
     with pytest.raises(ValueError, match="derived-base format 9"):
         load_base(str(tmp_path / "d"))
+
+
+def test_a_derived_base_loads_from_s3(tmp_path, bucket, monkeypatch):
+    """An s3:// prefix holding a derived folder (moto over HTTP): mirrored once, named by its URI."""
+    import boto3
+
+    monkeypatch.setenv("CROSSLAYER_CACHE", str(tmp_path / "cache"))
+    tuned = tuned_tiny(seed=2)
+    save_derived(tuned, tmp_path / "d", "tiny", tuned.revision)
+    s3 = boto3.client("s3")
+    for name in (DERIVED_WEIGHTS, DERIVED_FILE):
+        s3.upload_file(str(tmp_path / "d" / name), bucket, f"bases/d/{name}")
+    loaded = load_base(f"s3://{bucket}/bases/d")
+    assert loaded.name == f"s3://{bucket}/bases/d" and loaded.encoder_identity == ("tiny", "seed0")
+    assert torch.equal(loaded.projector.linear_1.weight, tuned.projector.linear_1.weight)
