@@ -109,6 +109,15 @@ def caption_conversations(data: Path) -> Path:
     return out
 
 
+def instruct_mix(data: Path, captions: Path) -> Path:
+    """The training questions and the training images' caption conversations in one file, shuffled (seed 0)."""
+    out = data / "instruct-mix.jsonl"
+    rows = [*(data / "train.jsonl").read_text().splitlines(), *captions.read_text().splitlines()]
+    order = np.random.default_rng(0).permutation(len(rows))
+    out.write_text("".join(rows[i] + "\n" for i in order))
+    return out
+
+
 def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
     """(questions,) 0/1 of one eval run and scoring, in the test file's order."""
     from jobs.scoring import normalize_answer
@@ -185,7 +194,7 @@ def export(work: Path, dest: Path) -> int:
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
     for run in done:
         names = ["summary.json", "run.json", "metrics.jsonl", "eval.json"]
-        if run.name == "stage1":  # stage 2 (or instruct) starts from its projector
+        if run.name in ("stage1", "stage1-captions"):  # stage 2 (or instruct) starts from its projector
             names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
         (dest / run.name).mkdir(parents=True, exist_ok=True)
         for name in names:
@@ -215,6 +224,9 @@ def main() -> int:
                     help="LLaVA's stage 2 (projector + LLM, method instruct) after the projector-only stage 1; 0: none")
     ap.add_argument("--instruct-lr", type=float, default=2e-4, help="its projector's learning rate")
     ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
+    ap.add_argument("--instruct-captions", action="store_true",
+                    help="instruct on the training captions and questions mixed (LLaVA's stage-2 data holds "
+                         "descriptions too), not on the questions alone")
     ap.add_argument("--stage1-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-lr", type=float, default=5e-4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -274,13 +286,16 @@ def main() -> int:
     stage1a = train(work, args.base, "stage1-captions", data, cache, args.caption_steps, args.stage1_lr, 0,
                     ["method=projector_ft", f"data.train={captions}", "data.eval=null", "data.eval_fraction=0.02"],
                     **common)
-    stage1 = train(work, args.base, "stage1", data, cache, args.stage1_steps, args.stage1_lr, 0,
-                   ["method=projector_ft", f"init_projector={stage1a['adapter']}"], **common)
+    stage1 = stage1a if not args.stage1_steps else train(  # 0 steps: straight from the captions' projector
+        work, args.base, "stage1", data, cache, args.stage1_steps, args.stage1_lr, 0,
+        ["method=projector_ft", f"init_projector={stage1a['adapter']}"], **common)
     one_base = None  # what stage 2 loads: the derived base after instruct, else the preset with stage 1's P
     if args.instruct_steps:
-        stage1 = train(work, args.base, "stage1-instruct", data, cache, args.instruct_steps, args.instruct_lr, 0,
+        mix = [f"data.train={instruct_mix(data, captions)}"] if args.instruct_captions else []
+        stage1 = train(work, args.base, "stage1-instruct-mix" if mix else "stage1-instruct", data, cache,
+                       args.instruct_steps, args.instruct_lr, 0,
                        ["method=instruct", f"init_projector={stage1['adapter']}",
-                        f"optim.lm_lr_scale={args.instruct_lm_lr_scale}"], **common)
+                        f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix], **common)
         one_base = stage1["base"]
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
     stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
