@@ -5,6 +5,10 @@ bench/quality_powered.py:
   stage-1 adapter's) per layer with their spread across images, against the LLM's token-embedding norm;
 * ``prior``: whether models read the image at all: per type, the reference's choice log-probability against the
   answer prior's, and how much a candidate's log-probability moves across images for the same question text;
+* ``captions``: whether a model reads the image when it describes it: teacher-forced on validation images'
+  captions, the argmax accuracy at each colour / shape / texture / stripe / quadrant / count word, with the
+  image's own features and with another image's (the same text, the wrong image: what the words' context alone
+  gives);
 * ``gates``: a CLI adapter's gate logit at the position that predicts the answer, split into its terms
   W_g,h . h + W_g,c . c_k + b_k per vision layer, with the cosine of c_k and W_g,c (decoder layer ``--layer``).
 
@@ -12,6 +16,8 @@ bench/quality_powered.py:
     python bench/quality_diagnostics.py tokens --work out/quality-powered --base small     # the untrained projector
     python bench/quality_diagnostics.py gates --work out/quality-powered --adapter out/quality-powered/cli-seed0/adapter
     python bench/quality_diagnostics.py prior stage1-instruct cli-seed0 --work out/quality-instruct
+    python bench/quality_diagnostics.py captions --work out/q4 --adapter out/q4/stage1-captions/adapter
+    python bench/quality_diagnostics.py captions --work out/q4 --base out/q4/stage1-instruct-mix/model
 (``--base DIR`` loads an adapter over another base folder, e.g. the `small` v1 folder of run 1.)
 """
 
@@ -138,20 +144,79 @@ def prior(args: argparse.Namespace) -> None:
                                                       for t in sorted(model)))
 
 
+CAPTION_WORDS = {  # word category -> the caption's words of it (pipelines.synth's vocabulary)
+    "color": {"red", "green", "blue", "yellow", "purple", "orange"},
+    "shape": {"circle", "square", "triangle", "diamond"},
+    "texture": {"plain"},  # "a plain red square" (a striped one: "a red square with ... stripes")
+    "stripes": {"horizontal", "vertical", "diagonal"},
+    "quadrant": {"top", "bottom", "left", "right"},
+    "count": {"one", "two", "three", "four", "five", "six"},
+}
+
+
+def captions(args: argparse.Namespace) -> None:
+    """Teacher-forced caption words, right image against another image's features (see the module docstring)."""
+    from cli_module.adapter import load_model
+    from cli_module.loading import load_base
+    from cli_module.prompting import render
+    from jobs.eval_choice import continuation_ids
+    from pipelines.feature_cache import CacheLookup, read_cache_info
+
+    work = Path(args.work)
+    model, _ = load_model(args.adapter, args.base)
+    model.eval()
+    cache = str(work / args.cache)
+    key = read_cache_info(cache)["key"]
+    lookup = CacheLookup(cache, load_base(key["base"], weights=False), model.vision_layers, key["pool"])
+    rows = cache_rows(cache, len(lookup.rows))
+    by_source = {Path(str(s)).name: str(i) for s, i in zip(rows["source"], rows["image_id"])}
+    val = {json.loads(x)["image"] for x in (work / "data" / "val.jsonl").read_text().splitlines()}
+    caps = [r for r in map(json.loads, (work / "data" / "captions.jsonl").read_text().splitlines())
+            if r["image"] in val][: args.images]
+    tok, family = model.base.tokenizer, model.base.kind
+    msgs = [{"role": "user", "content": "<image>\nDescribe the image briefly."}]
+    prompt = render(tok, msgs, add_generation_prompt=True, family=family)
+    hits = {which: {c: [] for c in CAPTION_WORDS} for which in ("own image", "another image")}
+    for at in range(0, len(caps), 8):
+        chunk = caps[at: at + 8]
+        conts = [continuation_ids(tok, msgs, r["caption"], family=family) for r in chunk]
+        texts = [prompt + tok.decode(c) for c in conts]
+        ids = [by_source[Path(r["image"]).name] for r in chunk]
+        for which, order in (("own image", ids), ("another image", ids[1:] + ids[:1])):
+            inputs, visual = model.prepare_inputs(texts, features=lookup.features(order))
+            with torch.no_grad():
+                logits = model(**inputs, visual=visual, float_logits=True).logits  # (B, S, V)
+            for b, cont in enumerate(conts):
+                got = inputs["input_ids"][b, -len(cont):].tolist()
+                if got != cont:
+                    raise ValueError(f"the caption's tokens do not end the input: {got[:8]} vs {cont[:8]}")
+                pred = logits[b, -len(cont) - 1: -1].argmax(-1).tolist()  # position j predicts token j + 1
+                for t, p in zip(cont, pred):
+                    word = tok.decode([t]).strip(" .,")
+                    for cat, words in CAPTION_WORDS.items():
+                        if word in words:
+                            hits[which][cat].append(t == p)
+    print(f"{len(caps)} validation captions, teacher-forced argmax accuracy per word category")
+    print("| features | " + " | ".join(CAPTION_WORDS) + " |\n|---|" + "---|" * len(CAPTION_WORDS))
+    for which, by in hits.items():
+        print(f"| {which} | " + " | ".join(f"{np.mean(v):.3f} ({len(v)})" for v in by.values()) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["tokens", "gates", "prior"])
+    ap.add_argument("what", choices=["tokens", "gates", "prior", "captions"])
     ap.add_argument("runs", nargs="*", help="prior: run folders under --work (e.g. stage1-instruct cli-seed0)")
     ap.add_argument("--work", default="out/quality-powered", help="bench/quality_powered.py's --work")
     ap.add_argument("--adapter", default=None, help="a stage-1 adapter (tokens; none: --base's own projector) or a "
                                                     "CLI adapter (gates)")
     ap.add_argument("--base", default=None, help="the base folder to load the adapter over (default: its own)")
     ap.add_argument("--cache", default="cache-pool2")
-    ap.add_argument("--images", type=int, default=40, help="cache rows (tokens) or validation prompts (gates)")
+    ap.add_argument("--images", type=int, default=40, help="cache rows (tokens), validation prompts (gates) "
+                                                                   "or validation captions (captions)")
     ap.add_argument("--layer", type=int, default=0, help="gates: which injection layer (index into inject_layers)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    {"tokens": tokens, "gates": gates, "prior": prior}[args.what](args)
+    {"tokens": tokens, "gates": gates, "prior": prior, "captions": captions}[args.what](args)
     return 0
 
 
