@@ -353,11 +353,16 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
     majority = {t: float(np.mean([r["answer"] == prior[t].most_common(1)[0][0] for r in records if r["type"] == t]))
                 for t in types}
     one = scores["one_to_one"]["choice"][0]
-    stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | chance (1 / answers) | "
-                   "questions |", "|---|---|---|---|---|"]
-    for t in types:
-        mask = np.array([r["type"] == t for r in records])
-        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {majority[t]:.3f} | {1 / len(prior[t]):.3f} | "
+    # the most-frequent training answer of the question's type, as a predictor: the prior one-to-one must beat
+    guess = np.array([float(r["answer"] == prior[r["type"]].most_common(1)[0][0]) for r in records])
+    stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | one-to-one - most frequent "
+                   "(paired) [95% CI] | chance (1 / answers) | questions |", "|---|---|---|---|---|---|"]
+    for t in [*types, "all"]:
+        mask = np.array([t in ("all", r["type"]) for r in records])
+        rate = majority[t] if t != "all" else float(guess.mean())
+        vs = paired_difference(one[None, mask], guess[None, mask])
+        chance = f"{1 / len(prior[t]):.3f}" if t != "all" else "-"
+        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {rate:.3f} | {vs} ({verdict(vs)}) | {chance} | "
                            f"{int(mask.sum())} |")
     table = ["| method | seeds | choice accuracy [95% CI] | generated exact match [95% CI] | "
              "choice: paired difference to CLI [95% CI] | verdict |", "|---|---|---|---|---|---|"]
