@@ -164,7 +164,7 @@ def main() -> int:
     right = score(lm, tok, test, candidates, captions)
     t2 = time.time()
     rows = {}
-    print(f"| type | choice accuracy | most-frequent-answer rate | questions |\n|---|---|---|---|")
+    print("| type | choice accuracy | most-frequent-answer rate | questions |\n|---|---|---|---|")
     for t in sorted(candidates):
         got = [ok for ok, r in zip(right, test) if r["type"] == t]
         top = answers[t].most_common(1)[0][0]
