@@ -5,8 +5,11 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    conversations), then from the questions; then (``--instruct-steps``, LLaVA's stage 2, visual instruction
    tuning) the projector and the LLM learn from the questions (``method=instruct``), which gives a derived base:
    the trained VLM the paper puts CLI on. That base is `one_to_one`. Its likelihood ("choice") accuracy per
-   question type is reported next to the most-frequent-answer rate of that type, so a stage 1 that learned
-   only answer priors shows. (``--instruct-steps 0``: the projector-only stage 1 of the first runs.)
+   question type is reported next to the most-frequent-answer rate of that type (and paired with it), so a
+   stage 1 that learned only answer priors shows. (``--instruct-steps 0``: the projector-only stage 1 of the first
+   runs.) ``--instruct-captions`` instructs on the captions and questions mixed, as LLaVA's stage-2 data mixes
+   descriptions in: the first base here that reads the image (bench/RESULTS.md, run 4); ``--stage1-steps 0``
+   skips the question-only projector stage.
 2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) on that base (its LLM
    frozen again), the same steps and data, each seed in ``--seeds``; validation loss curves are kept.
 3. Every model answers the test questions twice (``crosslayer eval --scoring both``): generated answers by
