@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +40,30 @@ def cache_rows(cache: str, n: int) -> dict[str, np.ndarray]:
     from pipelines.feature_cache import load_cache_table, table_to_numpy
 
     return table_to_numpy(load_cache_table(cache).slice(0, n))
+
+
+def model_and_cache(args: argparse.Namespace) -> tuple[Any, Any, dict[str, str]]:
+    """-> (the model: --adapter over --base, or --base as is; --cache held in memory, checked against it; the
+    cache's image ids by image file name)."""
+    from cli_module.adapter import load_model
+    from cli_module.loading import load_base
+    from pipelines.feature_cache import CacheLookup, read_cache_info
+
+    model, _ = load_model(args.adapter, args.base)
+    model.eval()
+    cache = str(Path(args.work) / args.cache)
+    key = read_cache_info(cache)["key"]
+    lookup = CacheLookup(cache, load_base(key["base"], weights=False), model.vision_layers, key["pool"])
+    by_name = {Path(str(s)).name: str(i) for s, i in zip(lookup.columns["source"], lookup.columns["image_id"])}
+    return model, lookup, by_name
+
+
+def image_ids(by_name: dict[str, str], images: list[str], cache: str) -> list[str]:
+    missing = [i for i in images if Path(i).name not in by_name]
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) not in the feature cache {cache}, e.g. {missing[0]}: build the "
+                         f"cache from this --work's data (bench/quality_powered.py does)")
+    return [by_name[Path(i).name] for i in images]
 
 
 def tokens(args: argparse.Namespace) -> None:
@@ -60,21 +85,12 @@ def tokens(args: argparse.Namespace) -> None:
 
 
 def gates(args: argparse.Namespace) -> None:
-    from cli_module.adapter import load_model
-    from cli_module.loading import load_base
     from cli_module.prompting import render
-    from pipelines.feature_cache import CacheLookup, read_cache_info
 
-    work = Path(args.work)
-    model, _ = load_model(args.adapter, args.base)
-    model.eval()
-    cache = str(work / args.cache)
-    key = read_cache_info(cache)["key"]
-    lookup = CacheLookup(cache, load_base(key["base"], weights=False), model.vision_layers, key["pool"])
-    records = [json.loads(x) for x in (work / "data" / "val-sub.jsonl").read_text().splitlines()][: args.images]
-    rows = cache_rows(cache, len(lookup.rows))
-    by_source = {Path(str(s)).name: str(i) for s, i in zip(rows["source"], rows["image_id"])}
-    feats = lookup.features([by_source[Path(r["image"]).name] for r in records])
+    model, lookup, by_name = model_and_cache(args)
+    records = [json.loads(x) for x in (Path(args.work) / "data" / "val-sub.jsonl").read_text().splitlines()]
+    records = records[: args.images]
+    feats = lookup.features(image_ids(by_name, [r["image"] for r in records], args.cache))
     tok, family = model.base.tokenizer, model.base.kind
     prompts = [render(tok, [{"role": "user", "content": r["conversations"][0]["value"]}], add_generation_prompt=True,
                       family=family) for r in records]
@@ -156,20 +172,11 @@ CAPTION_WORDS = {  # word category -> the caption's words of it (pipelines.synth
 
 def captions(args: argparse.Namespace) -> None:
     """Teacher-forced caption words, right image against another image's features (see the module docstring)."""
-    from cli_module.adapter import load_model
-    from cli_module.loading import load_base
     from cli_module.prompting import render
     from jobs.eval_choice import continuation_ids
-    from pipelines.feature_cache import CacheLookup, read_cache_info
 
     work = Path(args.work)
-    model, _ = load_model(args.adapter, args.base)
-    model.eval()
-    cache = str(work / args.cache)
-    key = read_cache_info(cache)["key"]
-    lookup = CacheLookup(cache, load_base(key["base"], weights=False), model.vision_layers, key["pool"])
-    rows = cache_rows(cache, len(lookup.rows))
-    by_source = {Path(str(s)).name: str(i) for s, i in zip(rows["source"], rows["image_id"])}
+    model, lookup, by_name = model_and_cache(args)
     val = {json.loads(x)["image"] for x in (work / "data" / "val.jsonl").read_text().splitlines()}
     caps = [r for r in map(json.loads, (work / "data" / "captions.jsonl").read_text().splitlines())
             if r["image"] in val][: args.images]
@@ -181,7 +188,7 @@ def captions(args: argparse.Namespace) -> None:
         chunk = caps[at: at + 8]
         conts = [continuation_ids(tok, msgs, r["caption"], family=family) for r in chunk]
         texts = [prompt + tok.decode(c) for c in conts]
-        ids = [by_source[Path(r["image"]).name] for r in chunk]
+        ids = image_ids(by_name, [r["image"] for r in chunk], args.cache)
         for which, order in (("own image", ids), ("another image", ids[1:] + ids[:1])):
             inputs, visual = model.prepare_inputs(texts, features=lookup.features(order))
             with torch.no_grad():

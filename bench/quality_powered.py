@@ -353,19 +353,17 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
     types = sorted({r["type"] for r in records})
     train_rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
     prior = {t: Counter(r["answer"] for r in train_rows if r["type"] == t) for t in types}
-    majority = {t: float(np.mean([r["answer"] == prior[t].most_common(1)[0][0] for r in records if r["type"] == t]))
-                for t in types}
-    one = scores["one_to_one"]["choice"][0]
     # the most-frequent training answer of the question's type, as a predictor: the prior one-to-one must beat
     guess = np.array([float(r["answer"] == prior[r["type"]].most_common(1)[0][0]) for r in records])
+    of_type = {t: np.array([t in ("all", r["type"]) for r in records]) for t in [*types, "all"]}
+    majority = {t: float(guess[of_type[t]].mean()) for t in types}
+    one = scores["one_to_one"]["choice"][0]
     stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | one-to-one - most frequent "
                    "(paired) [95% CI] | chance (1 / answers) | questions |", "|---|---|---|---|---|---|"]
-    for t in [*types, "all"]:
-        mask = np.array([t in ("all", r["type"]) for r in records])
-        rate = majority[t] if t != "all" else float(guess.mean())
+    for t, mask in of_type.items():
         vs = paired_difference(one[None, mask], guess[None, mask])
         chance = f"{1 / len(prior[t]):.3f}" if t != "all" else "-"
-        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {rate:.3f} | {vs} ({verdict(vs)}) | {chance} | "
+        stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {guess[mask].mean():.3f} | {vs} ({verdict(vs)}) | {chance} | "
                            f"{int(mask.sum())} |")
     table = ["| method | seeds | choice accuracy [95% CI] | generated exact match [95% CI] | "
              "choice: paired difference to CLI [95% CI] | verdict |", "|---|---|---|---|---|---|"]

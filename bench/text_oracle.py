@@ -12,7 +12,7 @@ and the dot count), the best an image token could say:
 - ``--no-caption``: the question alone, i.e. what the LLM gets from the text of the question (the prior).
 
 Scoring is the protocol's choice scoring (the summed log-probability of each candidate answer for the type,
-from ``jobs.eval_choice.continuation_ids``), per question type, next to the most-frequent-answer rate.
+``jobs.eval_choice.score_continuations``), per question type, next to the most-frequent-answer rate.
 
     python bench/text_oracle.py --data out/q4/data --steps 0 --n 350
     python bench/text_oracle.py --data out/q4/data --steps 300 --n 350
@@ -33,9 +33,10 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cli_module.adapter import load_model  # noqa: E402
 from cli_module.loading import load_base  # noqa: E402
-from cli_module.prompting import render  # noqa: E402
-from jobs.eval_choice import continuation_ids  # noqa: E402
+from cli_module.prompting import build_example, render  # noqa: E402
+from jobs.eval_choice import continuation_ids, score_continuations  # noqa: E402
 
 
 def question_of(record: dict) -> tuple[str, str]:
@@ -59,51 +60,31 @@ def balanced(records: list[dict], n: int) -> list[dict]:
     return [r for t in sorted(per) for r in per[t][:k]]
 
 
-@torch.no_grad()
-def score(lm: torch.nn.Module, tok, records: list[dict], candidates: dict[str, list[str]],
-          captions: dict[str, str] | None) -> list[bool]:
-    """Choice scoring: one prefill per question, each candidate's tokens scored from a copy of its cache."""
+def score(model, records: list[dict], candidates: dict[str, list[str]], captions: dict[str, str] | None,
+          batch: int = 8) -> list[bool]:
+    """The protocol's choice scoring (``jobs.eval_choice.score_continuations``) of text-only prompts."""
+    tok = model.base.tokenizer
     right = []
-    for r in records:
-        msgs = messages(r, captions)
-        prompt = tok(render(tok, msgs, add_generation_prompt=True), add_special_tokens=False,
-                     return_tensors="pt")["input_ids"]
-        out = lm(prompt, use_cache=True)
-        cands = candidates[r["type"]]
-        conts = [continuation_ids(tok, msgs, c) for c in cands]
-        width = max(len(c) for c in conts)
-        first = F.log_softmax(out.logits[0, -1].float(), -1)
-        scores = [float(first[c[0]]) for c in conts]
-        if width > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(conts))
-            feed = torch.full((len(conts), width - 1), tok.pad_token_id or 0)
-            for i, c in enumerate(conts):
-                feed[i, : len(c) - 1] = torch.tensor(c[:-1])
-            mask = torch.ones(len(conts), prompt.shape[1] + width - 1, dtype=torch.long)
-            logits = lm(feed, past_key_values=cache, attention_mask=mask).logits.float()  # (C, W-1, V)
-            logp = F.log_softmax(logits, -1)
-            for i, c in enumerate(conts):
-                scores[i] += sum(float(logp[i, j, c[j + 1]]) for j in range(len(c) - 1))
-        right.append(cands[max(range(len(cands)), key=scores.__getitem__)] == question_of(r)[1])
+    for at in range(0, len(records), batch):
+        chunk = [(r, messages(r, captions)) for r in records[at: at + batch]]
+        inputs, _ = model.prepare_inputs([render(tok, m, add_generation_prompt=True) for _, m in chunk])
+        conts = [[continuation_ids(tok, m, c) for c in candidates[r["type"]]] for r, m in chunk]
+        for (r, _), scores in zip(chunk, score_continuations(model, inputs, None, conts)):
+            cands = candidates[r["type"]]
+            right.append(cands[max(range(len(cands)), key=scores.__getitem__)] == question_of(r)[1])
     return right
 
 
 def finetune(lm: torch.nn.Module, tok, records: list[dict], captions: dict[str, str] | None, steps: int,
              lr: float, batch: int, seed: int) -> list[float]:
-    """Full fine-tuning on the answers' tokens (the prompt masked), AdamW, warmup 10%, cosine; bf16 autocast."""
+    """Full fine-tuning on the answers' tokens (labelled as training labels them: ``build_example``), AdamW, warmup 10%, cosine; bf16 autocast."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
         math.pi * min(1.0, (s - warm) / max(1, steps - warm))))) if s >= warm else (s + 1) / warm)
-    rows = []
-    for r in records:
-        msgs = messages(r, captions)
-        prompt = tok(render(tok, msgs, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        answer = continuation_ids(tok, msgs, question_of(r)[1])
-        end = tok.convert_tokens_to_ids("<|im_end|>")
-        rows.append((prompt + answer + [end], len(prompt)))
+    rows = [build_example(tok, [{"from": "human", "value": messages(r, captions)[0]["content"]},
+                                {"from": "gpt", "value": question_of(r)[1]}], 0) for r in records]  # (ids, labels)
     losses = []
     lm.train()
     for step in range(steps):
@@ -113,9 +94,9 @@ def finetune(lm: torch.nn.Module, tok, records: list[dict], captions: dict[str, 
         labels = torch.full((batch, width), -100)
         mask = torch.zeros(batch, width, dtype=torch.long)
         for b, i in enumerate(pick):
-            seq, start = rows[i]
+            seq, lab = rows[i]
             ids[b, : len(seq)] = torch.tensor(seq)
-            labels[b, start: len(seq)] = torch.tensor(seq[start:])
+            labels[b, : len(seq)] = torch.tensor(lab)
             mask[b, : len(seq)] = 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = lm(ids, attention_mask=mask).logits
@@ -154,14 +135,14 @@ def main() -> int:
         answers.setdefault(r["type"], Counter())[question_of(r)[1]] += 1
     candidates = {t: sorted(c) for t, c in answers.items()}
 
-    base = load_base("small", vision=False)
-    lm, tok = base.model.lm, base.tokenizer
+    model, _ = load_model(None, shared=load_base("small", vision=False))  # one-to-one; text-only prompts
+    lm, tok = model.base.model.lm, model.base.tokenizer
     t0 = time.time()
     if args.steps:
         lm.requires_grad_(True)
         finetune(lm, tok, train, captions, args.steps, args.lr, args.batch, args.seed)
     t1 = time.time()
-    right = score(lm, tok, test, candidates, captions)
+    right = score(model, test, candidates, captions)
     t2 = time.time()
     rows = {}
     print("| type | choice accuracy | most-frequent-answer rate | questions |\n|---|---|---|---|")
