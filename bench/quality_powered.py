@@ -121,22 +121,52 @@ def instruct_mix(data: Path, captions: Path) -> Path:
     return out
 
 
-def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
-    """(questions,) 0/1 of one eval run and scoring, in the test file's order."""
+def answers_path(report: dict, scoring: str) -> Path:
+    """An eval run's answers file of one scoring (beside its eval.json when the --work has moved)."""
+    path = Path(report["answers_files"][scoring])
+    if not path.is_file() and "eval_json" in report:
+        path = Path(report["eval_json"]).parent / path.name
+    return path
+
+
+def correct_of(path: Path, records: list[dict]) -> np.ndarray:
+    """(questions,) 0/1 of one answers file, in the test file's order."""
     from jobs.scoring import normalize_answer
 
-    path = report["answers_files"][scoring]
-    if not Path(path).is_file() and "eval_json" in report:  # a moved --work: the file lies beside its eval.json
-        path = str(Path(report["eval_json"]).parent / Path(path).name)
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
     if len(rows) != len(records):
         raise ValueError(f"{path}: {len(rows)} answers for {len(records)} questions")
     return np.array([normalize_answer(r["text"]) == normalize_answer(q["answer"]) for r, q in zip(rows, records)],
                     dtype=float)
 
 
-def per_type_table(scores: dict, records: list[dict], types: list[str]) -> list[str]:
-    """Choice accuracy per question type (seeds pooled), and CLI - one-to-one per type, paired, with its interval."""
+def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
+    """(questions,) 0/1 of one eval run and scoring, in the test file's order."""
+    return correct_of(answers_path(report, scoring), records)
+
+
+# Beside each stage-2 run, its base's one-to-one choice answers. A base trained again (a new machine, an export
+# resumed) is not bit-identical: run 4's instruct stage retrained from the same data, seed and settings gave
+# step-60 loss 0.441 against 0.450 (bf16 sums in another order), so CLI - one-to-one pairs each run with the
+# base it stood on, and one_to_one pools every base a run stood on.
+BASE_ANSWERS = "base.eval.answers.choice.jsonl"
+
+
+def keep_base_answers(run: Path, base_report: dict) -> None:
+    """Copy the base's one-to-one choice answers beside a stage-2 run just trained on it."""
+    import shutil
+
+    shutil.copy2(answers_path(base_report, "choice"), run / BASE_ANSWERS)
+
+
+def base_choice(run_dirs: list[Path], records: list[dict], current: np.ndarray) -> list[np.ndarray]:
+    """The one-to-one choice correctness of the base each run stood on: its kept copy, else this --work's base."""
+    return [correct_of(d / BASE_ANSWERS, records) if (d / BASE_ANSWERS).is_file() else current for d in run_dirs]
+
+
+def per_type_table(scores: dict, records: list[dict], types: list[str], cli_bases: list[np.ndarray]) -> list[str]:
+    """Choice accuracy per question type (seeds pooled), and CLI - one-to-one per type, paired (each CLI run with
+    the base it stood on, ``cli_bases``), with its interval."""
     from jobs.intervals import paired_difference
 
     rows = ["| method | " + " | ".join(types) + " |", "|---|" + "---|" * len(types)]
@@ -144,7 +174,7 @@ def per_type_table(scores: dict, records: list[dict], types: list[str]) -> list[
     for method, by in scores.items():
         choice = np.stack(by["choice"])
         rows.append(f"| {method} | " + " | ".join(f"{choice[:, masks[t]].mean():.3f}" for t in types) + " |")
-    cli, one = np.stack(scores["cli"]["choice"]), np.stack(scores["one_to_one"]["choice"])
+    cli, one = np.stack(scores["cli"]["choice"]), np.stack(cli_bases)
     rows.append("| CLI - one-to-one [95% CI] | " + " | ".join(
         str(paired_difference(cli[:, masks[t]], one[:, masks[t]])) for t in types) + " |")
     rows.append("| questions | " + " | ".join(str(int(masks[t].sum())) for t in types) + " |")
@@ -204,7 +234,7 @@ def export(work: Path, dest: Path) -> int:
             if (run / name).is_file():
                 (dest / run.name / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run / name, dest / run.name / name)
-        for answers in run.glob("eval.answers*.jsonl"):  # what the statistics read: each question's answer
+        for answers in [*run.glob("eval.answers*.jsonl"), *run.glob(BASE_ANSWERS)]:  # each question's answer
             rows = [json.loads(x) for x in answers.read_text().splitlines()]
             (dest / run.name / answers.name).write_text("".join(
                 json.dumps({"question_id": r["question_id"], "text": r["text"]}) + "\n" for r in rows))
@@ -317,12 +347,13 @@ def main() -> int:
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
     runs: dict[str, list[tuple[int, dict]]] = {"one_to_one": [(0, stage1)]}
 
-    def score(method: str, summary: dict, seed: int) -> None:
+    def score(method: str, summary: dict, seed: int) -> dict:
         report = evaluate(summary, method, seed)
         for scoring in report["answers_files"]:  # generate (the --generate-seeds' runs) and choice
             scores.setdefault(method, {}).setdefault(scoring, []).append(correctness(report, records, scoring))
+        return report
 
-    score("one_to_one", stage1, 0)
+    one_report = score("one_to_one", stage1, 0)
     # Seed-major, each run scored as soon as it is trained: an interrupted benchmark (or --report-only while it
     # runs) has whole seeds of every method rather than every seed of a few methods.
     for seed in args.seeds:
@@ -330,8 +361,11 @@ def main() -> int:
             name = f"{method}-seed{seed}"
             if args.report_only and not all((work / name / f).is_file() for f in ("summary.json", "eval.json")):
                 continue
+            fresh = not (work / name / "summary.json").is_file()
             summary = train(work, args.base, name, data, cache_of(method), args.stage2_steps, args.stage2_lr, seed,
                             [*method_overrides(method, args.base), *stage2_from], base_path=one_base, **common)
+            if fresh:  # what it stood on (a finished run copied in keeps the copy it came with)
+                keep_base_answers(Path(summary["dir"]), one_report)
             runs.setdefault(method, []).append((seed, summary))
             score(method, summary, seed)
             print(f"[quality] {name} trained and scored ({time.time() - t0:.0f} s)", flush=True)
@@ -357,7 +391,12 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
     guess = np.array([float(r["answer"] == prior[r["type"]].most_common(1)[0][0]) for r in records])
     of_type = {t: np.array([t in ("all", r["type"]) for r in records]) for t in [*types, "all"]}
     majority = {t: float(guess[of_type[t]].mean()) for t in types}
-    one = scores["one_to_one"]["choice"][0]
+    # each run's base; one_to_one pools the distinct bases (one, unless a base was trained again)
+    bases = {m: base_choice([Path(s["dir"]) for _, s in r], records, scores["one_to_one"]["choice"][0])
+             for m, r in runs.items() if m != "one_to_one"}
+    distinct = {a.tobytes(): a for a in [scores["one_to_one"]["choice"][0], *(a for b in bases.values() for a in b)]}
+    scores["one_to_one"]["choice"] = list(distinct.values())
+    one = np.stack(scores["one_to_one"]["choice"]).mean(axis=0)  # (questions,) in [0, 1]
     stage1_rows = ["| type | one-to-one choice accuracy | most-frequent-answer rate | one-to-one - most frequent "
                    "(paired) [95% CI] | chance (1 / answers) | questions |", "|---|---|---|---|---|---|"]
     for t, mask in of_type.items():
@@ -376,8 +415,8 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
                "generate_seeds": len(gen),
                "val_loss": [s["eval_loss"] for _, s in runs[method]]}
         diff_text, verdict_text = "-", "-"
-        if cli is not None and method != "cli":
-            diff = paired_difference(choice, cli)
+        if cli is not None and method != "cli":  # one_to_one: each CLI run against the base it stood on
+            diff = paired_difference(np.stack(bases["cli"]) if method == "one_to_one" else choice, cli)
             row["paired_difference_to_cli"], row["verdict"] = vars(diff), verdict(diff)
             diff_text, verdict_text = str(diff), f"{verdict(diff)} than CLI" if verdict(diff) != "no difference found" \
                 else verdict(diff)
@@ -388,12 +427,12 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
     if cli is not None:
         tables["goal"] = []
         for method in [m for m in scores if m == "cli" or m in VARIANTS]:
-            goal = paired_difference(np.stack(scores[method]["choice"]), np.stack(scores["one_to_one"]["choice"]))
+            goal = paired_difference(np.stack(scores[method]["choice"]), np.stack(bases[method]))
             met = goal.estimate >= 0.08 and goal.low > 0
             out["methods"][method]["minus_one_to_one"] = vars(goal)
             tables["goal"].append(f"- {method} - one-to-one (choice accuracy, paired): {goal}; goal >= +0.080 with "
                                   f"the interval above 0: {'met' if met else 'missed'}.")
-        tables["per_type"] = per_type_table(scores, records, types)
+        tables["per_type"] = per_type_table(scores, records, types, bases["cli"])
         for method in [m for m in runs if m == "cli" or m in VARIANTS]:
             tables[f"gates {method}"] = [f"{method}:", ""] + gate_table([work / f"{method}-seed{seed}"
                                                                         for seed, _ in runs[method]])
