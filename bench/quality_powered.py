@@ -19,7 +19,7 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    interval holds 0 is "no difference found".
 Runs go seed by seed (every method's seed 0 first), each scored as soon as it is trained; finished runs are reused
 (summary.json / eval.json on disk), so an interrupted benchmark resumes, and ``--export DIR`` copies the finished
-runs' records to resume on another machine (the data are rebuilt exactly, the caches to the last bits; the
+runs' records to resume on another machine (the data are rebuilt exactly, the caches from them; the
 derived base's weights are not exported: resuming elsewhere trains it again, a base that differs a little, so
 each stage-2 run keeps its own base's one-to-one answers, ``BASE_ANSWERS``, to be paired with). CLI variants (``VARIANTS``)
 measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
@@ -148,7 +148,8 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
 
 # Beside each stage-2 run, its base's one-to-one choice answers. A base trained again (a new machine, an export
 # resumed) is not bit-identical: run 4's instruct stage retrained with the same data, seed and settings started
-# from validation loss 6.974 against 6.956 (before any step: the rebuilt feature cache differs in its last bits)
+# from validation loss 6.974 against 6.956 before any step (bf16 numerics of a rebuilt feature cache or of other
+# batches: not separated)
 # and ended at choice accuracy 0.372 against 0.355 (152 of 1,000 answers differ). So CLI - one-to-one pairs each
 # run with the base it stood on, and one_to_one pools every base a run stood on.
 BASE_ANSWERS = "base.eval.answers.choice.jsonl"
@@ -223,7 +224,7 @@ def gate_table(run_dirs: list[Path]) -> list[str]:
 def export(work: Path, dest: Path) -> int:
     """The small records of every finished run (and the stage-1 adapter stage 2 starts from) -> ``dest``: summaries,
     metrics, eval reports, and answers files cut to each question's id and answer. Data and feature caches are
-    left out: ``crosslayer data synth`` (seed 0) and the feature job rebuild them exactly."""
+    left out: ``crosslayer data synth`` (seed 0) rebuilds the data exactly and the feature job the caches from them."""
     import shutil
 
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
