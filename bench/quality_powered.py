@@ -21,8 +21,8 @@ Runs go seed by seed (every method's seed 0 first), each scored as soon as it is
 (summary.json / eval.json on disk), so an interrupted benchmark resumes, and ``--export DIR`` copies the finished
 runs' records to resume on another machine (the data are rebuilt exactly, the caches from them; the
 derived base's weights are not exported: resuming elsewhere trains it again, a base that differs a little, so
-each stage-2 run keeps its own base's one-to-one answers, ``BASE_ANSWERS``, to be paired with). CLI variants (``VARIANTS``)
-measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
+each stage-2 run keeps its own base's one-to-one answers, ``BASE_ANSWERS``, to be paired with). CLI variants
+(``VARIANTS``) measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
 
     python bench/quality_powered.py                                # the protocol: 5,600 images, 3 seeds
     python bench/quality_powered.py --base tiny --n 240 --stage1-steps 4 --caption-steps 4 --stage2-steps 4 \
@@ -149,9 +149,8 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
 # Beside each stage-2 run, its base's one-to-one choice answers. A base trained again (a new machine, an export
 # resumed) is not bit-identical: run 4's instruct stage retrained with the same data, seed and settings started
 # from validation loss 6.974 against 6.956 before any step (bf16 numerics of a rebuilt feature cache or of other
-# batches: not separated)
-# and ended at choice accuracy 0.372 against 0.355 (152 of 1,000 answers differ). So CLI - one-to-one pairs each
-# run with the base it stood on, and one_to_one pools every base a run stood on.
+# batches: not separated) and ended at choice accuracy 0.372 against 0.355 (152 of 1,000 answers differ). So
+# CLI - one-to-one pairs each run with the base it stood on, and one_to_one pools every base a run stood on.
 BASE_ANSWERS = "base.eval.answers.choice.jsonl"
 
 
@@ -424,8 +423,10 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
             diff_text, verdict_text = str(diff), f"{verdict(diff)} than CLI" if verdict(diff) != "no difference found" \
                 else verdict(diff)
         out["methods"][method] = row
-        gen_text = f"{ci_g} ({len(gen)} seed{'s' * (len(gen) > 1)})" if ci_g else "-"
-        table.append(f"| {method} | {len(choice)} | {ci_c} | {gen_text} | {diff_text} | {verdict_text} |")
+        unit = "base" if method == "one_to_one" else "seed"  # one_to_one's runs are the bases the runs stood on
+        gen_text = f"{ci_g} ({len(gen)} {unit}{'s' * (len(gen) > 1)})" if ci_g else "-"
+        runs_text = f"{len(choice)} bases" if method == "one_to_one" else str(len(choice))
+        table.append(f"| {method} | {runs_text} | {ci_c} | {gen_text} | {diff_text} | {verdict_text} |")
     tables = {"stage1": stage1_rows, "methods": table}
     if cli is not None:
         tables["goal"] = []
