@@ -227,6 +227,9 @@ def export(work: Path, dest: Path) -> int:
     import shutil
 
     done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
+    # this work's one-to-one base: the last stage of stage 1 that was scored (instruct, else P-only)
+    base = next((work / n / "eval.answers.choice.jsonl" for n in ("stage1-instruct-mix", "stage1-instruct", "stage1",
+                 "stage1-captions") if (work / n / "eval.answers.choice.jsonl").is_file()), None)
     for run in done:
         names = ["summary.json", "run.json", "metrics.jsonl", "eval.json"]
         if run.name in ("stage1", "stage1-captions"):  # stage 2 (or instruct) starts from its projector
@@ -236,9 +239,14 @@ def export(work: Path, dest: Path) -> int:
             if (run / name).is_file():
                 (dest / run.name / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(run / name, dest / run.name / name)
-        for answers in [*run.glob("eval.answers*.jsonl"), *run.glob(BASE_ANSWERS)]:  # each question's answer
+        sources = {a.name: a for a in run.glob("eval.answers*.jsonl")}  # each question's answer
+        if not run.name.startswith("stage1"):  # a stage-2 run: its base's answers, else this work's (base_choice)
+            sources[BASE_ANSWERS] = run / BASE_ANSWERS if (run / BASE_ANSWERS).is_file() else base
+        for name, answers in sources.items():
+            if answers is None:
+                continue
             rows = [json.loads(x) for x in answers.read_text().splitlines()]
-            (dest / run.name / answers.name).write_text("".join(
+            (dest / run.name / name).write_text("".join(
                 json.dumps({"question_id": r["question_id"], "text": r["text"]}) + "\n" for r in rows))
     print(f"[quality] exported {len(done)} finished runs to {dest}")
     return 0
@@ -425,7 +433,7 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
         out["methods"][method] = row
         unit = "base" if method == "one_to_one" else "seed"  # one_to_one's runs are the bases the runs stood on
         gen_text = f"{ci_g} ({len(gen)} {unit}{'s' * (len(gen) > 1)})" if ci_g else "-"
-        runs_text = f"{len(choice)} bases" if method == "one_to_one" else str(len(choice))
+        runs_text = f"{len(choice)} base{'s' * (len(choice) > 1)}" if method == "one_to_one" else str(len(choice))
         table.append(f"| {method} | {runs_text} | {ci_c} | {gen_text} | {diff_text} | {verdict_text} |")
     tables = {"stage1": stage1_rows, "methods": table}
     if cli is not None:

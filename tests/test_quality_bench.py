@@ -79,9 +79,13 @@ def test_each_run_pairs_with_the_base_it_stood_on(tmp_path: Path) -> None:
     got = base_choice([old, new, bare], records, current)
     assert [a.tolist() for a in got] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]  # the last has no copy: this work's base
     (old / "summary.json").write_text("{}")
+    (bare / "summary.json").write_text("{}")  # a run trained before copies were kept: it stood on this work's base
+    write_answers(tmp_path / "stage1-instruct-mix" / "eval.answers.choice.jsonl", ["blue", "2", "left"])
     export(tmp_path, tmp_path / "exported")
     kept = [json.loads(x) for x in lines(tmp_path / "exported" / "cli-seed0" / BASE_ANSWERS)]
     assert [r["text"] for r in kept] == ["Red", "3", "left"] and "extra" not in kept[0]
+    filled = [json.loads(x)["text"] for x in lines(tmp_path / "exported" / "cli-seed2" / BASE_ANSWERS)]
+    assert filled == ["blue", "2", "left"]
     with pytest.raises(ValueError, match="2 answers for 3 questions"):
         write_answers(old / BASE_ANSWERS, ["red", "2"])
         base_choice([old], records, current)
