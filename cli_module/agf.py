@@ -6,6 +6,8 @@ For hidden states h (B, S, D) and the AMP tokens V̂ (B, K, N, D) of K vision la
   h  <- h + W_o (sum_k g_k * c_k)                                 W_o (A -> D) zero-initialised
 Keys and values over V̂ depend only on the image, so ``project_kv`` runs once per image (prefill) and the
 result is reused at every decoding step; a step then costs one query, one attention over K*N tokens, one gate.
+Ablation: ``zeroed`` (positions in K, set by ``FusedVLM.zero_gates``) forces g_k = 0 for those layers, so they
+add nothing; with every layer zeroed the update is exactly 0 and the layer's output is the base's.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class AGF(nn.Module):
         self.out_proj = nn.Linear(attn_dim, dim, bias=False)
         nn.init.zeros_(self.out_proj.weight)  # untrained AGF adds exactly zero
         self.dropout = nn.Dropout(dropout)
+        self.zeroed: tuple[int, ...] = ()  # ablation: positions k in K whose gates are forced to 0
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, N, A) -> (B, H, K, N, A/H)."""
@@ -61,6 +64,10 @@ class AGF(nn.Module):
         else:
             pair = torch.cat([hn.unsqueeze(2).expand(b, s, k, hn.shape[-1]), ctx], dim=-1)  # (B, S, K, D+A)
             gates = torch.sigmoid(self.gate_proj(pair) + self.gate_bias)  # (B, S, K, 1 | A)
+        if self.zeroed:
+            keep = torch.ones(k, 1, dtype=gates.dtype, device=gates.device)  # (K, 1)
+            keep[list(self.zeroed)] = 0.0
+            gates = gates * keep  # (B, S, K, 1 | A): the zeroed layers add exactly nothing
         fused = (gates * ctx).sum(dim=2)  # (B, S, A)
         update = self.out_proj(self.dropout(fused))  # (B, S, D)
         if mask is not None:

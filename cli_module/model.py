@@ -149,6 +149,21 @@ class FusedVLM(nn.Module):
             state.update({f"projector.{n}": p.detach() for n, p in self.base.projector.named_parameters()})
         return state
 
+    def zero_gates(self, vision_layers: list[int] | tuple[int, ...] = ()) -> None:
+        """Ablation switch: AGF's gates of these vision layers (encoder hidden-state indices, as in
+        ``self.vision_layers``) are 0 at every injection layer from now on; ``()`` restores the trained gates.
+        Zeroing every layer gives exactly the model without AGF (the base's own input path): one-to-one."""
+        if vision_layers and self.config.method != "cli":
+            raise ValueError(f"zero_gates needs a CLI adapter (method 'cli'); this model is {self.config.method!r}, "
+                             f"which has no AGF gates")
+        unknown = sorted(set(vision_layers) - set(self.vision_layers))
+        if unknown:
+            raise ValueError(f"vision layer(s) {unknown} are not among this adapter's vision_layers "
+                             f"{self.vision_layers}; zero one of those")
+        positions = tuple(sorted(self.vision_layers.index(k) for k in set(vision_layers)))
+        for agf in getattr(self, "agf", []):
+            agf.zeroed = positions
+
     # --- vision ---------------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionFeatures:

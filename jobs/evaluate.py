@@ -74,6 +74,8 @@ class EvalJob(GenerationJob):
     dtype: str = "auto"  # model dtype; auto: bfloat16 on cuda, float32 on cpu
     gpus_per_actor: float = 1.0  # GPUs Ray reserves per answer actor on cuda
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap for decoded images
+    zero_gates: list[int] = field(default_factory=list)  # ablation: AGF gates of these vision layers set to 0
+    record_gates: bool = False  # report the mean AGF gate per (injection layer, vision layer) over the prompts
 
     def __post_init__(self) -> None:
         if self.adapter is None and self.base is None:
@@ -84,6 +86,8 @@ class EvalJob(GenerationJob):
             raise ValueError(f"scoring={self.scoring!r} is not one of ['generate', 'choice', 'both']")
         if self.max_candidates < 2:
             raise ValueError(f"max_candidates ({self.max_candidates}) must be >= 2")
+        if any(not isinstance(k, int) or isinstance(k, bool) for k in self.zero_gates):
+            raise ValueError(f"zero_gates={self.zero_gates!r}: give vision layer indices (ints)")
         self.compute_spec()  # validates device, dtype, concurrency, batch size
         self.sampling()  # validates the sampling settings
 
@@ -177,6 +181,7 @@ class Answerer:
         self.job, self.sampling, self.max_rows = job, job.sampling(), max(compute.batch_size, 8)
         model, _ = load_model(job.adapter, job.base, dtype=compute.torch_dtype())
         self.model = place_model(model, compute)
+        self.model.zero_gates(job.zero_gates)  # ablation switch (jobs.ablate); () leaves the gates as trained
         weight = next(self.model.parameters())
         self.dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
         self.cache = None
@@ -190,6 +195,7 @@ class Answerer:
         n = len(batch["key"])
         generated, tokens, chosen = [""] * n, [0] * n, [""] * n
         scores: list[list[float]] = [[] for _ in range(n)]
+        gates = [""] * n  # record_gates: per question, the mean gate (|T|, K) over its prompt, as JSON
         with_image = [i for i in range(n) if batch["image"][i] or batch["image_b64"][i]]
         for group in (with_image, [i for i in range(n) if i not in with_image]):
             if not group:
@@ -204,10 +210,14 @@ class Answerer:
                         scores[i] = got
                         cands = json.loads(batch["candidates"][i])
                         chosen[i] = cands[int(np.argmax(got))]
+                if self.job.record_gates and group is with_image:
+                    for i, g in zip(group, self._gate_means(batch, group, feats)):
+                        gates[i] = json.dumps(g)
         return {"key": batch["key"], "generated": np.array(generated, dtype=object),
                 "completion_tokens": np.array(tokens), "chosen": np.array(chosen, dtype=object),
                 "scores": np.array([json.dumps(s) for s in scores], dtype=object),
-                "dtype": np.array([self.dtype] * n), "device": np.array([self.device] * n)}
+                "dtype": np.array([self.dtype] * n), "device": np.array([self.device] * n),
+                "gates": np.array(gates, dtype=object)}
 
     def _features(self, batch: dict[str, np.ndarray], group: list[int]):
         import torch
@@ -233,6 +243,20 @@ class Answerer:
                    for m in self._prompts(batch, group, instruct=True)]
         inputs, visual = self.model.prepare_inputs(prompts, features=feats)
         return complete(self.model, inputs, visual, self.sampling)
+
+    def _gate_means(self, batch, group, feats) -> list[list[list[float]]]:
+        """Each question's AGF gates (|T|, K) averaged over its prompt's tokens (one forward, no decoding)."""
+        from cli_module.prompting import render
+
+        tok, family = self.model.base.tokenizer, self.model.base.kind
+        prompts = [render(tok, m, add_generation_prompt=True, family=family)
+                   for m in self._prompts(batch, group, instruct=True)]
+        inputs, visual = self.model.prepare_inputs(prompts, features=feats)
+        g = self.model(**inputs, visual=visual, return_gates=True, logits_to_keep=1).gates  # (B, S, |T|, K)
+        if g is None:
+            raise ValueError(f"record_gates needs a CLI adapter; method {self.model.config.method!r} has no gates")
+        m = inputs["attention_mask"].to(g.dtype)[:, :, None, None]  # (B, S, 1, 1): real tokens only
+        return ((g.float() * m).sum(1) / m.sum(1)).tolist()  # (B, |T|, K)
 
     def _choose(self, batch, group, feats):
         from cli_module.prompting import render
@@ -261,6 +285,10 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     cands = candidates(bench.kind, items, job.max_candidates) if "choice" in job.scorings else [[]] * len(items)
     model, model_id = load_model(job.adapter, job.base, weights=False)  # checks adapter and cache; no weights
     method, processor = model.config.method, model.base.image_processor
+    layout = {"inject_layers": list(model.config.inject_layers), "vision_layers": list(model.vision_layers)}
+    if (job.zero_gates or job.record_gates) and method != "cli":
+        raise ValueError(f"gate ablation and gate means need a CLI adapter; {job.adapter or job.base} is {method!r}")
+    model.zero_gates(job.zero_gates)  # checks the layers before any actor starts
     image_ids = [""] * len(items)
     if job.features:
         check_serves(job.features, model.base, model.vision_layers, model.config.pool)
@@ -286,6 +314,12 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
               "dtypes_used": sorted({str(r["dtype"]) for r in rows}),
               "devices_used": sorted({str(r["device"]) for r in rows}), "notes": bench.notes,
               "seconds": round(time.time() - t0, 2)}
+    if job.zero_gates:
+        report["zero_gates"] = list(job.zero_gates)
+    if job.record_gates:
+        per_q = [json.loads(str(r["gates"])) for r in rows if r["gates"]]
+        report["gates"] = {**layout, "questions": len(per_q),
+                           "mean": np.mean(per_q, axis=0).round(4).tolist() if per_q else None}  # (|T|, K)
     report["answers_files"] = write_outputs(job, report, answers)
     return report
 
@@ -368,6 +402,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_sampling_arguments(p, max_new_tokens=8)
     add_compute_arguments(p, BATCH_CPU, BATCH_GPU)
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--zero-gates", type=int, nargs="+", default=[], metavar="K",
+                   help="CLI adapters: set AGF's gates of these vision layers to 0 (an ablation)")
+    p.add_argument("--ablate", action="store_true",
+                   help="CLI adapters: evaluate with each vision layer's gates zeroed in turn, and all of them; "
+                        "report each accuracy change vs the full adapter with a paired 95%% interval, and the "
+                        "mean gates (needs --out and references)")
     p.set_defaults(func=_cmd)
 
 
@@ -379,7 +419,13 @@ def _cmd(args: argparse.Namespace) -> int:
                   temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, stop=sampling.stop,
                   max_candidates=args.max_candidates, batch_size=args.batch_size, concurrency=args.concurrency,
                   device=args.device, dtype=args.compute_dtype, gpus_per_actor=args.gpus_per_actor,
-                  max_pixels=args.max_pixels)
+                  max_pixels=args.max_pixels, zero_gates=args.zero_gates)
+    if args.ablate:
+        from .ablate import format_ablation, run_ablation
+
+        print(format_ablation(run_ablation(job)))
+        print(f"eval --ablate: report {job.out}")
+        return 0
     report = run_eval(job)  # SourceError / ValueError become one line and exit 2 in cli.main
     c = report["compute"]
     for scoring, m in report["by_scoring"].items():
