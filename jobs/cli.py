@@ -63,7 +63,7 @@ def _extensions():
     import importlib
 
     for name in ("pipelines.features", "jobs.train", "pipelines.caption", "pipelines.serve", "pipelines.gates",
-                 "jobs.submit", "jobs.evaluate", "pipelines.synth"):
+                 "jobs.submit", "jobs.evaluate", "pipelines.synth", "jobs.probe"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

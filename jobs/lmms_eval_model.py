@@ -56,6 +56,20 @@ def parse_zero_gates(value: Any, vision_layers: list[int]) -> list[int]:
         raise ValueError(f"zero_gates={value!r}: give vision layers joined by '+' (e.g. 4+8), or 'all'") from None
 
 
+def _skip_filelock_patch() -> None:
+    """lmms-eval 0.7.3's evaluator patches ``filelock._api``, which filelock 4 (this project's pin) no longer has, and
+    then fails every run. The patch guards datasets' and filelock's locks against a cross-class deadlock among
+    processes sharing a cache; a single process loading its tasks in turn does not need it, so mark it done."""
+    import importlib.util
+    import sys
+
+    evaluator = sys.modules.get("lmms_eval.evaluator")
+    if evaluator is not None and importlib.util.find_spec("filelock._api") is None:
+        patch = getattr(evaluator, "_enable_reentrant_filelocks", None)
+        if patch is not None:
+            patch._patched = True
+
+
 class CrossLayer(lmms):
     """lmms-eval's simple (text + images) model interface over ``FusedVLM``."""
 
@@ -73,6 +87,7 @@ class CrossLayer(lmms):
                              "task (or task shard) as separate Ray jobs instead of accelerate launch")
         from cli_module.adapter import load_model
 
+        _skip_filelock_patch()
         device = "cuda" if device in (None, "auto") and torch.cuda.is_available() else device
         device = "cpu" if device in (None, "auto") else str(device)
         dtypes = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
@@ -156,7 +171,13 @@ class CrossLayer(lmms):
                             top_p=float(gen_kwargs.get("top_p", 1.0) or 1.0), stop=[s for s in until if s])
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[Any]:
+        """Per request (context, continuation): (NLL of the continuation, whether greedy decoding produces it), each
+        wrapped in lmms-eval's ``GenerationResult``: 0.7.3's evaluator turns any other non-string model output into
+        its ``str()`` (``unwrap_generation_output``), tuples included, which breaks multiple-choice scoring; the
+        wrapper hands the tuple through unchanged."""
+        from lmms_eval.api.instance import GenerationResult
+
         from .eval_choice import continuation_ids, score_continuations
 
         tok, family = self.model.base.tokenizer, self.model.base.kind
@@ -173,8 +194,9 @@ class CrossLayer(lmms):
             (score,), = score_continuations(self.model, inputs, visual, [[ids]])
             greedy, _ = self.model.generate(**inputs, visual=visual, max_new_tokens=len(ids), eos_token_id=None)
             is_greedy = greedy[0, : len(ids)].tolist() == ids
-            out.append((-float(score), bool(is_greedy)))
-            self.cache_hook.add_partial("loglikelihood", r.args[:2], out[-1])
+            pair = (-float(score), bool(is_greedy))
+            self.cache_hook.add_partial("loglikelihood", r.args[:2], pair)
+            out.append(GenerationResult(text=pair))  # type: ignore[arg-type]  (see the docstring)
         return out
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:

@@ -102,6 +102,7 @@ def test_eval_ablate_end_to_end(ray_local, tmp_path, capsys):
         return [json.loads(x) for x in open(path).read().splitlines()]
 
     runs = {name: json.loads(open(p).read()) for name, p in report["runs"].items()}
+    n = len((data / "train.jsonl").read_text().splitlines())
     for scoring, suffix in (("generate", ".answers.jsonl"), ("choice", ".answers.choice.jsonl")):
         zero_all = answers(runs["zero_all"]["answers_files"][scoring])
         o2o = answers(tmp_path / f"o2o{suffix}")
@@ -115,12 +116,12 @@ def test_eval_ablate_end_to_end(ray_local, tmp_path, capsys):
         for name in ("zero_0", "zero_2", "zero_all"):
             r = rows[name]
             assert r["change"] == pytest.approx(r["accuracy"] - rows["full"]["accuracy"])
-            assert r["low"] - 1e-9 <= r["change"] <= r["high"] + 1e-9 and r["n"] == 12
+            assert r["low"] - 1e-9 <= r["change"] <= r["high"] + 1e-9 and r["n"] == n
         assert rows["full"]["accuracy"] == pytest.approx(runs["full"]["by_scoring"][scoring]["accuracy"])
         assert rows["zero_all"]["accuracy"] == pytest.approx(json.loads(
             (tmp_path / "o2o.json").read_text())["by_scoring"][scoring]["accuracy"])
     gates = np.array(report["gates"]["mean"])
-    assert gates.shape == (2, 2) and ((gates > 0) & (gates < 1)).all() and report["gates"]["questions"] == 12
+    assert gates.shape == (2, 2) and ((gates > 0) & (gates < 1)).all() and report["gates"]["questions"] == n
     assert runs["zero_2"]["zero_gates"] == [2] and "gates" not in runs["zero_2"]
 
 
