@@ -28,7 +28,7 @@ def rigged_cache(folder, labels_path) -> None:
     x = rng.normal(size=(IMAGES, SIDE * SIDE, D))
     z = rng.normal(size=(IMAGES, SIDE * SIDE, D))
     layers = np.stack([z, x @ a + 0.05 * rng.normal(size=x.shape), x], axis=1)  # (I, K, N, D)
-    ids = [f"{i:064x}"[:32] for i in range(IMAGES)]
+    ids = [f"{i:032x}" for i in range(IMAGES)]
     sources = [f"/data/img{i:04d}.png" for i in range(IMAGES)]
     cols = {"image_id": pa.array(ids), "source": pa.array(sources),
             **encode_column("select", torch.tensor(x, dtype=torch.float32), "float16"),
