@@ -26,6 +26,7 @@ COPY --chown=ray:users pipelines ./pipelines
 COPY --chown=ray:users jobs ./jobs
 COPY --chown=ray:users configs ./configs
 COPY --chown=ray:users cluster ./cluster
-RUN pip install "torch==2.13.0" "ray[train,data,serve]==2.60.0" . \
+RUN pip install "torch==2.13.0" "ray[train,data,serve]==2.60.0" ".[lmms]" \
+ && pip install --no-deps "lmms-eval==0.7.3" \
  && python -c "import ray, torch, deepspeed, jobs.cli; assert ray.__version__ == '2.60.0', ray.__version__" \
  && crosslayer --help > /dev/null

@@ -23,7 +23,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 QUADRANTS = {"top left": (0, 0), "top right": (0, 1), "bottom left": (1, 0), "bottom right": (1, 1)}
-PENALTIES = (1e-3, 1e-2, 0.1, 1.0, 10.0)  # ridge penalty per training example
 
 
 def quadrant_tokens(tokens: np.ndarray, quadrant: str) -> np.ndarray:
@@ -35,22 +34,6 @@ def quadrant_tokens(tokens: np.ndarray, quadrant: str) -> np.ndarray:
     return grid[r * h:(r + 1) * h, c * h:(c + 1) * h].reshape(-1)
 
 
-def ridge_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float]:
-    """One-vs-rest ridge classifier on standardised features: (test accuracy, the penalty chosen on val)."""
-    mean, std = x["train"].mean(0), x["train"].std(0) + 1e-6
-    xs = {k: (v - mean) / std for k, v in x.items()}
-    classes = np.unique(y["train"])
-    onehot = (y["train"][:, None] == classes[None, :]).astype(np.float64)  # (n, C)
-    gram, target = xs["train"].T @ xs["train"], xs["train"].T @ onehot  # (F, F), (F, C)
-    best = (-1.0, 0.0, 0.0)
-    for lam in PENALTIES:
-        w = np.linalg.solve(gram + lam * len(xs["train"]) * np.eye(len(gram)), target)  # (F, C)
-        val = float((classes[(xs["val"] @ w).argmax(1)] == y["val"]).mean())
-        if val > best[0]:
-            best = (val, lam, float((classes[(xs["test"] @ w).argmax(1)] == y["test"]).mean()))
-    return best[2], best[1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="out/quality-powered", help="bench/quality_powered.py's --work")
@@ -58,6 +41,7 @@ def main() -> int:
     ap.add_argument("--results", default="bench/layer-probe-results.json")
     args = ap.parse_args()
 
+    from jobs.probe import ridge_accuracy  # the product's probe (`crosslayer probe --labels`)
     from pipelines.feature_cache import load_cache_table, read_cache_info, table_to_numpy
 
     work = Path(args.work)
@@ -85,7 +69,8 @@ def main() -> int:
                 for obj in scene["objects"]:
                     x[split].append(quadrant_tokens(tokens, obj["quadrant"]))
                     y[split].append(obj[attribute])
-            acc, lam = ridge_accuracy({s: np.stack(v) for s, v in x.items()}, {s: np.array(v) for s, v in y.items()})
+            acc, lam, _ = ridge_accuracy({s: np.stack(v) for s, v in x.items()},
+                                         {s: np.array(v) for s, v in y.items()})
             chance = float(np.mean(np.array(y["test"]) == max(set(y["train"]), key=y["train"].count)))
             table[attribute][layer] = {"accuracy": acc, "penalty": lam, "majority": chance, "test_n": len(y["test"])}
             print(f"[probe] {attribute} layer {layer}: {acc:.3f} (majority {chance:.3f}, penalty {lam})", flush=True)

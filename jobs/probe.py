@@ -206,9 +206,11 @@ def read_labels(path: str, image_root: str | None) -> list[dict[str, str]]:
 
 
 def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers: list[int], dtype: str,
-               grid: int, seed: int) -> dict[str, dict[int, dict[str, float]]]:
+               grid: int, seed: int, select: int, pool: int) -> dict[str, dict[int, dict[str, float]]]:
     """Per question type and layer: held-out accuracy of a ridge classifier with its interval, and the most
-    frequent answer's accuracy. ``rows``: the cache rows (numpy) of the labelled images."""
+    frequent answer's accuracy. ``rows``: the cache rows (numpy) of the labelled images. The select layer is
+    probed too (from the cache's ``select`` column, pooled like the layers) when it is not among ``layers``."""
+    from cli_module.amp import pool_tokens
     from pipelines.feature_cache import decode_column
 
     from .intervals import accuracy_interval
@@ -220,6 +222,9 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
         raise ValueError(f"{len(missing)} labelled image(s) are not in the cache (first: {missing[:2]}); cache them "
                          f"with `crosslayer features` (same paths), or fix --image-root")
     feats = decode_column(rows, "layers", dtype).numpy()  # (R, K, N', D)
+    if select not in layers:
+        sel = pool_tokens(decode_column(rows, "select", dtype)[:, None], pool).numpy()  # (R, 1, N', D)
+        feats, layers = np.concatenate([feats, sel], axis=1), [*layers, select]
     pooled = np.stack([pool_grid(feats[:, k], grid).reshape(len(feats), -1) for k in range(len(layers))], 1)
     out: dict[str, dict[int, dict[str, float]]] = {}
     for qtype in sorted({lab["type"] for lab in labels}):
@@ -295,7 +300,7 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
         keep = [i for i, s in enumerate(table["source"].to_pylist())
                 if (os.path.abspath(s) if not s.startswith("s3://") else s) in wanted]
         rows = table_to_numpy(table.take(keep))
-        report["supervised"] = supervised(rows, labels, layers, dtype, job.grid, job.seed)
+        report["supervised"] = supervised(rows, labels, layers, dtype, job.grid, job.seed, select, pool)
     report["suggestion"] = suggest(report, job.suggest)
     if job.out:
         from pipelines import storage
@@ -313,8 +318,7 @@ def suggest(report: dict[str, Any], at_most: int) -> list[int]:
     if sup:
         gains = {}
         for by in sup.values():
-            base = by.get(select, {"accuracy": 0.0})["accuracy"] if select in by else max(
-                v["accuracy"] for v in by.values())
+            base = by[select]["accuracy"]
             best = max(by, key=lambda k: by[k]["accuracy"])
             if best != select and by[best]["accuracy"] > base:
                 gains[best] = max(gains.get(best, 0.0), by[best]["accuracy"] - base)
@@ -341,7 +345,8 @@ def format_probe(report: dict[str, Any]) -> str:
         for qtype, by in sup.items():
             first = next(iter(by.values()))
             lines.append(f"| {qtype} ({first['test_n']}) | " + " | ".join(
-                f"{by[k]['accuracy']:.2f} [{by[k]['low']:.2f}, {by[k]['high']:.2f}]" for k in layers)
+                f"{by[k]['accuracy']:.2f} [{by[k]['low']:.2f}, {by[k]['high']:.2f}]" if k in by else "-"
+                for k in layers)
                 + f" | {first['majority']:.2f} |")
         lines.append("")
     lines.append(f"suggested cli.vision_layers: {report['suggestion']}")
@@ -371,7 +376,8 @@ def draw(report: dict[str, Any], path: str) -> None:
     if sup:
         ax = axes[0, 1]
         for qtype, by in sup.items():
-            ax.plot([str(k) for k in layers], [by[k]["accuracy"] for k in layers], marker="o", label=qtype)
+            ks = sorted(by)
+            ax.plot([str(k) for k in ks], [by[k]["accuracy"] for k in ks], marker="o", label=qtype)
         ax.set_xlabel("vision layer")
         ax.set_ylabel("held-out probe accuracy")
         ax.set_title("linear probes per question type")
