@@ -14,8 +14,8 @@ split by a hash of their id: 60% fit, 20% choose the ridge penalty, 20% held out
   ``type``): per question type and layer, a ridge classifier (``ridge_accuracy``) on the layer's tokens averaged
   to a ``grid`` x ``grid`` grid, its held-out accuracy with a 95% interval (what ``bench/layer_probe.py`` runs on
   the synthetic scenes' objects).
-- **Suggestion** for ``cli.vision_layers``: with labels, the select layer plus each type's best layer where it
-  beats the select layer; without, the select layer plus the layers the select layer predicts worst.
+- **Suggestion** for ``cli.vision_layers`` (``suggest``): the select layer plus, with labels, the layers whose
+  probe beats the select layer's beyond its interval; otherwise the layers the select layer predicts worst.
 
 Output: a table on stdout, ``--out`` JSON, and a PNG (``--png``).
 """
@@ -301,7 +301,7 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
                 if (os.path.abspath(s) if not s.startswith("s3://") else s) in wanted]
         rows = table_to_numpy(table.take(keep))
         report["supervised"] = supervised(rows, labels, layers, dtype, job.grid, job.seed, select, pool)
-    report["suggestion"] = suggest(report, job.suggest)
+    report["suggestion"], report["suggestion_basis"] = suggest(report, job.suggest)
     if job.out:
         from pipelines import storage
 
@@ -311,22 +311,25 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
     return report
 
 
-def suggest(report: dict[str, Any], at_most: int) -> list[int]:
-    """``cli.vision_layers``: the select layer plus the layers that add the most (see the module docstring)."""
-    select, chosen = report["select_layer"], [report["select_layer"]]
-    sup = report.get("supervised") or {}
-    if sup:
-        gains = {}
-        for by in sup.values():
-            base = by[select]["accuracy"]
-            best = max(by, key=lambda k: by[k]["accuracy"])
-            if best != select and by[best]["accuracy"] > base:
-                gains[best] = max(gains.get(best, 0.0), by[best]["accuracy"] - base)
-        chosen += sorted(gains, key=gains.get, reverse=True)
+def suggest(report: dict[str, Any], at_most: int) -> tuple[list[int], str]:
+    """``cli.vision_layers`` and why: the select layer plus, with labels, each question type's best layer when its
+    95% interval lies above the select layer's accuracy (largest gains first); without labels, or when no layer
+    clears that bar, the layers the select layer predicts worst (highest 1 - R^2)."""
+    select = report["select_layer"]
+    gains: dict[int, float] = {}
+    for by in (report.get("supervised") or {}).values():
+        base = by[select]["accuracy"]
+        for k, v in by.items():
+            if k != select and v["low"] > base:
+                gains[k] = max(gains.get(k, 0.0), v["accuracy"] - base)
+    if gains:
+        chosen, why = sorted(gains, key=gains.get, reverse=True), "probes that beat the select layer's beyond their 95% CI"
     else:
         un = report["unexplained"]
-        chosen += sorted((k for k in un if k != select), key=lambda k: un[k]["unexplained"], reverse=True)
-    return sorted(dict.fromkeys(chosen[:at_most]))
+        chosen = sorted((k for k in un if k != select), key=lambda k: un[k]["unexplained"], reverse=True)
+        why = ("highest 1 - R^2 (no layer's probe beat the select layer's beyond its 95% CI)"
+               if report.get("supervised") else "highest 1 - R^2 (label-free)")
+    return sorted(dict.fromkeys([select, *chosen][:at_most])), why
 
 
 def format_probe(report: dict[str, Any]) -> str:
@@ -349,7 +352,7 @@ def format_probe(report: dict[str, Any]) -> str:
                 for k in layers)
                 + f" | {first['majority']:.2f} |")
         lines.append("")
-    lines.append(f"suggested cli.vision_layers: {report['suggestion']}")
+    lines.append(f"suggested cli.vision_layers: {report['suggestion']} ({report['suggestion_basis']})")
     return "\n".join(lines)
 
 

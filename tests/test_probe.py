@@ -54,7 +54,7 @@ def test_probe_ranks_the_layer_with_information_the_select_layer_lacks(ray_local
     un = report["unexplained"]
     assert un[0]["unexplained"] > 0.9 and un[1]["unexplained"] < 0.05 and un[2]["unexplained"] < 0.01
     assert un[1]["high"] < un[0]["low"]  # ranked apart, intervals and all
-    assert report["suggestion"] == [0, 1, 2][: 4] and report["suggestion"][0] == 0
+    assert report["suggestion"] == [0, 1, 2] and "label-free" in report["suggestion_basis"]
     assert report["images"]["test"] + report["images"]["fit"] + report["images"]["val"] == IMAGES
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "p.json").read_text())["select_layer"] == 2
@@ -62,7 +62,7 @@ def test_probe_ranks_the_layer_with_information_the_select_layer_lacks(ray_local
     assert main(["probe", str(cache), "--labels", str(labels), "--png", str(tmp_path / "q.png"), "--suggest", "2",
                  "--grid", "1", "--sample", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "suggested cli.vision_layers: [0, 2]" in printed and "| hidden (" in printed
+    assert "suggested cli.vision_layers: [0, 2] (probes that beat" in printed and "| hidden (" in printed
     report = run_probe(ProbeJob(cache=str(cache), sample=0, labels=str(labels), grid=1, suggest=2))
     hidden, visible = report["supervised"]["hidden"], report["supervised"]["visible"]
     assert hidden[0]["accuracy"] > 0.85 and hidden[1]["high"] < hidden[0]["low"]  # only layer 0 knows z
@@ -84,6 +84,8 @@ def test_probe_helpers_and_errors(tmp_path):
         ProbeJob(cache="x", sample=-1)
     base = {"select_layer": 5, "unexplained": {1: {"unexplained": 0.2}, 3: {"unexplained": 0.7},
                                                5: {"unexplained": 0.0}}}
-    assert suggest(base, 2) == [3, 5]
+    assert suggest(base, 2) == ([3, 5], "highest 1 - R^2 (label-free)")
+    sup = {"t": {5: {"accuracy": 0.5, "low": 0.4}, 1: {"accuracy": 0.9, "low": 0.6}, 3: {"accuracy": 0.6, "low": 0.45}}}
+    assert suggest({**base, "supervised": sup}, 4)[0] == [1, 5]  # layer 3's interval reaches below 0.5
     with pytest.raises(FileNotFoundError, match="no cache.json"):
         run_probe(ProbeJob(cache=str(tmp_path / "nothing")))
