@@ -15,7 +15,8 @@ split by a hash of their id: 60% fit, 20% choose the ridge penalty, 20% held out
   to a ``grid`` x ``grid`` grid, its held-out accuracy with a 95% interval (what ``bench/layer_probe.py`` runs on
   the synthetic scenes' objects).
 - **Suggestion** for ``cli.vision_layers`` (``suggest``): the select layer plus, with labels, the layers whose
-  probe beats the select layer's beyond its interval; otherwise the layers the select layer predicts worst.
+  probe beats the select layer's (paired 95% interval over the same held-out questions above 0); otherwise the
+  layers the select layer predicts worst.
 
 Output: a table on stdout, ``--out`` JSON, and a PNG (``--png``).
 """
@@ -213,7 +214,7 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
     from cli_module.amp import pool_tokens
     from pipelines.feature_cache import decode_column
 
-    from .intervals import accuracy_interval
+    from .intervals import accuracy_interval, paired_difference
 
     by_source = {os.path.abspath(str(s)) if not str(s).startswith("s3://") else str(s): i
                  for i, s in enumerate(rows["source"])}
@@ -234,7 +235,7 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
         answers = np.array([lab["answer"] for lab in mine])
         if min((split == s).sum() for s in SPLITS) < 2 or len(set(answers[split == "fit"])) < 2:
             continue  # too few examples of this type for a held-out probe
-        out[qtype] = {}
+        out[qtype], correct_of = {}, {}
         for k, layer in enumerate(layers):
             acc, lam, correct = ridge_accuracy({s: pooled[idx[split == s], k] for s in SPLITS},
                                                {s: answers[split == s] for s in SPLITS})
@@ -243,6 +244,10 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
             majority = float(np.mean(answers[split == "test"] == max(set(fit), key=fit.count)))
             out[qtype][layer] = {"accuracy": acc, "low": ci.low, "high": ci.high, "penalty": lam,
                                  "majority": majority, "test_n": int((split == "test").sum())}
+            correct_of[layer] = correct
+        for layer, entry in out[qtype].items():  # paired: the same held-out questions for both layers
+            d = paired_difference(correct_of[layer], correct_of[select], seed=seed)
+            entry["vs_select"] = {"change": d.estimate, "low": d.low, "high": d.high}
     return out
 
 
@@ -312,22 +317,21 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
 
 
 def suggest(report: dict[str, Any], at_most: int) -> tuple[list[int], str]:
-    """``cli.vision_layers`` and why: the select layer plus, with labels, each question type's best layer when its
-    95% interval lies above the select layer's accuracy (largest gains first); without labels, or when no layer
-    clears that bar, the layers the select layer predicts worst (highest 1 - R^2)."""
+    """``cli.vision_layers`` and why: the select layer plus, with labels, the layers whose probe beats the select
+    layer's on some question type with a paired 95% interval above 0 (largest gains first); without labels, or
+    when no layer clears that bar, the layers the select layer predicts worst (highest 1 - R^2)."""
     select = report["select_layer"]
     gains: dict[int, float] = {}
     for by in (report.get("supervised") or {}).values():
-        base = by[select]["accuracy"]
         for k, v in by.items():
-            if k != select and v["low"] > base:
-                gains[k] = max(gains.get(k, 0.0), v["accuracy"] - base)
+            if k != select and v["vs_select"]["low"] > 0:
+                gains[k] = max(gains.get(k, 0.0), v["vs_select"]["change"])
     if gains:
-        chosen, why = sorted(gains, key=gains.get, reverse=True), "probes that beat the select layer's beyond their 95% CI"
+        chosen, why = sorted(gains, key=gains.get, reverse=True), "probes above the select layer's, paired 95% CI > 0"
     else:
         un = report["unexplained"]
         chosen = sorted((k for k in un if k != select), key=lambda k: un[k]["unexplained"], reverse=True)
-        why = ("highest 1 - R^2 (no layer's probe beat the select layer's beyond its 95% CI)"
+        why = ("highest 1 - R^2 (no layer's probe beat the select layer's, paired 95% CI)"
                if report.get("supervised") else "highest 1 - R^2 (label-free)")
     return sorted(dict.fromkeys([select, *chosen][:at_most])), why
 

@@ -62,10 +62,11 @@ def test_probe_ranks_the_layer_with_information_the_select_layer_lacks(ray_local
     assert main(["probe", str(cache), "--labels", str(labels), "--png", str(tmp_path / "q.png"), "--suggest", "2",
                  "--grid", "1", "--sample", "0"]) == 0
     printed = capsys.readouterr().out
-    assert "suggested cli.vision_layers: [0, 2] (probes that beat" in printed and "| hidden (" in printed
+    assert "suggested cli.vision_layers: [0, 2] (probes above the select layer's" in printed and "| hidden (" in printed
     report = run_probe(ProbeJob(cache=str(cache), sample=0, labels=str(labels), grid=1, suggest=2))
     hidden, visible = report["supervised"]["hidden"], report["supervised"]["visible"]
     assert hidden[0]["accuracy"] > 0.85 and hidden[1]["high"] < hidden[0]["low"]  # only layer 0 knows z
+    assert hidden[0]["vs_select"]["low"] > 0 and visible[0]["vs_select"]["high"] < 0
     assert visible[2]["accuracy"] > 0.85 and visible[1]["accuracy"] > 0.85  # x is in the select layer and layer 1
 
 
@@ -85,7 +86,8 @@ def test_probe_helpers_and_errors(tmp_path):
     base = {"select_layer": 5, "unexplained": {1: {"unexplained": 0.2}, 3: {"unexplained": 0.7},
                                                5: {"unexplained": 0.0}}}
     assert suggest(base, 2) == ([3, 5], "highest 1 - R^2 (label-free)")
-    sup = {"t": {5: {"accuracy": 0.5, "low": 0.4}, 1: {"accuracy": 0.9, "low": 0.6}, 3: {"accuracy": 0.6, "low": 0.45}}}
-    assert suggest({**base, "supervised": sup}, 4)[0] == [1, 5]  # layer 3's interval reaches below 0.5
+    sup = {"t": {5: {"vs_select": {"change": 0.0, "low": 0.0}}, 1: {"vs_select": {"change": 0.4, "low": 0.2}},
+                 3: {"vs_select": {"change": 0.1, "low": -0.05}}}}
+    assert suggest({**base, "supervised": sup}, 4)[0] == [1, 5]  # layer 3's paired interval holds 0
     with pytest.raises(FileNotFoundError, match="no cache.json"):
         run_probe(ProbeJob(cache=str(tmp_path / "nothing")))
