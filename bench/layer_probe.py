@@ -123,6 +123,23 @@ def paired_gap_interval(a: np.ndarray, b: np.ndarray, groups: np.ndarray, draws:
     return float(lo), float(hi)
 
 
+def compact_json(summary: dict) -> str:
+    """The results file: one line per type, floats to 4 places."""
+    def rounded(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {str(k): rounded(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [rounded(x) for x in v]
+        return v
+
+    body = {k: v for k, v in rounded(summary).items() if k != "types"}
+    head = json.dumps(body, indent=1)[:-2]
+    types = ",\n".join(f"  {json.dumps(t)}: {json.dumps(v)}" for t, v in rounded(summary["types"]).items())
+    return f'{head},\n "types": {{\n{types}\n }}\n}}'
+
+
 def probe_types(data: Path, cache: str, results: str, min_gap: float) -> int:
     """--types: the per-question-type table and headroom verdicts (see the module docstring)."""
     from pipelines.feature_cache import load_cache_table, read_cache_info, table_to_numpy
@@ -184,7 +201,7 @@ def probe_types(data: Path, cache: str, results: str, min_gap: float) -> int:
     summary = {"data": str(data), "cache": cache, "select_layer": select, "layers": layers, "pool": key["pool"],
                "min_gap": min_gap, "images": {s: sum(v == s for v in split_of.values()) for s in ("train", "val", "test")},
                "types": table, "table": "\n".join(head)}
-    Path(results).write_text(json.dumps(summary, indent=1) + "\n")
+    Path(results).write_text(compact_json(summary) + "\n")
     print("\n".join(head))
     return 0
 
