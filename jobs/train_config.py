@@ -31,7 +31,7 @@ class DataArgs:
     eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is unset (0 = none)
     image_root: str | None = None  # folder or s3:// prefix the records' image paths are relative to; None = the
     #                                data file's folder (LLaVA's 665K mix: the folder holding coco/, gqa/, ...)
-    features: str = ""  # feature cache (folder / s3://) built by `crosslayer features`; "" = encode on the fly
+    features: str | None = None  # feature cache (folder / s3://) built by `crosslayer features`; unset = encode on the fly
     max_length: int | None = None  # longest sequence in tokens, image tokens included; longer ones are cut at the
     #                                end (answers kept where possible); None = min(2048, model max)
     skip_bad_rows: bool = False  # skip and count unusable rows instead of failing before training

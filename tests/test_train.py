@@ -106,11 +106,30 @@ def test_config_overrides_and_typed_sections():
     (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1), got 1.5"),
     (["method=lora"], "method='lora' is not one of"),
     (["trainer.max_steps"], "is not key=value"),
+    (["trainer.max_steps=null"], "trainer.max_steps cannot be null: it has no unset value"),
+    (["data.max_length=abc"], "data.max_length must be an integer, got 'abc' (or null, which unsets it)"),
+    (["trainer.eval_batch_size=~"], "trainer.eval_batch_size cannot be null"),
 ])
 def test_config_errors_name_the_key(items, message):
     with pytest.raises(ValueError) as err:
         load_config(CONFIG, items)
     assert message in str(err.value)
+
+
+def test_null_unsets_an_optional_field(tmp_path):
+    """``null`` (or ``~``) unsets an optional field, from the command line and in YAML alike."""
+    cfg = load_config(CONFIG, ["data.features=/some/cache", "data.max_length=64"])
+    assert cfg.data.features == "/some/cache" and cfg.data.max_length == 64
+    unset = load_config(CONFIG, ["data.features=/some/cache", "data.features=null", "data.max_length=~"])
+    assert unset.data.features is None and unset.data.max_length is None
+    path = tmp_path / "recipe.yaml"
+    path.write_text(CONFIG.read_text() + "\n")
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("data", {})["features"] = None
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).data.features is None
 
 
 def test_unknown_key_in_yaml(tmp_path):
