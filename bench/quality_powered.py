@@ -528,7 +528,7 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
                                                                         for seed, _ in runs[method]])
     tables["curves"] = curve_table({m: [Path(s["dir"]) for _, s in r] for m, r in runs.items()})
     out["tables"] = {k: "\n".join(v) for k, v in tables.items()}
-    names = [n for n in STAGE1 if (work / n / "summary.json").is_file()]
+    names = [n for n in reversed(STAGE1) if (work / n / "summary.json").is_file()]  # in the order they run
     out.update(compact(work, records, names + [Path(s["dir"]).name for m, r in runs.items() if m != "one_to_one"
                                                for _, s in r]))
     out["provenance"] = {"command": " ".join(["python", *sys.argv]), "commit": git_commit()}
