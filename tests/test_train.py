@@ -89,7 +89,7 @@ def test_config_overrides_and_typed_sections():
     cfg = load_config(CONFIG, ["trainer.max_steps=7", "cli.lora_rank=8", "method=deepstack", "optim.lr=1e-4",
                                "data.eval=null", "trainer.run_name=123", "deepspeed.zero_stage=3"])
     assert cfg.trainer.max_steps == 7 and cfg.cli.lora_rank == 8 and cfg.optim.lr == 1e-4
-    assert cfg.method == cfg.cli.method == "deepstack"  # top-level method overrides cli.method
+    assert cfg.method == cfg.cli.method == "deepstack"  # the plug-in's config carries the run's method
     assert cfg.data.eval is None and cfg.trainer.run_name == "123" and cfg.deepspeed.zero_stage == 3
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -105,6 +105,7 @@ def test_config_overrides_and_typed_sections():
     (["optim.warmup_steps=50", "trainer.max_steps=10"], "optim.warmup_steps (50) exceeds trainer.max_steps (10)"),
     (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1), got 1.5"),
     (["method=lora"], "method='lora' is not one of"),
+    (["cli.method=deepstack"], "cli.method='deepstack': a recipe sets the method once, at the top level"),
     (["trainer.max_steps"], "is not key=value"),
     (["trainer.max_steps=null"], "trainer.max_steps cannot be null: it has no unset value"),
     (["data.max_length=abc"], "data.max_length must be an integer, got 'abc' (or null, which unsets it)"),
