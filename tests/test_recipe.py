@@ -64,6 +64,7 @@ def recipe(ckpt: Path, mix: Path, data: Path, cache: Path, out: Path, *extra: st
             "trainer.poll_interval_s=0.25", "optim.warmup_steps=1", *extra]
 
 
+@pytest.mark.slow
 def test_llava_mix_as_published_trains_with_image_root_text_rows_and_truncation(ray_local, tmp_path):
     from jobs.train import run_train, setup
 

@@ -128,6 +128,7 @@ def test_a_shard_that_disappears_under_a_run_fails_it_naming_the_shard(data, tmp
         finish(s, train(s))
 
 
+@pytest.mark.slow
 def test_without_a_cache_workers_encode_on_the_fly(data, tmp_path):
     from jobs.train import run_train
 
@@ -201,6 +202,7 @@ def test_estimate_command_counts_the_source_or_takes_a_count(data, capsys):
     assert "--images goes with --estimate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_on_the_fly_resume_takes_the_images_from_the_resume_point(data, tmp_path, monkeypatch):
     """A crashed on-the-fly run resumed from its step-2 checkpoint ends with the uninterrupted run's adapter: Ray
     Data decodes the images from the resume point on, in the run's order."""
