@@ -135,9 +135,9 @@ def compact_json(summary: dict) -> str:
         return v
 
     body = {k: v for k, v in rounded(summary).items() if k != "types"}
-    head = json.dumps(body, indent=1)[:-2]
+    head = ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in body.items())
     types = ",\n".join(f"  {json.dumps(t)}: {json.dumps(v)}" for t, v in rounded(summary["types"]).items())
-    return f'{head},\n "types": {{\n{types}\n }}\n}}'
+    return f'{{\n{head},\n "types": {{\n{types}\n }}\n}}'
 
 
 def probe_types(data: Path, cache: str, results: str, min_gap: float) -> int:
