@@ -3,15 +3,10 @@ ridge solve giving the primal's predictions, and the paired bootstrap interval o
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.layer_probe import (  # noqa: E402
+from bench.layer_probe import (
     PENALTIES,
     TYPE_PROBES,
     cell_token,
@@ -20,7 +15,7 @@ from bench.layer_probe import (  # noqa: E402
     ridge_predict,
     type_rows,
 )
-from pipelines.synth import ALL_TYPES, QUADRANTS, add_details, make_scene  # noqa: E402
+from pipelines.synth import ALL_TYPES, QUADRANTS, add_details, make_scene
 
 
 def test_every_question_type_has_a_probe_reading_the_scene():
