@@ -68,6 +68,9 @@ class ServeConfig:
     num_gpus: float | None = None  # GPUs per model replica; None: 1 if the driver sees CUDA, else 0
     ingress_replicas: int = 1  # OpenAIIngress replicas
     ingress_num_cpus: float = 0.5  # CPUs reserved per ingress replica
+    playground: bool = True  # serve the web playground at / (pipelines.playground; behind the API key when set)
+    playground_compare: str | None = None  # model id the playground answers beside the chosen one; None: the
+    #                                        bare base when it is served (include_base), else no comparison
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
@@ -114,6 +117,9 @@ class ServeConfig:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"model ids {dup} are used twice; name adapters with ID=DIR")
+        if self.playground_compare is not None and self.playground_compare not in ids:
+            raise ValueError(f"playground_compare={self.playground_compare!r} is not a served model id {ids}; name "
+                             f"one of them (e.g. an adapter served as ID=DIR, or the base with include_base)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
