@@ -9,12 +9,13 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from email.message import Message
 from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 from conftest import perturb, random_images
-from playground_flow import ROOT, ask, find_chromium, launch, log_in, start_serve, stop_serve
+from playground_flow import ROOT, ask, find_chromium, free_port, launch, log_in, start_serve, stop_serve
 
 KEY = "sk-playground-0123456789"
 LIMITS = {"max_image_bytes": 4096, "max_body_bytes": 65536, "max_image_pixels": 128 * 128, "max_tokens": 16,
@@ -32,36 +33,62 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``crosslayer serve --adapter cli=DIR --include-base`` with an API key: the tiny base as one-to-one."""
+def adapter(tmp_path_factory) -> Path:
+    """A tiny CLI adapter (random, perturbed so its gates differ per token)."""
     import torch
-    import yaml
 
     from cli_module.adapter import save_adapter
     from cli_module.config import CLIConfig
     from cli_module.loading import load_base
     from cli_module.model import FusedVLM
 
-    root = tmp_path_factory.mktemp("playground")
     torch.manual_seed(0)
     model = FusedVLM(load_base("tiny"), CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16,
                                                    heads=4, lora_rank=4))
     perturb(model)
-    save_adapter(model, root / "cli")
-    (root / "serve.yaml").write_text(yaml.safe_dump(LIMITS))
-    proc, url = start_serve(["--adapter", f"cli={root / 'cli'}", "--include-base", "--config", str(root / "serve.yaml")],
-                            {"CROSSLAYER_API_KEY": KEY}, root / "serve.log")
-    yield url
-    stop_serve(proc)
+    out = tmp_path_factory.mktemp("adapter") / "cli"
+    save_adapter(model, out)
+    return out
 
 
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+@pytest.fixture(scope="module", params=["app", pytest.param("command", marks=pytest.mark.slow)])
+def server(request, adapter, tmp_path_factory):
+    """The tiny base as one-to-one plus the CLI adapter, an API key required. "app": the application
+    ``crosslayer serve`` builds, run on the session's Ray (seconds); "command": the real ``crosslayer serve
+    --adapter cli=DIR --include-base`` in a subprocess with its own Ray, the key from $CROSSLAYER_API_KEY (slow)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("serve")
+    if request.param == "command":
+        (root / "serve.yaml").write_text(yaml.safe_dump(LIMITS))
+        proc, url = start_serve(["--adapter", f"cli={adapter}", "--include-base", "--config", str(root / "serve.yaml")],
+                                {"CROSSLAYER_API_KEY": KEY}, root / "serve.log")
+        yield url
+        stop_serve(proc)
+        return
+    from ray import serve
+
+    from pipelines.serve import app_builder
+
+    request.getfixturevalue("ray_local")
+    (root / "key").write_text(KEY)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_builder({**LIMITS, "adapters": [f"cli={adapter}"], "include_base": True, "api_key_env": None,
+                           "api_key_file": str(root / "key"), "require_api_key": True}),
+              name="playground", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
+    """-> (status, headers (case-insensitive), body)."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()
     except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read()
+        return err.code, err.headers, err.read()
 
 
 def chat(url: str, body: dict) -> dict:
