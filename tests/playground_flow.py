@@ -6,7 +6,7 @@ user does: image, question, Ask, wait for both answers and the gates.
 
 Run as a script it takes the README's screenshot (the `small` base's quickstart adapters):
     PYTHONPATH=. python tests/playground_flow.py --adapter cli=/work/qs/work/stage2/adapter \
-        --adapter one-to-one=/work/qs/work/stage1/adapter --compare one-to-one \
+        --adapter stage1=/work/qs/work/stage1/adapter --compare stage1 \
         --image pipelines/playground/examples/scene-1.png --question "Is the circle striped or plain?" \
         --out docs/images/playground.png
 """
@@ -144,7 +144,7 @@ def main() -> int:
     try:
         with sync_playwright() as pw:
             browser = launch(pw, exe)
-            page = browser.new_page(viewport={"width": 1280, "height": 900}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 1280, "height": 600})  # full_page: as tall as the content
             log_in(page, url, key)
             ask(page, args.image, args.question, model=args.model, max_tokens=args.max_tokens)
             page.locator("#token-strip .tok").nth(args.token).click()

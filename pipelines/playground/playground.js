@@ -100,6 +100,9 @@
     return id;
   }
 
+  const size = (n) => (n >= 2 ** 20 ? `${(n / 2 ** 20).toFixed(1)} MiB` : n >= 1024 ? `${(n / 1024).toFixed(1)} KiB`
+    : `${n} bytes`);
+
   async function loadInfo() {
     const resp = await fetch(root + "/playground/info.json", { headers: headers() });
     if (!resp.ok) throw await errorOf(resp);
@@ -112,8 +115,8 @@
     const t = $("temperature"), m = $("max-tokens"), lim = info.limits;
     [t.min, t.max] = lim.temperature;
     [m.min, m.max, m.value] = [1, lim.max_tokens, Math.min(32, lim.default_max_tokens)];
-    $("server-info").textContent = `${info.models.length} model(s); images up to ${lim.max_image_bytes} bytes and ` +
-      `${lim.max_image_pixels} pixels; max tokens ${lim.max_tokens}` +
+    $("server-info").textContent = `${info.models.length} models; images up to ${size(lim.max_image_bytes)} and ` +
+      `${(lim.max_image_pixels / 1e6).toFixed(1)} megapixels; up to ${lim.max_tokens} new tokens` +
       (info.compare ? "" : "; no one-to-one model served (start with --include-base)");
     $("forget-key").hidden = !info.key_required;
     for (const name of info.examples) {
@@ -140,7 +143,7 @@
     $("image-info").textContent = "";
     if (!dataUrl) { img.removeAttribute("src"); return; }
     img.onload = () => {
-      $("image-info").textContent = `${name}: ${bytes} bytes, ${img.naturalWidth}×${img.naturalHeight} px`;
+      $("image-info").textContent = `${name}: ${size(bytes)}, ${img.naturalWidth}×${img.naturalHeight} px`;
     };
     img.src = dataUrl;
   }
@@ -241,7 +244,7 @@
     showError(errors);
     if (results[0].status === "fulfilled") {
       const r = results[0].value;
-      drawGates(r.gates, r.note || (wantGates ? "the answer carried no gates" : null));
+      drawGates(r.gates, r.gates ? null : r.note || (wantGates ? "the answer carried no gates" : null));
     } else {
       drawGates(null, "no answer, no gates");
     }
@@ -291,7 +294,7 @@
   }
 
   function drawMeans(svg, means) {
-    const ns = "http://www.w3.org/2000/svg", w = 600, h = 120, pad = 24, bw = (w - pad) / means.length;
+    const ns = "http://www.w3.org/2000/svg", w = 460, h = 110, pad = 24, bw = (w - pad) / means.length;
     svg.setAttribute("viewBox", `0 0 ${w} ${h + 16}`);
     const el = (name, attrs, text) => {
       const e = document.createElementNS(ns, name);
