@@ -193,6 +193,13 @@ def test_page_in_a_real_browser(server, images):
         assert "over max_image_bytes=4096" in message and message.count("\n") == 0  # one message for both
         assert "over max_image_bytes=4096" in page.text_content("#answer-main .text")
 
+        page.fill("#image-url", "http://example.com/cat.png")  # a host not on image_url_allowlist (empty)
+        ask(page, None, question, max_tokens=4)
+        assert "'example.com' is not on this server's image_url_allowlist" in page.text_content("#error")
+        page.locator("#examples .example").first.click()  # a bundled example replaces the URL
+        page.wait_for_function("() => document.getElementById('image-info').textContent.includes('112×112')")
+        assert page.input_value("#image-url") == ""
+
         # forgetting the key brings the 401 page back
         page.click("#forget-key")
         page.wait_for_selector("#login-key")

@@ -137,6 +137,7 @@
 
   function setImage(dataUrl, name, bytes) {
     state.image = dataUrl;
+    $("image-url").value = "";
     const img = $("preview");
     img.hidden = !dataUrl;
     $("drop-hint").hidden = !!dataUrl;
@@ -345,6 +346,14 @@
   // --- wiring ------------------------------------------------------------------------------------------------
 
   $("image-file").addEventListener("change", (e) => readFile(e.target.files[0]));
+  $("image-url").addEventListener("change", (e) => {
+    const url = e.target.value.trim();
+    $("image-file").value = "";
+    setImage(null);
+    state.image = url || null;  // the server fetches it (or says why not); not previewed: the page loads only its own
+    e.target.value = url;
+    $("image-info").textContent = url ? "image URL: the server fetches it" : "";
+  });
   $("clear-image").addEventListener("click", () => { $("image-file").value = ""; setImage(null); });
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
