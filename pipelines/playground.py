@@ -9,10 +9,10 @@ What it serves (the routes live on ``OpenAIIngress``; everything they answer is 
   GET /playground/{file}         the page's script and examples (behind the key); ``style.css`` and ``login.js``
                                  are public, the 401 page needs them
 
-The page itself (HTML + vanilla JS, no build step) only calls the public API: ``GET /v1/models`` is not needed
-(info.json lists the ids), ``POST /v1/chat/completions`` with ``stream: true`` twice per question, once for the
-chosen model with ``return_gates: true`` and once for the comparison model (the bare base as one-to-one, or
-``playground_compare``), and draws the gates it gets back.
+The page itself (HTML + vanilla JS + CSS, no build step) calls the API as any client does: per question two
+``POST /v1/chat/completions`` with ``stream: true`` at once, the chosen model's with ``return_gates: true`` (asked
+again without when the model has no gates, e.g. a baseline adapter) and the comparison model's (``playground_compare``,
+else the bare base when it is served), and draws the gates it gets back.
 
 The API key: the 401 page stores the key the user types in the browser (``localStorage``, sent as ``Authorization:
 Bearer`` on every API call) and in a ``SameSite=Strict`` cookie (``crosslayer_api_key``) that only the page's own

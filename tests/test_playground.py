@@ -33,8 +33,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory) -> Path:
-    """A tiny CLI adapter (random, perturbed so its gates differ per token)."""
+def adapters(tmp_path_factory) -> dict[str, Path]:
+    """A tiny CLI adapter (random, perturbed so its gates differ per token) and a projector_ft one (no gates)."""
     import torch
 
     from cli_module.adapter import save_adapter
@@ -43,25 +43,28 @@ def adapter(tmp_path_factory) -> Path:
     from cli_module.model import FusedVLM
 
     torch.manual_seed(0)
-    model = FusedVLM(load_base("tiny"), CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16,
-                                                   heads=4, lora_rank=4))
-    perturb(model)
-    out = tmp_path_factory.mktemp("adapter") / "cli"
-    save_adapter(model, out)
-    return out
+    root = tmp_path_factory.mktemp("adapters")
+    configs = {"cli": CLIConfig(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4),
+               "ptf": CLIConfig(method="projector_ft")}
+    for name, cfg in configs.items():
+        model = FusedVLM(load_base("tiny"), cfg)  # a fresh base each: projector_ft trains P in place
+        perturb(model)
+        save_adapter(model, root / name)
+    return {name: root / name for name in configs}
 
 
 @pytest.fixture(scope="module", params=["app", pytest.param("command", marks=pytest.mark.slow)])
-def server(request, adapter, tmp_path_factory):
-    """The tiny base as one-to-one plus the CLI adapter, an API key required. "app": the application
+def server(request, adapters, tmp_path_factory):
+    """The tiny base as one-to-one plus the two adapters, an API key required. "app": the application
     ``crosslayer serve`` builds, run on the session's Ray (seconds); "command": the real ``crosslayer serve
-    --adapter cli=DIR --include-base`` in a subprocess with its own Ray, the key from $CROSSLAYER_API_KEY (slow)."""
+    --adapter cli=DIR --adapter ptf=DIR --include-base`` in a subprocess with its own Ray, the key from $CROSSLAYER_API_KEY (slow)."""
     import yaml
 
     root = tmp_path_factory.mktemp("serve")
     if request.param == "command":
         (root / "serve.yaml").write_text(yaml.safe_dump(LIMITS))
-        proc, url = start_serve(["--adapter", f"cli={adapter}", "--include-base", "--config", str(root / "serve.yaml")],
+        served = [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+        proc, url = start_serve([*served, "--include-base", "--config", str(root / "serve.yaml")],
                                 {"CROSSLAYER_API_KEY": KEY}, root / "serve.log")
         yield url
         stop_serve(proc)
@@ -74,7 +77,8 @@ def server(request, adapter, tmp_path_factory):
     (root / "key").write_text(KEY)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_builder({**LIMITS, "adapters": [f"cli={adapter}"], "include_base": True, "api_key_env": None,
+    served = [f"{name}={path}" for name, path in adapters.items()]
+    serve.run(app_builder({**LIMITS, "adapters": served, "include_base": True, "api_key_env": None,
                            "api_key_file": str(root / "key"), "require_api_key": True}),
               name="playground", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
@@ -117,7 +121,7 @@ def test_routes_keep_the_page_and_its_data_behind_the_key(server):
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
     status, _, body = get(f"{server}/playground/info.json", {"Authorization": f"Bearer {KEY}"})
     info = json.loads(body)
-    assert status == 200 and info["models"] == ["tiny", "cli"] and info["compare"] == info["base"] == "tiny"
+    assert status == 200 and info["models"] == ["tiny", "cli", "ptf"] and info["compare"] == info["base"] == "tiny"
     assert info["default_model"] == "cli" and info["key_required"] is True
     assert info["limits"]["max_tokens"] == 16 and info["limits"]["max_image_bytes"] == 4096
     assert info["examples"] == ["examples/scene-1.png", "examples/scene-2.png", "examples/scene-3.png"]
@@ -154,7 +158,7 @@ def test_page_in_a_real_browser(server, images):
         first = log_in(page, server, KEY)
         assert first.status == 401  # without the key, / is the 401 page
         options = page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")
-        assert options == ["tiny", "cli"] and page.input_value("#model") == "cli"
+        assert options == ["tiny", "cli", "ptf"] and page.input_value("#model") == "cli"
         assert page.input_value("#compare") == "tiny"
         assert page.get_attribute("#max-tokens", "max") == "16"  # the server's max_tokens
 
@@ -181,6 +185,13 @@ def test_page_in_a_real_browser(server, images):
             page.locator("#token-strip .tok").nth(1).click()
             cells = page.eval_on_selector_all("#heatmap td.cell", "cs => cs.map(c => c.textContent)")
             assert cells == [f"{v:.2f}" for row in gates["values"][1] for v in row]
+
+        # a baseline adapter has no gates: it answers without them and the page says why
+        ask(page, images["small"], question, model="ptf", max_tokens=3)
+        assert page.is_hidden("#error") and page.text_content("#answer-main .model-name") == "ptf"
+        assert "no gates: return_gates needs a CLI adapter" in page.text_content("#gates-note")
+        assert page.locator("#heatmap td.cell").count() == 0
+        page.select_option("#model", "cli")
 
         # the API's limits: the page refuses what the API would, and shows what the API refuses
         sent.clear()
