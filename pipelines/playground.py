@@ -2,7 +2,7 @@
 image and draws the AGF gates of the answer (``ServeConfig.playground``, on by default).
 
 What it serves (the routes live on ``OpenAIIngress``; everything they answer is built here):
-  GET /                          pipelines/playground/index.html (401 page asking for the key when one is set
+  GET /                          pipelines/playground-page/index.html (401 page asking for the key when one is set
                                  and the request has none)
   GET /playground/info.json      what the page needs to know: model ids, the model it compares against, the API's
                                  limits, the bundled example images (behind the key)
@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .serve_api import ApiError, ServeConfig
 
-FILES = Path(__file__).with_name("playground")  # the page's files (package data)
+FILES = Path(__file__).with_name("playground-page")  # the page's files (package data)
 COOKIE = "crosslayer_api_key"
 PUBLIC = {"style.css", "login.js"}  # what the 401 page loads before it has a key
 TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8", ".png": "image/png"}

@@ -7,7 +7,7 @@ user does: image, question, Ask, wait for both answers and the gates.
 Run as a script it takes the README's screenshot (the `small` base's quickstart adapters):
     PYTHONPATH=. python tests/playground_flow.py --adapter cli=/work/qs/work/stage2/adapter \
         --adapter stage1=/work/qs/work/stage1/adapter --compare stage1 \
-        --image pipelines/playground/examples/scene-1.png --question "Is the circle striped or plain?" \
+        --image pipelines/playground-page/examples/scene-1.png --question "Is the circle striped or plain?" \
         --out docs/images/playground.png
 """
 

@@ -1,6 +1,7 @@
-"""The web playground (pipelines/playground.py + pipelines/playground/): its routes on a real ``crosslayer serve``
-(a subprocess, the tiny base plus a tiny CLI adapter, an API key set), and the page itself in headless Chromium
-(Debian's chromium driven by Playwright's Python client; skipped, with the reason, when either is missing).
+"""The web playground (pipelines/playground.py + pipelines/playground-page/): its routes, and the page in headless
+Chromium (Debian's chromium driven by Playwright's Python client; skipped, with the reason, when either is missing),
+against the tiny base plus two tiny adapters with an API key set, served by the application ``crosslayer serve``
+builds (on the session's Ray) and, with ``-m slow``, by the command itself in a subprocess.
 """
 
 from __future__ import annotations
@@ -250,17 +251,17 @@ def test_page_settings_prefix_and_off_switch():
 def test_every_page_file_ships_as_package_data():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipelines"]
-    files = [p.relative_to(ROOT / "pipelines").as_posix() for p in (ROOT / "pipelines/playground").rglob("*")
+    files = [p.relative_to(ROOT / "pipelines").as_posix() for p in (ROOT / "pipelines/playground-page").rglob("*")
              if p.is_file()]
     assert files and all(any(fnmatch(f, g) for g in globs) for f in files), (files, globs)
     for name in ("index.html", "login.html", "playground.js", "login.js", "style.css"):
-        assert (ROOT / "pipelines/playground" / name).is_file()
+        assert (ROOT / "pipelines/playground-page" / name).is_file()
 
 
 def test_example_images_are_small_pngs():
     from PIL import Image
 
-    for path in sorted((ROOT / "pipelines/playground/examples").glob("*.png")):
+    for path in sorted((ROOT / "pipelines/playground-page/examples").glob("*.png")):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size == (112, 112)  # the small base's input size
         assert path.stat().st_size < 4096
