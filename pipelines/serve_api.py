@@ -70,7 +70,8 @@ class ServeConfig:
     ingress_num_cpus: float = 0.5  # CPUs reserved per ingress replica
     playground: bool = True  # serve the web playground at / (pipelines.playground; behind the API key when set)
     playground_compare: str | None = None  # model id the playground answers beside the chosen one; None: the
-    #                                        bare base when it is served (include_base), else no comparison
+    #                                        bare base when it is served (include_base), else no comparison. Checked
+    #                                        by check_served (crosslayer serve adds --adapter ids after the YAML)
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
@@ -117,9 +118,6 @@ class ServeConfig:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"model ids {dup} are used twice; name adapters with ID=DIR")
-        if self.playground_compare is not None and self.playground_compare not in ids:
-            raise ValueError(f"playground_compare={self.playground_compare!r} is not a served model id {ids}; name "
-                             f"one of them (e.g. an adapter served as ID=DIR, or the base with include_base)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServeConfig":
@@ -169,6 +167,13 @@ class ServeConfig:
     def model_ids(self) -> list[str]:
         """The served model ids, in the order /v1/models lists them."""
         return [ident for ident, _ in self.model_specs()]
+
+    def check_served(self) -> None:
+        """Settings that name served models, checked once the model list is complete (``build_app``)."""
+        if self.playground_compare is not None and self.playground_compare not in self.model_ids:
+            raise ValueError(f"playground_compare={self.playground_compare!r} is not a served model id "
+                             f"{self.model_ids}; name one of them (an adapter served as ID=DIR, or the base with "
+                             f"include_base)")
 
     def resolved(self) -> "ServeConfig":
         """A copy with ``base`` filled in from the adapters' configs (they must agree) when it was not given."""

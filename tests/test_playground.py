@@ -244,8 +244,10 @@ def test_page_settings_prefix_and_off_switch():
     off = ServeConfig(base="tiny", playground=False)
     for resp in (playground.page(request(), off, None), playground.asset("style.css", request(), off, None)):
         assert resp.status_code == 404 and b"playground: false" in resp.body
+    from pipelines.serve import build_app
+
     with pytest.raises(ValueError, match="playground_compare='c' is not a served model id"):
-        ServeConfig(base="tiny", adapters=["a=/x/a"], playground_compare="c")
+        build_app(ServeConfig(base="tiny", adapters=["a=/x/a"], playground_compare="c"))
 
 
 def test_every_page_file_ships_as_package_data():

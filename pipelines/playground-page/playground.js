@@ -295,7 +295,8 @@
   }
 
   function drawMeans(svg, means) {
-    const ns = "http://www.w3.org/2000/svg", w = 460, h = 110, pad = 24, bw = (w - pad) / means.length;
+    const ns = "http://www.w3.org/2000/svg", w = 460, h = 110, pad = 24;
+    const bw = Math.min((w - pad) / means.length, 40);  // bar width: thin for short answers too
     svg.setAttribute("viewBox", `0 0 ${w} ${h + 16}`);
     const el = (name, attrs, text) => {
       const e = document.createElementNS(ns, name);
