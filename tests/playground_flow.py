@@ -4,7 +4,8 @@
 Debian's chromium (``make browser`` installs it) or says why not; ``ask(page, ...)`` drives the page the way a
 user does: image, question, Ask, wait for both answers and the gates.
 
-Run as a script it takes the README's screenshot (the `small` base's quickstart adapters; `make quickstart` writes them under report/work/):
+Run as a script it takes the README's screenshot (the `small` base's quickstart adapters; `make quickstart` writes
+them under report/work/):
     PYTHONPATH=. python tests/playground_flow.py --adapter cli=report/work/stage2/adapter \
         --adapter stage1=report/work/stage1/adapter --compare stage1 \
         --image pipelines/playground-page/examples/scene-2.png --question "Is the square striped or plain?" \
