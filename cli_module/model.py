@@ -25,6 +25,7 @@ from .amp import pool_tokens
 from .bases import Base
 from .config import CLIConfig, resolve_vision_layers
 from .methods import FusionProjector, method_class  # noqa: F401 (FusionProjector: its home before methods/)
+from .prompting import tokenize_left_padded
 
 
 @dataclass
@@ -226,11 +227,9 @@ class FusedVLM(nn.Module):
             if visual is not None and n != 1:
                 raise ValueError(f"prompt {i} must hold exactly one {image_token} placeholder, found {n}")
             texts.append(prompt.replace(image_token, image_token * visual.counts[i]) if n else prompt)
-        tok = self.base.tokenizer
-        tok.padding_side = "left"
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        input_ids, attention_mask = tokenize_left_padded(self.base.tokenizer, texts)  # (B, L) each
         device = self.projector_place()[0]
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}, visual
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, visual
 
     # --- generation ------------------------------------------------------------------------------------
 
