@@ -11,7 +11,7 @@ split by a hash of their id: 60% fit, 20% choose the ridge penalty, 20% held out
   layer itself scores ~0). A 95% interval resamples held-out images (``jobs.intervals``-style percentile
   bootstrap). High 1 - R^2 says a layer differs, not that the difference is useful: that is what labels show.
 - **Supervised** (``labels``: LLaVA-format records with an image and an ``answer`` / last reply, grouped by
-  ``type``): per question type and layer, a ridge classifier (``ridge_accuracy``) on the layer's tokens averaged
+  ``type``): per question type and layer, a ridge classifier (``ridge_predict``) on the layer's tokens averaged
   to a ``grid`` x ``grid`` grid, its held-out accuracy with a 95% interval (what ``bench/layer_probe.py`` runs on
   the synthetic scenes' objects).
 - **Suggestion** for ``cli.vision_layers`` (``suggest``): the select layer plus, with labels, the layers whose
@@ -163,21 +163,31 @@ def ratio_interval(sse: np.ndarray, sst: np.ndarray, seed: int, n_boot: int = 20
 
 # --- supervised probes -------------------------------------------------------------------------------------------
 
-def ridge_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
-    """One-vs-rest ridge classifier on standardised features, splits train / val / test (or fit / val / test):
-    (test accuracy, the penalty chosen on val, per test example 0/1 correct)."""
+def ridge_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float]:
+    """One-vs-rest ridge classifier on standardised features: (test accuracy, the penalty chosen on val)."""
+    acc, lam, _ = ridge_predict(x, y)
+    return acc, lam
+
+
+def ridge_predict(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
+    """``ridge_accuracy`` plus the per-test-row correctness (bool (n_test,)); splits train (or fit) / val / test,
+    the penalty chosen on val. With fewer training rows than features it solves the same ridge in its dual form
+    (n x n instead of F x F): the same weights, faster."""
     train = "train" if "train" in x else "fit"
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
     xs = {k: (v - mean) / std for k, v in x.items()}
     classes = np.unique(y[train])
     onehot = (y[train][:, None] == classes[None, :]).astype(np.float64)  # (n, C)
-    gram, target = xs[train].T @ xs[train], xs[train].T @ onehot  # (F, F), (F, C)
-    best = (-1.0, 0.0, np.zeros(len(y["test"])))
+    n, f = xs[train].shape
+    dual = n < f
+    gram = xs[train] @ xs[train].T if dual else xs[train].T @ xs[train]  # (n, n) or (F, F)
+    best = (-1.0, 0.0, np.zeros(0, dtype=bool))
     for lam in PENALTIES:
-        w = np.linalg.solve(gram + lam * len(xs[train]) * np.eye(len(gram)), target)  # (F, C)
-        val = float((classes[(xs["val"] @ w).argmax(1)] == y["val"]).mean())
+        ridge = gram + lam * n * np.eye(len(gram))
+        w = xs[train].T @ np.linalg.solve(ridge, onehot) if dual else np.linalg.solve(ridge, xs[train].T @ onehot)
+        val = float((classes[(xs["val"] @ w).argmax(1)] == y["val"]).mean())  # w: (F, C)
         if val > best[0]:
-            best = (val, lam, (classes[(xs["test"] @ w).argmax(1)] == y["test"]).astype(np.float64))
+            best = (val, lam, classes[(xs["test"] @ w).argmax(1)] == y["test"])
     return float(best[2].mean()), best[1], best[2]
 
 
@@ -237,8 +247,9 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
             continue  # too few examples of this type for a held-out probe
         out[qtype], correct_of = {}, {}
         for k, layer in enumerate(layers):
-            acc, lam, correct = ridge_accuracy({s: pooled[idx[split == s], k] for s in SPLITS},
-                                               {s: answers[split == s] for s in SPLITS})
+            acc, lam, hits = ridge_predict({s: pooled[idx[split == s], k] for s in SPLITS},
+                                           {s: answers[split == s] for s in SPLITS})
+            correct = hits.astype(np.float64)
             ci = accuracy_interval(correct, seed=seed)
             fit = list(answers[split == "fit"])
             majority = float(np.mean(answers[split == "test"] == max(set(fit), key=fit.count)))
