@@ -143,8 +143,18 @@ def test_lmms_eval_matches_crosslayer_eval(ray_local, tmp_path):
         assert ["red", "blue"][losses.index(min(losses))] == r["metadata"]["choice"]  # argmin == our argmax
 
 
-def test_model_args_are_checked():
+def test_model_args_are_checked(tmp_path):
+    from cli_module.adapter import save_adapter
+    from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
+    from cli_module.model import FusedVLM
     from jobs.lmms_eval_model import CrossLayer, parse_zero_gates
+
+    save_adapter(FusedVLM(load_base("tiny"), CLIConfig(vision_layers=[0, 2], inject_layers=[0, 1], attn_dim=16,
+                                                       heads=4, lora_rank=4)), tmp_path / "a")
+    lmm = CrossLayer(adapter=str(tmp_path / "a"), zero_gates="2", device="cpu")  # the ablation switch, by layer
+    assert [agf.zeroed for agf in lmm.model.agf] == [(1,), (1,)] and lmm.model_id == "a"
+    assert [agf.zeroed for agf in CrossLayer(adapter=str(tmp_path / "a"), zero_gates="all").model.agf] == [(0, 1)] * 2
 
     assert parse_zero_gates("4+8", [2, 4, 8]) == [4, 8] and parse_zero_gates("all", [2, 4]) == [2, 4]
     assert parse_zero_gates(4, [4]) == [4] and parse_zero_gates("", [4]) == []
