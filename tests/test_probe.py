@@ -60,14 +60,14 @@ def test_probe_ranks_the_layer_with_information_the_select_layer_lacks(ray_local
     assert json.loads((tmp_path / "p.json").read_text())["select_layer"] == 2
 
     assert main(["probe", str(cache), "--labels", str(labels), "--png", str(tmp_path / "q.png"), "--suggest", "2",
-                 "--grid", "1", "--sample", "0"]) == 0
+                 "--grid", "1", "--sample", "0", "--out", str(tmp_path / "q.json")]) == 0
     printed = capsys.readouterr().out
     assert "suggested cli.vision_layers: [0, 2] (probes above the select layer's" in printed and "| hidden (" in printed
-    report = run_probe(ProbeJob(cache=str(cache), sample=0, labels=str(labels), grid=1, suggest=2))
-    hidden, visible = report["supervised"]["hidden"], report["supervised"]["visible"]
-    assert hidden[0]["accuracy"] > 0.85 and hidden[1]["high"] < hidden[0]["low"]  # only layer 0 knows z
-    assert hidden[0]["vs_select"]["low"] > 0 and visible[0]["vs_select"]["high"] < 0
-    assert visible[2]["accuracy"] > 0.85 and visible[1]["accuracy"] > 0.85  # x is in the select layer and layer 1
+    sup = json.loads((tmp_path / "q.json").read_text())["supervised"]  # layers as JSON keys
+    hidden, visible = sup["hidden"], sup["visible"]
+    assert hidden["0"]["accuracy"] > 0.85 and hidden["1"]["high"] < hidden["0"]["low"]  # only layer 0 knows z
+    assert hidden["0"]["vs_select"]["low"] > 0 and visible["0"]["vs_select"]["high"] < 0
+    assert visible["2"]["accuracy"] > 0.85 and visible["1"]["accuracy"] > 0.85  # x is in the select layer and layer 1
 
 
 def test_probe_helpers_and_errors(tmp_path):
