@@ -252,7 +252,7 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
             correct = hits.astype(np.float64)
             ci = accuracy_interval(correct, seed=seed)
             fit = list(answers[split == "fit"])
-            majority = float(np.mean(answers[split == "test"] == max(set(fit), key=fit.count)))
+            majority = float(np.mean(answers[split == "test"] == max(sorted(set(fit)), key=fit.count)))  # ties: first by name
             out[qtype][layer] = {"accuracy": acc, "low": ci.low, "high": ci.high, "penalty": lam,
                                  "majority": majority, "test_n": int((split == "test").sum())}
             correct_of[layer] = correct
