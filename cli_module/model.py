@@ -218,8 +218,11 @@ class FusedVLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
                 features: VisionFeatures | None = None, visual: VisualState | None = None,
                 labels: torch.Tensor | None = None, cache: object | None = None, use_cache: bool = False,
-                return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False) -> FusedOutput:
+                return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False,
+                position_ids: torch.Tensor | None = None) -> FusedOutput:
         """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState.
+        ``attention_mask`` (B, S) or, from the decoding engine, a prepared 4-D mask (B, 1, S, L) with its
+        ``position_ids`` (B, S).
         ``float_logits``: the LM head in fp32 on a bf16/fp16 model (likelihood scoring: bf16 logits step by 0.125
         at |16| to 32, so candidates' scores tie and the first listed wins)."""
         if visual is None and (pixel_values is not None or features is not None):
@@ -234,8 +237,7 @@ class FusedVLM(nn.Module):
                 raise ValueError(f"image tokens and features do not match: tokens {n_tok}, features {n_feat}; "
                                  f"expand each <image> to the encoder's token count")
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.image_embeds.to(embeds.dtype))
-        position_ids = None
-        if attention_mask is not None:  # left padding: positions count real tokens only
+        if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         update_mask = {"all": None, "image": image_mask, "text": ~image_mask}[self.config.positions]
         self._state = {"visual": visual, "image_mask": image_mask, "update_mask": update_mask,
