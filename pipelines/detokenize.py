@@ -3,9 +3,11 @@ the whole answer (the engine used to re-decode every row's text every token, O(T
 
 As vLLM does it: the decoded text grows by ``decode(ids[prefix:]) - decode(ids[prefix:read])``, where
 ``ids[prefix:read]`` is the last emitted chunk kept as context (tokenizers that drop a word's leading space at the
-start of a decode need it), and nothing is added while the new bytes end in an incomplete character (U+FFFD).
-Stop strings are searched only in the text's new tail (plus the longest stop's length - 1 before it); what may
-still become a stop string is held back; the text ends before the first stop found.
+start of a decode need it), and nothing is added while the new bytes end in an incomplete character (U+FFFD; for
+up to 4 tokens, after which the bytes are invalid for good). Stop strings are searched only in the text's new
+tail (plus the longest stop's length - 1 before it, plus the bytes still waiting), so a stop string is found at
+the token that completes it, as a decode of the whole text would; what may still become a stop string is held
+back; the text ends before the first stop found.
 """
 
 from __future__ import annotations
@@ -35,18 +37,23 @@ class IncrementalText:
         before = len(self.text)
         context = self._decode(self.ids[self.prefix: self.read])
         full = self._decode(self.ids[self.prefix:])
-        if len(full) > len(context) and not full.endswith("\ufffd"):
-            self.text += full[len(context):]
+        pending = full[len(context):]
+        # an incomplete character waits for its next bytes; 4 tokens without one: those bytes are invalid for good
+        if pending and (not full.endswith("\ufffd") or len(self.ids) - self.read >= 4):
+            self.text += pending
             self.prefix, self.read = self.read, len(self.ids)
-        self._find_stop(before)
+            pending = ""
+        self._find_stop(before, pending)
 
-    def _find_stop(self, before: int) -> None:
-        if not self.stop or len(self.text) == before:
+    def _find_stop(self, before: int, pending: str = "") -> None:
+        """Search the new tail (and what waits for a character's next bytes) for a stop string."""
+        if not self.stop or len(self.text) + len(pending) == before:
             return
+        text = self.text + pending
         start = max(0, before - self.hold)
-        cuts = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        cuts = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         if cuts:
-            self.text, self.stopped = self.text[: min(cuts)], True
+            self.text, self.stopped = text[: min(cuts)], True
 
     def flush(self) -> None:
         """The answer ended (EOS or length): add what was held for an incomplete character."""

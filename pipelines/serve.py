@@ -84,7 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-SHUTDOWN_S = 8.0  # a stop signal ends the command within this (plus the kill), whatever state Ray is in
+SHUTDOWN_S = 5.0  # a stop signal ends the command within this (plus about a second to kill), whatever Ray does
 
 
 def stop_within(seconds: float) -> None:
@@ -123,7 +123,7 @@ def stop_within(seconds: float) -> None:
             child.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(children, timeout=2.0)
+    psutil.wait_procs(children, timeout=1.0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

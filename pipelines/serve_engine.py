@@ -273,20 +273,7 @@ class Engine:
         images = [job.images[0] for job, _ in items] if items[0][0].images else None
         with torch.inference_mode():
             enc, visual = model.prepare_inputs([prompt for _, prompt in items], images)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        out, start = [], 0
-        for b, n in enumerate(lengths):
-            one = None
-            if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
-                count = visual.counts[b]
-                one = replace(visual, counts=[count],
-                              image_embeds=None if visual.image_embeds is None else
-                              visual.image_embeds[start:start + count],
-                              tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
-                              kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
-                start += count
-            out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
-        return out
+        return split_rows(enc, visual)
 
     def _checked(self, job: ChatJob, request_id: str, ids: torch.Tensor, visual: Any) -> Prepared:
         n, limit = ids.shape[1], self.max_prompt_tokens
@@ -530,6 +517,25 @@ class Engine:
         entry["top_logprobs"] = [one(t, v) for t, v in zip(ids.tolist(), values.tolist())]
         return entry
 
+
+
+def split_rows(enc: dict[str, torch.Tensor], visual: VisualState | None) -> list[tuple[torch.Tensor, Any]]:
+    """A left-padded batch (``FusedVLM.prepare_inputs``) -> each row's prompt ids (1, S_i) and VisualState (batch of
+    1, or None): what ``Prepared`` holds."""
+    lengths = enc["attention_mask"].sum(dim=1).tolist()
+    out, start = [], 0
+    for b, n in enumerate(lengths):
+        one = None
+        if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
+            count = visual.counts[b]
+            one = replace(visual, counts=[count],
+                          image_embeds=None if visual.image_embeds is None else
+                          visual.image_embeds[start:start + count],
+                          tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
+                          kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
+            start += count
+        out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
+    return out
 
 
 def merge_visual(states: list[VisualState]) -> VisualState:

@@ -2,7 +2,7 @@
 
 Two adapters and the bare base over one tiny base; requests arrive at different decode steps, with prompts of
 different lengths, with and without an image, some with n > 1; each answer is compared token for token with
-``FusedVLM.generate`` run on that request alone. Also: per-request seeded sampling, the logit processors,
+the reference greedy loop (tests/reference_decode.py) run on that request alone. Also: per-request seeded sampling, the logit processors,
 log-probabilities, cancellation, and the asyncio scheduler (admission at the next step, cancel frees rows).
 """
 
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import perturb, random_images
+from reference_decode import answer, greedy
 
 from pipelines.serve_api import ApiError, ChatJob, Delta, End, SamplingParams
 
@@ -49,13 +50,11 @@ def job(model: str, question: str, image=None, *, n: int = 1, max_tokens: int = 
 
 
 def alone(engine, models, item) -> list[int]:
-    """The request decoded by itself with FusedVLM.generate: its tokens up to and including EOS."""
-    model = models[item.job.model]
+    """The request decoded by itself with the reference greedy loop: its tokens up to and including EOS."""
     eos = engine.detok.eos_token_id
-    tokens, _ = model.generate(item.ids, torch.ones_like(item.ids), visual=item.visual,
-                               max_new_tokens=item.job.max_tokens, eos_token_id=eos)
-    ids = tokens[0].tolist()
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+    tokens = greedy(models[item.job.model], item.ids, torch.ones_like(item.ids), visual=item.visual,
+                    max_new_tokens=item.job.max_tokens, eos_token_id=eos)
+    return answer(tokens[0].tolist(), eos)
 
 
 def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[int, list[Delta]]]:
