@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 
 def _grown(need: int, have: int, cap: int | None = None) -> int:
     """Doubling growth: at least ``need``, at least twice ``have`` (capped at ``cap`` when that still fits)."""
-    size = max(need, 2 * have, 16)
+    size = max(need, 2 * have)
     return max(need, min(size, cap)) if cap else size
 
 
@@ -33,9 +33,10 @@ class KVSlots:
     """Keys and values (R, H_kv, L, dh) per decoder layer, one row per slot."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 max_length: int | None = None):
+                 max_length: int | None = None, max_rows: int | None = None):
         self.shape = (kv_heads, head_dim)
-        self.layers, self.dtype, self.device, self.max_length = layers, dtype, device, max_length
+        self.layers, self.dtype, self.device = layers, dtype, device
+        self.max_length, self.max_rows = max_length, max_rows
         self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]  # each (R, H_kv, L, dh)
         self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(layers)]
 
@@ -58,7 +59,7 @@ class KVSlots:
         positions are kept (the only copy of live keys/values the store ever makes besides ``move``)."""
         if rows <= self.rows and length <= self.length:
             return
-        new_rows = self.rows if rows <= self.rows else _grown(rows, self.rows)
+        new_rows = self.rows if rows <= self.rows else _grown(rows, self.rows, self.max_rows)
         new_len = self.length if length <= self.length else _grown(length, self.length, self.max_length)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):

@@ -90,13 +90,13 @@ class _Row:
 class _Batch:
     """The rows of one model, decoding together: row i lives in KV slot i; its tensors are row-aligned."""
 
-    def __init__(self, model: FusedVLM, vocab: int, device: torch.device):
+    def __init__(self, model: FusedVLM, vocab: int, device: torch.device, max_rows: int):
         cfg = model.base.text_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(model.base.language_model.parameters()).dtype
         self.model = model
         self.kv = KVSlots(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, device,
-                          max_length=getattr(cfg, "max_position_embeddings", None))
+                          max_length=getattr(cfg, "max_position_embeddings", None), max_rows=max_rows)
         self.images = ImageSlots()
         self.rows: list[_Row] = []
         self.lengths: list[int] = []  # tokens in each row's slot
@@ -349,7 +349,7 @@ class Engine:
 
     def _batch(self, model_id: str) -> _Batch:
         if model_id not in self.batches:
-            self.batches[model_id] = _Batch(self.models[model_id], self.vocab, self.device)
+            self.batches[model_id] = _Batch(self.models[model_id], self.vocab, self.device, self.max_rows)
         return self.batches[model_id]
 
     def _prefill(self, model_id: str, has_image: bool, items: list[Prepared]) -> list[tuple[str, Event]]:
