@@ -171,15 +171,18 @@ def test_logit_processors(engine):
 
 
 def test_decode_steps_reuse_the_preallocated_kv_slots(engine):
-    """No concatenation per token: the batch's key storage stays the same tensor while rows decode and join."""
+    """No concatenation per token, no re-padding on admission: the batch's key storage stays the same tensor
+    while rows decode, leave and join (a joining row takes a freed slot)."""
     first = engine.prepare(job("base", "Go on", max_tokens=40, min_tokens=40), "first")
-    engine.add([first])
+    short = engine.prepare(job("base", "Short but a longer prompt", max_tokens=3, min_tokens=3), "short")
+    engine.add([first, short])
     batch = engine.batches["base"]
     storage = batch.kv.keys[0].data_ptr()
     for _ in range(10):
-        engine.step()
+        engine.step()  # "short" ends after its third token: its slot is free
+    assert [r.request_id for r in batch.rows] == ["first"]
     second = engine.prepare(job("base", "Join", max_tokens=20, min_tokens=20), "second")
-    engine.add([second])  # fits in the slots reserved so far: no new storage, no re-padding
+    engine.add([second])  # into the freed slot 1
     for _ in range(10):
         engine.step()
     assert batch.kv.keys[0].data_ptr() == storage
