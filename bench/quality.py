@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script (python bench/NAME.py): the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYERS, INJECT = [3, 6, 9, 12], [2, 10, 18, 26]
 METHODS: dict[str, list[str]] = {  # stage-2 overrides per method (all on top of the stage-1 projector)

@@ -18,11 +18,13 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    pooled; each baseline's paired difference to CLI on the same questions, with its interval; a difference whose
    interval holds 0 is "no difference found".
 Runs go seed by seed (every method's seed 0 first), each scored as soon as it is trained; finished runs are reused
-(summary.json / eval.json on disk), so an interrupted benchmark resumes, and ``--export DIR`` copies the finished
-runs' records to resume on another machine (the data are rebuilt exactly, the caches from them; the
-derived base's weights are not exported: resuming elsewhere trains it again, a base that differs a little, so
-each stage-2 run keeps its own base's one-to-one answers, ``BASE_ANSWERS``, to be paired with). CLI variants
-(``VARIANTS``) measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
+(summary.json / eval.json on disk), so an interrupted benchmark resumes from its --work folder (keep it outside
+the repository; each stage-2 run keeps its own base's one-to-one answers, ``BASE_ANSWERS``, to be paired with,
+as a base trained again differs a little). The results file holds, besides the tables, the compact record of
+every run (``compact``: per method and seed, accuracy with intervals, per type, paired differences, validation
+loss, each question's 0/1) and the command and commit; ``--export FILE`` writes that record of a --work's
+finished runs alone. No answers files, adapters or weights leave --work: without it a resume trains again. CLI
+variants (``VARIANTS``) measure why CLI falls short: slower gates, slower W_o, image positions only, sparse injection.
 
     python bench/quality_powered.py                                # the protocol: 5,600 images, 3 seeds
     python bench/quality_powered.py --base tiny --n 240 --stage1-steps 4 --caption-steps 4 --stage2-steps 4 \
@@ -41,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a script (python bench/NAME.py): the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import METHODS as BASELINES  # noqa: E402  (the stage-2 methods, shared with bench/quality.py)
 
@@ -146,8 +149,8 @@ def correctness(report: dict, records: list[dict], scoring: str) -> np.ndarray:
     return correct_of(answers_path(report, scoring), records)
 
 
-# Beside each stage-2 run, its base's one-to-one choice answers. A base trained again (a new machine, an export
-# resumed) is not bit-identical: run 4's instruct stage retrained with the same data, seed and settings started
+# Beside each stage-2 run, its base's one-to-one choice answers. A base trained again (a --work moved to a new
+# machine) is not bit-identical: run 4's instruct stage retrained with the same data, seed and settings started
 # from validation loss 6.974 against 6.956 before any step (bf16 numerics of a rebuilt feature cache or of other
 # batches: not separated) and ended at choice accuracy 0.372 against 0.355 (152 of 1,000 answers differ). So
 # CLI - one-to-one pairs each run with the base it stood on, and one_to_one pools every base a run stood on.
@@ -220,35 +223,109 @@ def gate_table(run_dirs: list[Path]) -> list[str]:
     return out
 
 
-def export(work: Path, dest: Path) -> int:
-    """The small records of every finished run (and the stage-1 adapter stage 2 starts from) -> ``dest``: summaries,
-    metrics, eval reports, and answers files cut to each question's id and answer. Data and feature caches are
-    left out: ``crosslayer data synth`` (seed 0) rebuilds the data exactly and the feature job the caches from them."""
-    import shutil
+# The stage-1 runs, in the order the one-to-one base is looked for: the last stage of stage 1 that was scored.
+STAGE1 = ("stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
 
-    done = sorted(d for d in work.iterdir() if (d / "summary.json").is_file())
-    # this work's one-to-one base: the last stage of stage 1 that was scored (instruct, else P-only)
-    base = next((work / n / "eval.answers.choice.jsonl" for n in ("stage1-instruct-mix", "stage1-instruct", "stage1",
-                 "stage1-captions") if (work / n / "eval.answers.choice.jsonl").is_file()), None)
-    for run in done:
-        names = ["summary.json", "run.json", "metrics.jsonl", "eval.json"]
-        if run.name in ("stage1", "stage1-captions"):  # stage 2 (or instruct) starts from its projector
-            names += [f"adapter/{f.name}" for f in (run / "adapter").iterdir()]
-        (dest / run.name).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if (run / name).is_file():
-                (dest / run.name / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(run / name, dest / run.name / name)
-        sources = {a.name: a for a in run.glob("eval.answers*.jsonl")}  # each question's answer
-        if not run.name.startswith("stage1"):  # a stage-2 run: its base's answers, else this work's (base_choice)
-            sources[BASE_ANSWERS] = run / BASE_ANSWERS if (run / BASE_ANSWERS).is_file() else base
-        for name, answers in sources.items():
-            if answers is None:
-                continue
-            rows = [json.loads(x) for x in answers.read_text().splitlines()]
-            (dest / run.name / name).write_text("".join(
-                json.dumps({"question_id": r["question_id"], "text": r["text"]}) + "\n" for r in rows))
-    print(f"[quality] exported {len(done)} finished runs to {dest}")
+
+def bits(correct: np.ndarray) -> str:
+    """(questions,) 0/1 -> "0110...": one character a question, in the test file's order."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def unbits(text: str) -> np.ndarray:
+    """The inverse of ``bits``: (questions,) 0/1."""
+    return np.array([c == "1" for c in text], dtype=float)
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (None outside a git checkout)."""
+    import subprocess
+
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                         text=True, check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_names(work: Path) -> list[str]:
+    """The finished runs under ``work`` (summary.json on disk; scored when eval.json is): stage 1 in the order
+    it runs, then stage 2."""
+    done = [d.name for d in work.iterdir() if (d / "summary.json").is_file()]
+    return [n for n in reversed(STAGE1) if n in done] + sorted(n for n in done if n not in STAGE1)
+
+
+def compact(work: Path, records: list[dict], names: list[str] | None = None) -> dict:
+    """The compact record of a benchmark's runs (default: every finished run under ``work``), what the repository
+    keeps instead of the run folders: per run (method and seed) its accuracy of each scoring with its 95%
+    interval, per question type, its paired difference to the one-to-one base it stood on and to CLI of the same
+    seed (stage-2 runs), its validation loss and curve, and each question's 0/1 (``correct``, ``bits``) so that
+    pooled intervals can be computed again. ``bases``: the one-to-one choice answers (0/1) each stage-2 run was
+    paired with, by name (a base trained again gets its own)."""
+    from jobs.intervals import accuracy_interval, paired_difference
+
+    names = run_names(work) if names is None else names
+    if not names:
+        raise ValueError(f"{work} holds no finished run (a folder with summary.json): nothing to record")
+    types = sorted({r["type"] for r in records})
+    masks = {t: np.array([r["type"] == t for r in records]) for t in types}
+    choice: dict[str, np.ndarray] = {}
+    runs: dict[str, dict] = {}
+    for name in names:
+        run = work / name
+        summary = json.loads((run / "summary.json").read_text())
+        report = {**json.loads((run / "eval.json").read_text()), "eval_json": str(run / "eval.json")} \
+            if (run / "eval.json").is_file() else {"answers_files": {}}  # trained, not scored (stage1-captions)
+        method, _, seed = name.rpartition("-seed") if "-seed" in name else (name, "", "")
+        row: dict = {"method": method, "seed": int(seed) if seed else None, "steps": summary.get("steps"),
+                     "trainable_params": summary.get("params", {}).get("trainable_params"),
+                     "val_loss": summary.get("eval_loss"),
+                     "val_curve": {str(r["step"]): r["eval_loss"] for r in metrics_rows(run) if "eval_loss" in r}
+                     if (run / "metrics.jsonl").is_file() else {},
+                     "per_type": {}, "correct": {}}
+        for scoring in sorted(report["answers_files"]):  # choice, and generate where the run generated
+            correct = correctness(report, records, scoring)  # (questions,)
+            row[scoring] = vars(accuracy_interval(correct))
+            row["per_type"][scoring] = {t: float(correct[m].mean()) for t, m in masks.items()}
+            row["correct"][scoring] = bits(correct)
+        if "choice" in report["answers_files"]:
+            choice[name] = unbits(row["correct"]["choice"])
+        runs[name] = row
+    base_name = next((n for n in STAGE1 if n in choice), None)  # this work's one-to-one
+    bases = {base_name: bits(choice[base_name])} if base_name else {}
+    for name, row in runs.items():
+        if name in STAGE1 or name not in choice:
+            continue
+        kept = work / name / BASE_ANSWERS  # the base it stood on, else this work's (as base_choice)
+        base = bits(correct_of(kept, records)) if kept.is_file() else bases.get(base_name)
+        if base is None:
+            continue
+        label = next((k for k, v in bases.items() if v == base), None)
+        if label is None:  # another training of the base (a --work moved to a new machine): not this work's
+            label = f"another training of {base_name} (first kept beside {name})"
+            bases[label] = base
+        row["base"] = label
+        row["minus_one_to_one"] = vars(paired_difference(choice[name][None], unbits(base)[None]))
+        cli = f"cli-seed{row['seed']}"
+        if row["method"] != "cli" and cli in choice:
+            row["minus_cli"] = vars(paired_difference(choice[name][None], choice[cli][None]))
+    return {"questions": len(records), "questions_per_type": {t: int(m.sum()) for t, m in masks.items()},
+            "one_to_one": base_name, "runs": runs, "bases": bases}
+
+
+def export(work: Path, dest: Path, command: str) -> int:
+    """The compact record of every finished run under ``work`` (``compact``) with the command and the commit
+    -> ``dest`` (JSON); an existing results file there is extended (its ``runs`` replaced), not overwritten. No
+    answers files, adapters or weights: resuming needs the --work folder itself (kept outside the repository),
+    else the runs are trained again."""
+    test = work / "data" / "test-sub.jsonl"
+    if not test.is_file():
+        raise FileNotFoundError(f"{test} is missing: the export scores the answers against the test questions the "
+                                f"runs answered; point --work at the benchmark's own folder (it writes that file)")
+    records = [json.loads(x) for x in test.read_text().splitlines()]
+    out = json.loads(dest.read_text()) if dest.is_file() else {}
+    out.update(compact(work, records))
+    out["provenance"] = {"command": command, "commit": git_commit()}
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"[quality] exported {len(out['runs'])} finished runs to {dest}")
     return 0
 
 
@@ -286,15 +363,16 @@ def main() -> int:
     ap.add_argument("--gpu", action="store_true", help="train on one GPU per worker (trainer.use_gpu=true)")
     ap.add_argument("--work", default="out/quality-powered")
     ap.add_argument("--export", default=None,
-                    help="copy the finished runs' records (summaries, metrics, eval reports, answers files, the "
-                         "stage-1 adapters) to this folder and stop: a --work to resume from on another machine")
+                    help="write the finished runs' compact record (per run: accuracy with intervals, per type, "
+                         "paired differences, validation loss; the command and the commit) to this JSON file, "
+                         "extending the results file already there, and stop")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: the tables from the runs already trained and scored under --work")
     ap.add_argument("--results", default="bench/quality-powered-results.json")
     args = ap.parse_args()
 
     if args.export:
-        return export(Path(args.work), Path(args.export))
+        return export(Path(args.work), Path(args.export), " ".join(["python", *sys.argv]))
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -450,6 +528,10 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
                                                                         for seed, _ in runs[method]])
     tables["curves"] = curve_table({m: [Path(s["dir"]) for _, s in r] for m, r in runs.items()})
     out["tables"] = {k: "\n".join(v) for k, v in tables.items()}
+    names = [n for n in reversed(STAGE1) if (work / n / "summary.json").is_file()]  # in the order they run
+    out.update(compact(work, records, names + [Path(s["dir"]).name for m, r in runs.items() if m != "one_to_one"
+                                               for _, s in r]))
+    out["provenance"] = {"command": " ".join(["python", *sys.argv]), "commit": git_commit()}
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
     print("\n\n".join(out["tables"].values()))
     return out

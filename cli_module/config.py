@@ -18,7 +18,8 @@ Positions = Literal["all", "text", "image"]
 
 @dataclass
 class CLIConfig:
-    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion), or instruct (P + LLM)
+    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion), or instruct (P + LLM):
+    #                         one file each in cli_module/methods
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
     lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
     lora_alpha: float = 32.0  # AMP scale is alpha / rank, as in LoRA
@@ -37,10 +38,6 @@ class CLIConfig:
         _check_literal("positions", self.positions, Positions)
         self.vision_layers = [int(k) for k in self.vision_layers]
         self.inject_layers = [int(t) for t in self.inject_layers]
-        if self.method in ("cli", "deepstack", "input_fusion") and not self.vision_layers:
-            raise ValueError(f"vision_layers is empty; method {self.method!r} needs at least one vision layer")
-        if self.method in ("cli", "deepstack") and not self.inject_layers:
-            raise ValueError(f"inject_layers is empty; method {self.method!r} needs at least one decoder layer")
         for name in ("vision_layers", "inject_layers"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
@@ -59,21 +56,16 @@ class CLIConfig:
             raise ValueError(f"gate_init must be in [-20, 20] (a logit: sigmoid(20) is already 1.0), got {self.gate_init}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.method == "deepstack" and len(self.vision_layers) != len(self.inject_layers):
-            raise ValueError(
-                f"deepstack pairs vision layer k_i with decoder layer t_i: got {len(self.vision_layers)} "
-                f"vision layers and {len(self.inject_layers)} inject layers; give lists of equal length"
-            )
-        if self.method in ("deepstack", "input_fusion") and self.pool != 1:
-            raise ValueError(
-                f"method {self.method!r} adds vision tokens at the image positions, so pool must be 1, "
-                f"got {self.pool}"
-            )
+        from .methods import method_class  # the method's own checks (methods import this module)
+
+        method_class(self.method).check(self)
 
     def validate_for(self, vision_layers: int, text_layers: int, grid: int | None) -> None:
         """Check indices against a base: ``vision_layers``/``text_layers`` are depths, ``grid`` the token side."""
-        if self.method in ("one_to_one", "projector_ft", "instruct"):
-            return  # none reads extra vision layers or hooks decoder layers
+        from .methods import method_class
+
+        if not method_class(self.method).reads_layers:
+            return  # reads no extra vision layer and hooks no decoder layer
         resolve_vision_layers(self.vision_layers, vision_layers)
         for t in self.inject_layers:
             if not 0 <= t < text_layers:

@@ -4,14 +4,12 @@ Data flow of one forward (``method="cli"``):
   pixels ──encoder (frozen, once)──> hidden states V_0..V_L ──┬─ V_select ─> P ─> image token embeddings (input)
                                                             └─ V_k, k in K ─> AMP ─> V̂ (B, K, N, D)
   tokens ─> embeddings ─> decoder layer 0 ─> ... ─> layer t in T ─[AGF: h += W_o Σ_k g_k c_k]─> ... ─> LM head
-The base's own input path is untouched; AGF runs as a forward hook after each decoder layer in T, reading a
-per-call ``VisualState`` whose AGF keys/values were computed once per image, so decoding with the base's KV
-cache costs one query and one gate per injection layer and step. Precomputed features (the feature cache)
-enter as ``VisionFeatures`` and skip the encoder. Baselines share every line except their trainable part:
-``one_to_one`` (nothing), ``projector_ft`` (P), ``instruct`` (P and the LLM: LLaVA's visual instruction tuning,
-which makes the trained base CLI sits on; saved as a derived base, ``cli_module.derived``), ``deepstack`` (W_i V̂_{k_i} added at the image positions of layer
-t_i, W_i a zero-initialised D x D map like AGF's W_o), ``input_fusion`` (layers concatenated into a widened
-projector).
+The base's own input path is untouched; a method's decoder-layer update runs as a forward hook after each decoder
+layer in T, reading a per-call ``VisualState`` whose tensors (AGF's keys/values) were computed once per image, so
+decoding with the base's KV cache costs one query and one gate per injection layer and step. Precomputed features
+(the feature cache) enter as ``VisionFeatures`` and skip the encoder. What differs between CLI and its baselines
+(``one_to_one``, ``projector_ft``, ``deepstack``, ``input_fusion``, and ``instruct``, which makes the trained base
+CLI sits on) lives in one file per method in ``cli_module.methods``; this file is the part they share.
 """
 
 from __future__ import annotations
@@ -22,10 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .agf import AGF
-from .amp import AMP, pool_tokens
+from .amp import pool_tokens
 from .bases import Base
 from .config import CLIConfig, resolve_vision_layers
+from .methods import FusionProjector, method_class  # noqa: F401 (FusionProjector: its home before methods/)
+from .prompting import tokenize_left_padded
 
 
 @dataclass
@@ -59,74 +58,35 @@ class FusedOutput:
     gates: torch.Tensor | None = None  # (B, S, |T|, K) AGF gates, when asked for
 
 
-class FusionProjector(nn.Module):
-    """input_fusion baseline: P's first linear widened to take [V_select ; V_k1 ; ...]; new blocks start at 0."""
-
-    def __init__(self, projector: nn.Module, num_extra: int):
-        super().__init__()
-        old = projector.linear_1
-        self.linear_1 = nn.Linear(old.in_features * (1 + num_extra), old.out_features, bias=old.bias is not None)
-        with torch.no_grad():
-            self.linear_1.weight.zero_()
-            self.linear_1.weight[:, : old.in_features] = old.weight
-            if old.bias is not None:
-                self.linear_1.bias.copy_(old.bias)
-        self.act = projector.act
-        self.linear_2 = nn.Linear(projector.linear_2.in_features, projector.linear_2.out_features,
-                                  bias=projector.linear_2.bias is not None)
-        self.linear_2.load_state_dict(projector.linear_2.state_dict())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
 class FusedVLM(nn.Module):
     def __init__(self, base: Base, config: CLIConfig):
         super().__init__()
         config.validate_for(base.num_vision_layers, base.num_text_layers, base.grid)
         self.base, self.config = base, config
         self.base_model = base.model  # registered, so .to()/.named_parameters() see the base
-        reads_layers = config.method in ("cli", "deepstack", "input_fusion")
+        self.method = method_class(config.method)()
         # the vision layers K the plug-in reads (non-negative hidden_states indices); none for the other methods
-        self.vision_layers = resolve_vision_layers(config.vision_layers, base.num_vision_layers) if reads_layers else []
+        self.vision_layers = (resolve_vision_layers(config.vision_layers, base.num_vision_layers)
+                              if self.method.reads_layers else [])
         self.select_layer = resolve_vision_layers([base.select_layer], base.num_vision_layers)[0]
-        dv, d = base.vision_config.hidden_size, base.text_config.hidden_size
-        device = next(base.language_model.parameters()).device
-        with torch.device(device):
-            if config.method in ("cli", "deepstack"):
-                self.amp = AMP(len(self.vision_layers), dv, d, config.lora_rank, config.lora_alpha, config.dropout)
-            if config.method == "cli":
-                self.agf = nn.ModuleList(AGF(d, config.attn_dim, len(self.vision_layers), config.heads, config.gate,
-                                             config.dropout, config.gate_init) for _ in config.inject_layers)
-            if config.method == "deepstack":
-                # zero-initialised per-layer output maps: the untrained baseline adds exactly zero. (A zero-init
-                # scalar scale cannot grow past ~lr per Adam step, so that baseline barely trained.)
-                self.deepstack_out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in config.inject_layers)
-                for layer in self.deepstack_out:
-                    nn.init.zeros_(layer.weight)
-            if config.method == "input_fusion":
-                self.fusion_layers = [k for k in self.vision_layers if k != self.select_layer]
-                self.fusion_projector = FusionProjector(base.projector, len(self.fusion_layers))
-        self.projector_modified = config.method == "projector_ft"  # the adapter then carries P's weights
-        self.trains_base = config.method == "instruct"  # P and the LLM train: the result is a derived base
+        with torch.device(next(base.language_model.parameters()).device):
+            self.method.attach(self)  # the method's modules, on the LLM's device
+        self.projector_modified = self.method.projector_modified  # the adapter carries P (also a stage-1 P)
+        self.trains_base = self.method.trains_base  # P and the LLM train: the result is a derived base
         self._state: dict | None = None  # set only during a forward: visual state, masks, gate sink
         self._hooks = [base.language_model.layers[t].register_forward_hook(self._make_hook(i))
-                       for i, t in enumerate(config.inject_layers)] if config.method in ("cli", "deepstack") else []
+                       for i, t in enumerate(config.inject_layers)] if self.method.hooks_layers else []
         self.mark_trainable()
 
     # --- parameters ---------------------------------------------------------------------------------
 
     def mark_trainable(self) -> None:
-        """Only the method's own parameters train; the base stays frozen (P too, unless projector_ft; instruct
-        trains P and the LLM, never the encoder)."""
+        """Only the method's own parameters train; the base stays frozen unless the method trains a part of it
+        (projector_ft: P; instruct: P and the LLM, never the encoder)."""
         self.base.model.requires_grad_(False)
         for name, p in self.named_parameters():
             p.requires_grad_(not name.startswith("base_model."))
-        if self.config.method in ("projector_ft", "instruct"):
-            self.base.projector.requires_grad_(True)
-        if self.config.method == "instruct":
-            self.base.language_model.requires_grad_(True)
-            self.base.lm_head.requires_grad_(True)
+        self.method.mark_trainable(self)
 
     def param_counts(self) -> dict[str, float | int]:
         total = sum(p.numel() for p in self.parameters())
@@ -148,12 +108,9 @@ class FusedVLM(nn.Module):
         return encode_images(self.base, pixel_values, self.vision_layers, self.config.pool, image_sizes)
 
     def prepare_visual(self, vf: VisionFeatures) -> VisualState:
-        """Project the features for the input path and compute AMP tokens and AGF keys/values (once per image)."""
-        if self.config.method == "input_fusion":
-            extra = [vf.layers[:, self.vision_layers.index(k)] for k in self.fusion_layers]  # each (B, N, Dv)
-            image_embeds = self.fusion_projector(torch.cat([vf.select_features, *extra], dim=-1).to(*self._where()))
-        else:
-            image_embeds = self.base.projector(vf.select_features.to(*self._where()))  # (C, N, D)
+        """Project the features for the input path and compute the method's tokens (AMP, AGF keys/values), once
+        per image."""
+        image_embeds = self.method.image_embeds(self, vf)  # (C, N, D)
         if self.base.kind == "llava_onevision":
             m = self.base.model.model
             per_image = torch.split(image_embeds, vf.crops or [1] * image_embeds.shape[0])
@@ -165,14 +122,11 @@ class FusedVLM(nn.Module):
         else:
             counts = [image_embeds.shape[1]] * image_embeds.shape[0]
             image_embeds = image_embeds.flatten(0, 1)
-        tokens, kv = None, []
-        if self.config.method in ("cli", "deepstack"):
-            tokens = self.amp(vf.layers, self.base.projector)  # (B, K, N', D)
-        if self.config.method == "cli":
-            kv = [agf.project_kv(tokens) for agf in self.agf]
+        tokens, kv = self.method.visual_tokens(self, vf)  # (B, K, N', D) or None; per injection layer
         return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts, rows=vf.rows)
 
-    def _where(self) -> tuple[torch.device, torch.dtype]:
+    def projector_place(self) -> tuple[torch.device, torch.dtype]:
+        """P's device and dtype: where features go before the projector."""
         p = next(self.base.projector.parameters())
         return p.device, p.dtype
 
@@ -184,25 +138,10 @@ class FusedVLM(nn.Module):
             if state is None or state["visual"] is None:
                 return output
             hidden = output[0] if isinstance(output, tuple) else output  # (B, S, D)
-            rows = state["visual"].rows  # (B,) bool, or None: every row holds an image
-            if self.config.method == "cli":
-                mask = state["update_mask"]
-                if rows is None:
-                    hidden, gates = self.agf[i](hidden, state["visual"].kv[i], mask)
-                else:  # mixed batch: only the rows with an image read it; text-only rows pass unchanged
-                    sub, sub_gates = self.agf[i](hidden[rows], state["visual"].kv[i], None if mask is None else mask[rows])
-                    hidden = hidden.clone()
-                    hidden[rows] = sub
-                    gates = sub_gates.new_zeros((hidden.shape[0], *sub_gates.shape[1:]))  # (B, S, K)
-                    gates[rows] = sub_gates
-                if state["gates"] is not None:
-                    state["gates"].append(gates)
-            else:  # deepstack: static add of V̂_{k_i} at this layer's image positions (prefill only)
-                img = state["image_mask"]
-                if img is not None and img.any():
-                    add = self.deepstack_out[i](state["visual"].tokens[:, i].flatten(0, 1))  # (B*N, D)
-                    hidden = hidden.masked_scatter(img.unsqueeze(-1), hidden[img] + add.to(hidden.dtype))
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            update = self.method.inject(self, i, hidden, state)
+            if state["gates"] is not None and update.gates is not None:
+                state["gates"].append(update.gates)
+            return (update.hidden, *output[1:]) if isinstance(output, tuple) else update.hidden
 
         return hook
 
@@ -282,11 +221,9 @@ class FusedVLM(nn.Module):
             if visual is not None and n != 1:
                 raise ValueError(f"prompt {i} must hold exactly one {image_token} placeholder, found {n}")
             texts.append(prompt.replace(image_token, image_token * visual.counts[i]) if n else prompt)
-        tok = self.base.tokenizer
-        tok.padding_side = "left"
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        device = self._where()[0]
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}, visual
+        input_ids, attention_mask = tokenize_left_padded(self.base.tokenizer, texts)  # (B, L) each
+        device = self.projector_place()[0]
+        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, visual
 
 
 def crop_tokens(base: Base) -> int:

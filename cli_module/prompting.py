@@ -284,3 +284,20 @@ def check_image_run(ids: list[int], tokenizer: Any, image_tokens: int, image_tok
         raise ValueError(f"the tokenized sequence holds {image_token} runs of lengths {runs}, expected "
                          f"{[image_tokens] if image_tokens else 'none'}: the tokenizer must keep "
                          f"{image_token} as one special token and the template must not write it itself")
+
+
+def tokenize_left_padded(tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
+    """Rendered prompts -> input_ids and attention_mask (B, L), left-padded with the tokenizer's pad id, as every
+    batched prefill wants them; the shared tokenizer's own ``padding_side`` is read and left as it is."""
+    import torch
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max((len(x) for x in ids), default=0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)  # (B, L)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, L)
+    for i, row in enumerate(ids):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return input_ids, mask

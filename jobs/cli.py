@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import get_args
+
+from cli_module.config import Method
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the --config recipe's base, else tiny)")
     p.add_argument("--config", help="a training recipe (crosslayer train --config): validated, and its `cli:` "
                                     "settings checked against the base")
-    p.add_argument("--method", choices=["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct"])
+    p.add_argument("--method", choices=list(get_args(Method)))
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("quickstart", help="run the main job end to end on an embedded base")

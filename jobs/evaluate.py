@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import io
 import json
 import os
 import time
@@ -38,8 +37,8 @@ from pipelines.compute import (
     place_model,
     resolve_compute,
 )
-from pipelines.features import DEFAULT_MAX_PIXELS
 from pipelines.generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
+from pipelines.images import DEFAULT_MAX_PIXELS, decode_image
 
 from .benchmarks import KINDS, Benchmark, EvalItem, answer_rows, candidates, read_benchmark, score_items
 from .scoring import LETTERS
@@ -133,8 +132,6 @@ def check_images_exist(items: list[EvalItem]) -> None:
 def decode_images(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
     """CPU task: decode and preprocess each question's image (whole-image crop, as every job feeds the model);
     text questions get zero pixels. An unreadable image stops the evaluation, naming the question."""
-    from PIL import Image
-
     from cli_module.model import whole_image_crop
 
     images = []
@@ -144,10 +141,7 @@ def decode_images(batch: dict[str, np.ndarray], processor: Any, max_pixels: int)
             images.append(None)
             continue
         try:
-            with Image.open(io.BytesIO(image_bytes(row))) as im:
-                if im.size[0] * im.size[1] > max_pixels:
-                    raise ValueError(f"{im.size[0]}x{im.size[1]} pixels exceed the cap {max_pixels}")
-                images.append(im.convert("RGB"))
+            images.append(decode_image(image_bytes(row), max_pixels))
         except Exception as exc:
             raise ValueError(f"question {row['question_id']}: cannot read its image {row['image'] or '(inline)'}: "
                              f"{type(exc).__name__}: {exc}") from exc

@@ -122,7 +122,10 @@ def run_quickstart(preset: str, out: Path) -> int:
     t = lap("synth", t0)
     own_ray = not ray.is_initialized()
     if own_ray:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)  # workers print progress
+        # with its dashboard: Ray Train's PlacementGroupCleaner asks the State API (served by the dashboard) once
+        # a second whether the run's controller lives; without it every query fails (a log line each), and a query
+        # that returns no state is taken as "dead" and removes the run's placement group, killing the run
+        ray.init(num_cpus=2, include_dashboard=True, configure_logging=False)  # workers print progress
     say(2, total, f"caching layers {p.vision_layers} (+ the input layer) of the {p.base!r} encoder with Ray Data ...")
     cache = run_features(FeatureJob(src=str(work / "data" / "images"), out=str(work / "cache"), base=p.base,
                                     vision_layers=p.vision_layers, pool=p.pool, batch_size=16, concurrency=1, threads=2))
@@ -178,10 +181,15 @@ def write_results(out: Path, p: Preset, reports: dict, s1: dict, s2: dict, cache
     for label, r in reports.items():
         lines.append(f"| {label} | {r['accuracy']:.3f} | " + " | ".join(f"{r['per_type'].get(t, 0):.2f}" for t in types) + " |")
     lines += ["", f"Served request: *{question}* → **{answer!r}** (reference: {truth!r}); gates in `gates.png`.",
-              "", f"Training: stage 1 final loss {s1.get('loss')}, stage 2 final loss {s2.get('loss')} "
-              f"(eval loss {s2.get('eval_loss')}); curve in `loss.png`. Captions in `captions.jsonl`.", "",
+              "", f"Training: stage 1 final loss {_round(s1.get('loss'))}, stage 2 final loss {_round(s2.get('loss'))} "
+              f"(eval loss {_round(s2.get('eval_loss'))}); curve in `loss.png`. Captions in `captions.jsonl`.", "",
               "Seconds per stage: " + ", ".join(f"{k} {v}" for k, v in timings.items()), ""]
     (out / "results.md").write_text("\n".join(lines))
     summary = {"preset": asdict(p), "reports": reports, "stage1": s1, "stage2": s2, "features": cache,
                "served": {"question": question, "answer": answer, "reference": truth}, "timings_s": timings}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _round(value: float | None) -> str:
+    """A loss as the tables print numbers: three decimals (``-`` when the run reported none)."""
+    return "-" if value is None else f"{value:.3f}"

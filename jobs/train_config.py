@@ -31,7 +31,7 @@ class DataArgs:
     eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is unset (0 = none)
     image_root: str | None = None  # folder or s3:// prefix the records' image paths are relative to; None = the
     #                                data file's folder (LLaVA's 665K mix: the folder holding coco/, gqa/, ...)
-    features: str = ""  # feature cache (folder / s3://) built by `crosslayer features`; "" = encode on the fly
+    features: str | None = None  # feature cache (folder / s3://) built by `crosslayer features`; unset = encode on the fly
     max_length: int | None = None  # longest sequence in tokens, image tokens included; longer ones are cut at the
     #                                end (answers kept where possible); None = min(2048, model max)
     skip_bad_rows: bool = False  # skip and count unusable rows instead of failing before training
@@ -130,7 +130,7 @@ class DeepSpeedArgs:
 @dataclass
 class TrainConfig:
     base: str = "tiny"  # base preset, hub id, folder or s3:// prefix (the one the feature cache was built with)
-    method: Method | None = None  # cli or a baseline; when set it overrides cli.method
+    method: Method = "cli"  # cli, a baseline, or instruct (cli_module/methods); the one place a recipe sets it
     output_dir: str = "out/train"  # adapter/ (instruct: model/), metrics.jsonl, loss.png, summary.json (or s3://)
     init_projector: str | None = None  # adapter folder whose projector.* weights replace P (two-stage recipe)
     cli: CLIConfig = field(default_factory=CLIConfig)  # the plug-in's settings (CLIConfig fields)
@@ -140,18 +140,23 @@ class TrainConfig:
     deepspeed: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)  # ZeRO stage and precision
 
     def __post_init__(self) -> None:
-        if self.method is not None and self.method != self.cli.method:
+        if self.cli.method != self.method:  # the plug-in's config carries the run's method (adapters record it)
             self.cli = CLIConfig.from_dict({**self.cli.to_dict(), "method": self.method})
-        self.method = self.cli.method
         if self.optim.warmup_steps > self.trainer.max_steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds trainer.max_steps "
                              f"({self.trainer.max_steps})")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        del data["cli"]["method"]  # it is the top-level method
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        cli = data.get("cli")
+        if isinstance(cli, dict) and "method" in cli:
+            raise ValueError(f"cli.method={cli['method']!r}: a recipe sets the method once, at the top level "
+                             f"(method: {cli['method']}, or method={cli['method']} on the command line)")
         return build(cls, data)
 
 

@@ -152,9 +152,10 @@ def answer_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def eval_sums(forward: Any, data: Loader, batch_size: int, num_batches: int,
               device: Any = "cpu", gate_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """Sums over ``num_batches`` batches (the same count on every rank: ZeRO-3 forwards are collective); a rank
-    out of rows repeats its first batch with weight 0. With ``gate_shape`` (|T|, K): then the AGF gates summed over
-    the positions that predict an answer token, flattened, for ``eval_metrics`` to average."""
-    sums = torch.zeros(3 + (gate_shape[0] * gate_shape[1] if gate_shape else 0), dtype=torch.float64)
+    out of rows repeats its first batch with weight 0. With ``gate_shape`` (|T|, K): then the answer tokens of the
+    rows that have an image, and the AGF gates summed over those positions, flattened, for ``eval_metrics`` to
+    average. A batch of text-only rows (LLaVA's ShareGPT conversations) has no gates and adds only its loss."""
+    sums = torch.zeros(3 + (1 + gate_shape[0] * gate_shape[1] if gate_shape else 0), dtype=torch.float64)
     for b in range(num_batches):
         rows, weight = np.arange(b * batch_size, min((b + 1) * batch_size, len(data))), 1.0
         if len(rows) == 0:
@@ -163,20 +164,25 @@ def eval_sums(forward: Any, data: Loader, batch_size: int, num_batches: int,
         out = forward(batch.input_ids, batch.attention_mask, features=batch.features,
                       **({"return_gates": True} if gate_shape else {}))
         sums[:3] += weight * answer_sums(out.logits, batch.labels).cpu()
-        if gate_shape:
-            answer = (batch.labels[:, 1:] != -100).unsqueeze(-1).unsqueeze(-1)  # (B, S-1, 1, 1)
-            g = (out.gates[:, :-1].double() * answer).sum(dim=(0, 1))  # (|T|, K): positions predicting answers
-            sums[3:] += weight * g.flatten().cpu()
+        if gate_shape and out.gates is not None:
+            answer = batch.labels[:, 1:] != -100  # (B, S-1): positions predicting an answer token
+            rows_with_image = batch.features.rows if batch.features.rows is not None else None
+            if rows_with_image is not None:
+                answer = answer & rows_with_image.unsqueeze(1)  # text-only rows of a mixed batch carry no gates
+            g = (out.gates[:, :-1].double() * answer[..., None, None]).sum(dim=(0, 1))  # (|T|, K)
+            sums[3] += weight * float(answer.sum())
+            sums[4:] += weight * g.flatten().cpu()
     return sums
 
 
 def eval_metrics(sums: torch.Tensor, gate_shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """-> eval_loss and eval_token_acc (per answer token); with ``gate_shape`` (|T|, K), eval_gates: the mean gate
-    of each injection layer (rows) and vision layer (columns) at the positions that predict an answer token."""
+    of each injection layer (rows) and vision layer (columns) at the positions that predict an answer token in
+    rows with an image (absent when no evaluated row had one)."""
     tokens = max(float(sums[1]), 1.0)
     out: dict[str, Any] = {"eval_loss": float(sums[0]) / tokens, "eval_token_acc": float(sums[2]) / tokens}
-    if gate_shape is not None:
-        gates = (sums[3:] / tokens).view(gate_shape)
+    if gate_shape is not None and float(sums[3]) > 0:
+        gates = (sums[4:] / float(sums[3])).view(gate_shape)
         out["eval_gates"] = [[round(float(v), 4) for v in row] for row in gates]
     return out
 

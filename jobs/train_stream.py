@@ -14,7 +14,6 @@ images that Ray Data tasks decode and preprocess on CPUs, in the run's order fro
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from collections import OrderedDict, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -193,15 +192,13 @@ class FeatureReader:
 def decode_pixels(sources: list[str], processor: Any) -> np.ndarray:
     """Read and preprocess images with the base's processor -> (B, C, H, W) whole-image crops; an unreadable image
     ends the run naming it (no cache records it as the feature cache would)."""
-    from PIL import Image
-
     from cli_module.model import whole_image_crop
+    from pipelines.images import decode_image
 
     images = []
     for src in sources:
         try:
-            with Image.open(io.BytesIO(storage.read_bytes(src))) as im:
-                images.append(im.convert("RGB"))
+            images.append(decode_image(storage.read_bytes(src)))  # the default pixel cap, as every job
         except Exception as err:  # noqa: BLE001 (any unreadable image ends the run, naming it)
             raise RuntimeError(f"image {src} cannot be read ({type(err).__name__}: {err}); fix or drop its row, or "
                                f"train from a feature cache (which records and skips bad images)") from err

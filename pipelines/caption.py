@@ -32,8 +32,9 @@ from .compute import (
     place_model,
     resolve_compute,
 )
-from .features import DEFAULT_MAX_PIXELS, decode_batch, list_sources
+from .features import decode_batch, list_sources
 from .generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
+from .images import DEFAULT_MAX_PIXELS
 
 BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
 

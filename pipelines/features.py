@@ -42,8 +42,8 @@ from .feature_cache import (
     cached_ids,
     encode_column,
 )
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # decompression-bomb cap, as PIL's own default order of magnitude
 BATCH_CPU, BATCH_GPU = 16, 128  # default images per encoder call (and per shard) on each device
 
 
@@ -113,25 +113,15 @@ def list_sources(src: str, image_root: str | None = None) -> list[str]:
 def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
     """Read, hash, validate, decode and preprocess each source with the base's own image processor;
     bad files keep a row with `error` set (and zero pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
     ids, errors, images = [], [], []
     for src in batch["source"]:
         image, err, image_id = None, None, None
         try:
             data = storage.read_bytes(str(src))
             image_id = hashlib.sha256(data).hexdigest()[:32]
-            if not data:
-                raise ValueError("empty file (0 bytes)")
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ValueError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the cap {max_pixels}")
-                image = im.convert("RGB")  # forces a full decode: truncated files fail here
-        except UnidentifiedImageError:
-            err = "not an image: PIL cannot identify the format"
+            image = decode_image(data, max_pixels)
         except Exception as exc:  # one bad file never stops the run
-            err = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            err = str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         ids.append(image_id or "")
         errors.append(err or "")
         images.append(image)

@@ -18,7 +18,6 @@ import asyncio
 import base64
 import binascii
 import http.client
-import io
 import ipaddress
 import re
 import socket
@@ -30,41 +29,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import images
 from .serve_api import ApiError, ServeConfig
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # decoders an uploaded image may use
 MAX_URL_CHARS = 8192
 _NETLOC = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:[0-9]{1,5})?")
-_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 def decode_image(raw: bytes, max_pixels: int) -> Any:
-    """Check format and size from the header first, then decode -> a PIL RGB image (413 over the pixel limit,
-    400 for anything Pillow cannot read)."""
-    from PIL import Image
-
-    def too_large(pixels: str) -> ApiError:
-        return ApiError(413, f"image is {pixels} pixels, over max_image_pixels={max_pixels}", param="image_url",
-                        code="image_too_large")
-
+    """``pipelines.images.decode_image`` for a request: a PIL RGB image, 413 over the pixel limit, 400 for a format
+    not accepted or anything Pillow cannot read."""
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.format not in IMAGE_FORMATS:
-            raise ApiError(400, f"image format {image.format} is not accepted; use one of {list(IMAGE_FORMATS)}",
-                           param="image_url", code="invalid_image")
-        width, height = image.size
-        if width * height > max_pixels:
-            raise too_large(f"{width}x{height} = {width * height}")
-        image.load()
-        return image.convert("RGB")
-    except ApiError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # Pillow's guard, same rule
-        found = _BOMB_PIXELS.search(str(err))
-        raise too_large(found.group(1) if found else "more than max_image_pixels") from None
-    except Exception as err:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, struct.error, ...)
-        raise ApiError(400, f"image data is not a decodable image ({type(err).__name__})", param="image_url",
-                       code="invalid_image") from None
+        return images.decode_image(raw, max_pixels, IMAGE_FORMATS)
+    except images.ImageError as err:
+        if err.problem == "too_large":
+            raise ApiError(413, f"image is {err.pixels} pixels, over max_image_pixels={max_pixels}",
+                           param="image_url", code="image_too_large") from None
+        message = str(err) if err.problem == "format" else "image data is not a decodable image"
+        raise ApiError(400, message, param="image_url", code="invalid_image") from None
 
 
 def decode_data_url(url: str, cfg: ServeConfig) -> Any:

@@ -99,7 +99,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        return _coerce(key, value, _strip_optional(hint))
+        try:
+            return _coerce(key, value, _strip_optional(hint))
+        except ValueError as err:
+            raise ValueError(f"{err} (or null, which unsets it)") from None
+    if value is None:
+        raise ValueError(f"{key} cannot be null: it has no unset value (remove the key to keep its default)")
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else build(hint, value, f"{key}.")
     if origin is Literal:

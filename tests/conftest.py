@@ -116,7 +116,9 @@ def ray_local(s3_server):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False,
+    # the dashboard serves the State API that Ray Train's PlacementGroupCleaner polls: without it a failed poll
+    # can be read as a dead controller, and the run's placement group is removed under it
+    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=True, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     from ray.data import DataContext
 

@@ -57,6 +57,7 @@ def test_caption_folder_with_bad_files_and_resume(ray_local, tmp_path, adapter, 
     assert sorted(r["source"] for r in rows) == sorted(str(p) for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_caption_s3_jsonl_with_feature_cache(ray_local, tmp_path, adapter, bucket):
     s3 = boto3.client("s3")
     for p in write_images(tmp_path / "imgs", 3):
@@ -85,6 +86,7 @@ def test_caption_refuses_a_cache_for_other_layers(ray_local, tmp_path, adapter, 
     assert not list((tmp_path / "out").glob("part-*"))
 
 
+@pytest.mark.slow
 def test_caption_sampling_stop_and_dtype_from_the_command_line(ray_local, tmp_path, capsys):
     from benchmark_files import rigged_checkpoint
 

@@ -212,6 +212,7 @@ def test_submit_train_waits_and_writes_adapter(head: Head, synth: Path, feature_
     print(f"submit train: {time.monotonic() - t0:.1f} s")
 
 
+@pytest.mark.slow
 def test_submit_failing_job_exits_nonzero_with_its_error(head: Head, tmp_path: Path) -> None:
     proc = crosslayer("submit", "features", "--address", head.dashboard, "--",
                       "/nonexistent/images", "--out", str(tmp_path / "cache"), env=head.env)
@@ -234,6 +235,7 @@ def test_submit_checks_arguments_before_submitting(capsys: pytest.CaptureFixture
     assert "--features" in out and "raysubmit_" not in out
 
 
+@pytest.mark.slow
 def test_serve_run_config_answers(head: Head, tmp_path: Path) -> None:
     """`serve run cluster/serve/config.yaml` against the head; only the HTTP port differs (a free one)."""
     config = yaml.safe_load((CLUSTER / "serve" / "config.yaml").read_text())
@@ -270,6 +272,7 @@ def test_serve_run_config_answers(head: Head, tmp_path: Path) -> None:
         log.close()
 
 
+@pytest.mark.slow
 def test_submit_with_token_auth(tmp_path: Path) -> None:
     """A head with RAY_AUTH_MODE=token: `crosslayer submit` sends the token from RAY_AUTH_TOKEN_PATH (or
     ~/.ray/auth_token) and the job runs; without a token the submission is refused."""

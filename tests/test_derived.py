@@ -30,8 +30,13 @@ def test_instruct_trains_projector_and_llm_never_the_encoder():
     assert all(p.requires_grad for p in base.language_model.parameters())
     assert all(p.requires_grad for p in base.lm_head.parameters())
     assert not any(p.requires_grad for p in base.vision_tower.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == model.param_counts()["trainable_params"] > sum(p.numel() for p in base.projector.parameters())
+    # counted from the parts that instruct trains (P, the LLM, its head; a tied head counted once), not from the
+    # requires_grad flags param_counts reads
+    parts = {id(p): p for m in (base.projector, base.language_model, base.lm_head) for p in m.parameters()}
+    encoder = sum(p.numel() for p in base.vision_tower.parameters())
+    counts = model.param_counts()
+    assert counts["trainable_params"] == sum(p.numel() for p in parts.values())
+    assert counts["total_params"] - counts["trainable_params"] == encoder > 0
     assert model.trains_base and not model.projector_modified and model.adapter_state_dict() == {}
 
 

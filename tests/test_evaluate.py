@@ -76,6 +76,7 @@ def test_vqav2_questions_with_annotations_score_soft_accuracy(ray_local, tmp_pat
     assert report["compute"]["device"] == "cpu" and report["dtypes_used"] == ["float32"]
 
 
+@pytest.mark.slow
 def test_pope_label_folder_generation_and_likelihood(ray_local, tmp_path, says_2):
     questions, labels, images = pope_files(tmp_path, {
         "adversarial": [(1, "dog", "yes"), (2, "cat", "no"), (3, "car", "no")],
@@ -112,6 +113,7 @@ def test_pope_labels_out_of_order_are_refused(tmp_path):
         run_eval(EvalJob(data=str(questions), answers=str(labels), image_root=str(images), base="tiny"))
 
 
+@pytest.mark.slow
 def test_mmbench_tsv_by_letter_and_by_option_likelihood(ray_local, tmp_path, says_b):
     tsv = mmbench_tsv(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv", [
         {"index": 0, "question": "What animal is this?", "A": "cat", "B": "dogs", "C": "birds", "D": "fishes",
@@ -139,6 +141,7 @@ def test_mmbench_tsv_by_letter_and_by_option_likelihood(ray_local, tmp_path, say
     assert [r["text"] for r in answers_of(tmp_path / "mmbench.answers.jsonl")] == ["B", "B", "B"]
 
 
+@pytest.mark.slow
 def test_scienceqa_conversations_with_problems_json_and_text_questions(ray_local, tmp_path, says_b):
     questions, problems, images = scienceqa_files(tmp_path, {
         "4": {"question": "Which is a mammal?", "choices": ["frog", "cow"], "answer": 1, "image": True},
@@ -199,6 +202,7 @@ def test_every_turn_is_asked_from_the_feature_cache_in_bfloat16(ray_local, tmp_p
                          base=says_2))
 
 
+@pytest.mark.slow
 def test_unscored_questions_write_answers_for_the_official_server(ray_local, tmp_path, says_2):
     write_coco_images(tmp_path / "test2015", [5])
     qfile = write_jsonl(tmp_path / "llava_vqav2_mscoco_test-dev2015.jsonl", [
@@ -212,6 +216,7 @@ def test_unscored_questions_write_answers_for_the_official_server(ray_local, tmp
     assert row["metadata"]["completion_tokens"] == 2
 
 
+@pytest.mark.slow
 def test_eval_command_line_on_the_synthetic_set(ray_local, tmp_path, capsys):
     from jobs.cli import main
     from jobs.scoring import score

@@ -326,6 +326,8 @@ def test_image_token_count_mismatch_is_clear(tiny_base):
         model(one_less, visual=visual)
 
 
+@pytest.mark.slow
+@pytest.mark.small_base
 def test_small_base_answers_a_text_prompt():
     """The real pretrained `small` base (DINOv2-S + SmolLM2-135M, converted from pip packages) in the fused model."""
     from pipelines.generation import Sampling, complete

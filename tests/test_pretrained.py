@@ -35,6 +35,7 @@ def test_cache_root_follows_env(monkeypatch, tmp_path):
     assert pretrained.cache_root() == Path.home() / ".cache" / "crosslayer"
 
 
+@pytest.mark.small_base
 def test_dinov2_folder_is_safetensors_with_processor(dinov2_dir):
     from transformers import AutoImageProcessor
 
@@ -48,6 +49,7 @@ def test_dinov2_folder_is_safetensors_with_processor(dinov2_dir):
     assert list(processor.image_std) == pytest.approx([0.229, 0.224, 0.225])
 
 
+@pytest.mark.small_base
 def test_dinov2_matches_onnx_backbone(dinov2_dir):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
@@ -69,6 +71,7 @@ def test_dinov2_matches_onnx_backbone(dinov2_dir):
     assert max_abs_diff < 1e-3
 
 
+@pytest.mark.small_base
 def test_dinov2_conversion_is_idempotent(dinov2_dir, monkeypatch):
     monkeypatch.setenv("CROSSLAYER_CACHE", str(dinov2_dir.parent))
     before = _snapshot(dinov2_dir)
@@ -121,6 +124,7 @@ def test_onnx_reference_rejects_other_sizes():
 
 
 @pytest.mark.slow
+@pytest.mark.small_base
 def test_smollm2_converts_and_answers(monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

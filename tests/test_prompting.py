@@ -192,3 +192,17 @@ def test_a_template_that_drops_text_or_images_is_refused(tokenizers):
 def test_image_runs():
     assert image_runs([7, 4, 4, 2, 4, 4, 4], 4) == [2, 3]
     assert image_runs([1, 2], 4) == []
+
+
+def test_left_padded_batches_leave_the_tokenizer_as_it_is(tiny_base):
+    from cli_module.prompting import tokenize_left_padded
+
+    tok = tiny_base.tokenizer
+    tok.padding_side = "right"
+    texts = ["USER: hi ASSISTANT:", "USER: a longer question here ASSISTANT:", ""]
+    ids, mask = tokenize_left_padded(tok, texts)
+    assert tok.padding_side == "right"  # the shared tokenizer is not flipped
+    for i, text in enumerate(texts):
+        own = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids[i, ids.shape[1] - len(own):].tolist() == own and int(mask[i].sum()) == len(own)
+        assert (ids[i, : ids.shape[1] - len(own)] == tok.pad_token_id).all() and mask[i, 0] == (len(own) == ids.shape[1])

@@ -1,27 +1,28 @@
 """The quality benchmark's data plumbing (bench/quality_powered.py): the caption conversations hold only training
-images, the instruct mix holds every training question and caption exactly once, in a seeded order, and each
-stage-2 run is paired with the one-to-one answers of the base it stood on (a retrained base is not identical)."""
+images, the instruct mix holds every training question and caption exactly once, in a seeded order, each
+stage-2 run is paired with the one-to-one answers of the base it stood on (a retrained base is not identical), and
+the export writes the compact record of the runs (no answers files, no adapters) from which the pooled intervals
+come out again."""
 
 from __future__ import annotations
 
 import json
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.quality_powered import (  # noqa: E402
+from bench import quality_powered
+from bench.quality_powered import (
     BASE_ANSWERS,
     base_choice,
     caption_conversations,
-    export,
     instruct_mix,
     keep_base_answers,
 )
-from pipelines.synth import SynthConfig, synthesize  # noqa: E402
+from jobs.intervals import accuracy_interval, paired_difference
+from pipelines.synth import SynthConfig, synthesize
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +79,96 @@ def test_each_run_pairs_with_the_base_it_stood_on(tmp_path: Path) -> None:
     current = np.array([0.0, 0.0, 0.0])
     got = base_choice([old, new, bare], records, current)
     assert [a.tolist() for a in got] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]  # the last has no copy: this work's base
-    (old / "summary.json").write_text("{}")
-    (bare / "summary.json").write_text("{}")  # a run trained before copies were kept: it stood on this work's base
-    write_answers(tmp_path / "stage1-instruct-mix" / "eval.answers.choice.jsonl", ["blue", "2", "left"])
-    export(tmp_path, tmp_path / "exported")
-    kept = [json.loads(x) for x in lines(tmp_path / "exported" / "cli-seed0" / BASE_ANSWERS)]
-    assert [r["text"] for r in kept] == ["Red", "3", "left"] and "extra" not in kept[0]
-    filled = [json.loads(x)["text"] for x in lines(tmp_path / "exported" / "cli-seed2" / BASE_ANSWERS)]
-    assert filled == ["blue", "2", "left"]
     with pytest.raises(ValueError, match="2 answers for 3 questions"):
         write_answers(old / BASE_ANSWERS, ["red", "2"])
         base_choice([old], records, current)
+
+
+
+def finished_run(work: Path, name: str, texts: dict[str, list[str]], eval_loss: float,
+                 base: list[str] | None = None) -> None:
+    """A run folder as the benchmark leaves it: summary, validation curve, eval report and its answers files
+    (recorded under the paths of another machine, found beside eval.json), and optionally its base's answers."""
+    run = work / name
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"steps": 4, "eval_loss": eval_loss,
+                                                  "params": {"trainable_params": 7}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval_loss": eval_loss + 1}) + "\n"
+                                       + json.dumps({"step": 4, "loss": 0.5}) + "\n"
+                                       + json.dumps({"step": 4, "eval_loss": eval_loss}) + "\n")
+    files = {}
+    for scoring, answers in texts.items():
+        path = run / ("eval.answers.jsonl" if scoring == "generate" else "eval.answers.choice.jsonl")
+        write_answers(path, answers)
+        files[scoring] = f"/elsewhere/{name}/{path.name}"
+    (run / "eval.json").write_text(json.dumps({"answers_files": files}))
+    if base is not None:
+        write_answers(run / BASE_ANSWERS, base)
+
+
+def test_export_writes_the_compact_record_the_pooled_figures_come_from(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    answers = ["red", "blue", "2", "3", "red", "3"]
+    types = ["color", "color", "count", "count", "color", "count"]
+    records = [{"question_id": i, "type": t, "answer": a} for i, (t, a) in enumerate(zip(types, answers))]
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["red", "red", "2", "2", "red", "2"]  # this work's one-to-one: 1 0 1 0 1 0
+    older = ["blue", "blue", "3", "3", "blue", "3"]  # another training of the base: 0 1 0 1 0 1
+    finished_run(work, "stage1-captions", {}, 1.5)  # trained, not scored
+    finished_run(work, "stage1-instruct-mix", {"choice": base}, 0.6)
+    finished_run(work, "cli-seed0", {"choice": answers, "generate": ["red", "x", "2", "x", "x", "x"]}, 0.58,
+                 base=older)
+    finished_run(work, "cli-seed1", {"choice": ["red", "blue", "x", "x", "x", "x"]}, 0.57)  # stood on this base
+    finished_run(work, "amp_only-seed0", {"choice": ["red", "blue", "2", "x", "x", "x"]}, 0.59, base=base)
+    dest = tmp_path / "results.json"
+    dest.write_text(json.dumps({"tables": {"methods": "| kept |"}, "runs": {"stale": {}}}))
+
+    assert quality_powered.export(work, dest, "python bench/quality_powered.py --export results.json") == 0
+    out = json.loads(dest.read_text())
+    assert out["tables"] == {"methods": "| kept |"}  # the results file is extended, its tables kept
+    assert list(out["runs"]) == ["stage1-captions", "stage1-instruct-mix", "amp_only-seed0", "cli-seed0",
+                                 "cli-seed1"]  # stale runs replaced; stage 1 first, in its order
+    assert out["questions"] == 6 and out["questions_per_type"] == {"color": 3, "count": 3}
+    assert out["provenance"]["command"].endswith("--export results.json")
+    assert re.fullmatch(r"[0-9a-f]{40}", out["provenance"]["commit"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "work"]  # no answers, no adapters
+
+    captions, cli0, cli1, amp = (out["runs"][n] for n in ("stage1-captions", "cli-seed0", "cli-seed1",
+                                                          "amp_only-seed0"))
+    assert captions["val_loss"] == 1.5 and captions["correct"] == {} and "choice" not in captions
+    assert (cli0["method"], cli0["seed"], cli0["steps"], cli0["val_loss"]) == ("cli", 0, 4, 0.58)
+    assert cli0["val_curve"] == {"0": 1.58, "4": 0.58}
+    assert cli0["correct"] == {"choice": "111111", "generate": "101000"}
+    assert cli0["choice"]["estimate"] == 1.0 and cli0["generate"]["estimate"] == pytest.approx(2 / 6)
+    assert cli0["per_type"]["generate"] == {"color": pytest.approx(1 / 3), "count": pytest.approx(1 / 3)}
+    assert "choice" in cli1 and "generate" not in cli1
+    # each run paired with the base it stood on: cli-seed0 with its kept (older) base, cli-seed1 with this work's
+    assert out["one_to_one"] == "stage1-instruct-mix"
+    assert out["bases"]["stage1-instruct-mix"] == "101010"
+    other = "another training of stage1-instruct-mix (first kept beside cli-seed0)"
+    assert out["bases"][other] == "010101"
+    assert (cli0["base"], cli1["base"], amp["base"]) == (other, "stage1-instruct-mix", "stage1-instruct-mix")
+    assert cli0["minus_one_to_one"]["estimate"] == pytest.approx(1 - 3 / 6)
+    assert cli1["minus_one_to_one"]["estimate"] == pytest.approx(2 / 6 - 3 / 6)
+    assert amp["minus_cli"]["estimate"] == pytest.approx(3 / 6 - 1) and "minus_cli" not in cli0
+    lo, hi = amp["minus_cli"]["low"], amp["minus_cli"]["high"]
+    assert lo <= amp["minus_cli"]["estimate"] <= hi and amp["minus_cli"]["level"] == 0.95
+
+    # the pooled figures (seeds pooled, each run with its base) come out of the record alone
+    runs = [quality_powered.unbits(out["runs"][n]["correct"]["choice"]) for n in ("cli-seed0", "cli-seed1")]
+    stood = [quality_powered.unbits(out["bases"][out["runs"][n]["base"]]) for n in ("cli-seed0", "cli-seed1")]
+    assert vars(accuracy_interval(np.stack(runs))) == vars(accuracy_interval(np.array([[1.0] * 6, [1, 1, 0, 0, 0, 0]])))
+    assert paired_difference(np.stack(runs), np.stack(stood)).estimate == pytest.approx((1 + 2 / 6 - 3 / 6 - 3 / 6) / 2)
+
+
+def test_export_names_what_it_misses(tmp_path: Path) -> None:
+    (tmp_path / "cli-seed0").mkdir()
+    with pytest.raises(FileNotFoundError, match="test-sub.jsonl is missing"):
+        quality_powered.export(tmp_path, tmp_path / "out.json", "python")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test-sub.jsonl").write_text(json.dumps({"question_id": 0, "type": "color",
+                                                                  "answer": "red"}) + "\n")
+    with pytest.raises(ValueError, match="no finished run"):
+        quality_powered.export(tmp_path, tmp_path / "out.json", "python")
+    assert not (tmp_path / "out.json").exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from jobs.scoring import is_correct
 
 
 def test_quickstart_tiny_writes_the_report(tmp_path):
@@ -25,10 +28,21 @@ def test_quickstart_tiny_writes_the_report(tmp_path):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((report / "summary.json").read_text())
     assert set(summary["reports"]) == {"one-to-one (stage-1 model)", "CLI (stage 2)"}
+    # each reported accuracy is the share of its answers file's rows that match their reference
     for r in summary["reports"].values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 10
+        rows = [json.loads(x) for x in Path(r["answers_files"]["generate"]).read_text().splitlines()]
+        assert r["n"] == len(rows) == 10
+        assert r["accuracy"] == sum(is_correct(x["text"], x["metadata"]["reference"]) for x in rows) / len(rows)
     table = (report / "results.md").read_text()
     assert f"| CLI (stage 2) | {summary['reports']['CLI (stage 2)']['accuracy']:.3f} |" in table
+    assert re.search(r"stage 1 final loss \d+\.\d{3}, stage 2 final loss \d+\.\d{3} \(eval loss \d+\.\d{3}\)", table), table
+    # both stages learned: the last logged training loss is below the first
+    for stage in ("stage1", "stage2"):
+        logged = [json.loads(x) for x in (report / "work" / stage / "metrics.jsonl").read_text().splitlines()]
+        losses = [x["loss"] for x in logged if "loss" in x]
+        assert losses[-1] < losses[0], (stage, losses)
+    # the local cluster serves the State API Ray Train's placement-group cleaner polls: none of its warnings
+    assert "Failed to query Ray Train Controller actor state" not in res.stdout + res.stderr
     captions = [json.loads(x) for x in (report / "captions.jsonl").read_text().splitlines()]
     assert len(captions) == 4 and all(c["error"] is None for c in captions)
     assert summary["served"]["question"] and summary["stage2"]["steps"] == 10

@@ -64,6 +64,7 @@ def recipe(ckpt: Path, mix: Path, data: Path, cache: Path, out: Path, *extra: st
             "trainer.poll_interval_s=0.25", "optim.warmup_steps=1", *extra]
 
 
+@pytest.mark.slow
 def test_llava_mix_as_published_trains_with_image_root_text_rows_and_truncation(ray_local, tmp_path):
     from jobs.train import run_train, setup
 
@@ -85,11 +86,65 @@ def test_llava_mix_as_published_trains_with_image_root_text_rows_and_truncation(
     # the <image> written after the question trains like the others: moved to the front of its turn
     assert by_image[1].input_ids[:30] == by_image[0].input_ids[:30]
 
+    # data.eval is the mix file too (a user with only that file): evaluation batches of 4 in file order, so the
+    # second mixes image and text-only rows and the third holds only text-only rows
+    args = [a.replace("data.eval=null", f"data.eval={mix}") for a in args] + ["trainer.eval_batch_size=4"]
     result = run_train(load_config(CONFIG, args))  # mixed micro-batches of image and text-only rows
-    assert result["steps"] == 3 and result["text_only"] == 3 and result["truncated"] == 1
-    assert np.isfinite(result["loss"])
+    assert result["steps"] == 3 and result["text_only"] == 3 + 3 and result["truncated"] == 1 + 1  # train + eval
+    assert np.isfinite(result["loss"]) and np.isfinite(result["eval_loss"])
+    evals = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    assert evals and all(np.asarray(r["eval_gates"]).shape == (2, 2) for r in evals)
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert saved["truncated"] == 1 and saved["text_only"] == 3
+    assert saved["truncated"] == 2 and saved["text_only"] == 6
+
+
+class Rows:
+    """The rows ``keep`` of a loader, as a loader: what ``eval_sums`` sees when a split holds only those rows."""
+
+    def __init__(self, loader, keep: list[int]):
+        self.loader, self.keep = loader, np.asarray(keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def batch(self, rows):
+        return self.loader.batch(self.keep[rows])
+
+
+def test_evaluation_of_text_only_and_mixed_batches(ray_local, tmp_path):
+    """A batch of text-only rows evaluates (loss, no gates); in a mixed batch the gates average over the rows
+    with an image only, so they equal those of the image rows alone."""
+    from conftest import perturb
+
+    from cli_module.config import CLIConfig
+    from cli_module.model import FusedVLM
+    from jobs.train import setup
+    from jobs.train_loop import eval_metrics, eval_sums
+    from jobs.train_stream import local_loader
+
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt", "llava")
+    mix, data = llava_mix(tmp_path)
+    build_cache(ckpt, mix, data, tmp_path / "cache")
+    args = [a.replace("data.eval=null", f"data.eval={mix}")
+            for a in recipe(ckpt, mix, data, tmp_path / "cache", tmp_path / "out")]
+    s = setup(load_config(CONFIG, args))
+    base = load_base(str(ckpt))
+    model = FusedVLM(base, CLIConfig(vision_layers=[1, 2], inject_layers=[0, 1], attn_dim=16, heads=2, lora_rank=4))
+    perturb(model)
+    model.eval()
+    loader = local_loader(s.data, "eval", pad_id=base.tokenizer.pad_token_id)
+    shape = (2, 2)
+
+    def metrics(keep: list[int], batch_size: int) -> dict:
+        rows = Rows(loader, keep)
+        return eval_metrics(eval_sums(model, rows, batch_size, -(-len(rows) // batch_size), gate_shape=shape), shape)
+
+    text_only = metrics([7, 8, 9], 3)
+    assert np.isfinite(text_only["eval_loss"]) and text_only["eval_loss"] > 0 and "eval_gates" not in text_only
+    alone, mixed = metrics([0, 2], 2), metrics([0, 7, 2, 8], 4)
+    np.testing.assert_allclose(mixed["eval_gates"], alone["eval_gates"], atol=1e-3)
+    assert all(0 < g < 1 for row in mixed["eval_gates"] for g in row)
 
 
 def test_image_root_is_required_where_paths_are_relative_to_it(ray_local, tmp_path):

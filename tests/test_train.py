@@ -89,7 +89,7 @@ def test_config_overrides_and_typed_sections():
     cfg = load_config(CONFIG, ["trainer.max_steps=7", "cli.lora_rank=8", "method=deepstack", "optim.lr=1e-4",
                                "data.eval=null", "trainer.run_name=123", "deepspeed.zero_stage=3"])
     assert cfg.trainer.max_steps == 7 and cfg.cli.lora_rank == 8 and cfg.optim.lr == 1e-4
-    assert cfg.method == cfg.cli.method == "deepstack"  # top-level method overrides cli.method
+    assert cfg.method == cfg.cli.method == "deepstack"  # the plug-in's config carries the run's method
     assert cfg.data.eval is None and cfg.trainer.run_name == "123" and cfg.deepspeed.zero_stage == 3
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -105,12 +105,32 @@ def test_config_overrides_and_typed_sections():
     (["optim.warmup_steps=50", "trainer.max_steps=10"], "optim.warmup_steps (50) exceeds trainer.max_steps (10)"),
     (["data.eval_fraction=1.5"], "data.eval_fraction must be in [0, 1), got 1.5"),
     (["method=lora"], "method='lora' is not one of"),
+    (["cli.method=deepstack"], "cli.method='deepstack': a recipe sets the method once, at the top level"),
     (["trainer.max_steps"], "is not key=value"),
+    (["trainer.max_steps=null"], "trainer.max_steps cannot be null: it has no unset value"),
+    (["data.max_length=abc"], "data.max_length must be an integer, got 'abc' (or null, which unsets it)"),
+    (["trainer.eval_batch_size=~"], "trainer.eval_batch_size cannot be null"),
 ])
 def test_config_errors_name_the_key(items, message):
     with pytest.raises(ValueError) as err:
         load_config(CONFIG, items)
     assert message in str(err.value)
+
+
+def test_null_unsets_an_optional_field(tmp_path):
+    """``null`` (or ``~``) unsets an optional field, from the command line and in YAML alike."""
+    cfg = load_config(CONFIG, ["data.features=/some/cache", "data.max_length=64"])
+    assert cfg.data.features == "/some/cache" and cfg.data.max_length == 64
+    unset = load_config(CONFIG, ["data.features=/some/cache", "data.features=null", "data.max_length=~"])
+    assert unset.data.features is None and unset.data.max_length is None
+    path = tmp_path / "recipe.yaml"
+    path.write_text(CONFIG.read_text() + "\n")
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.setdefault("data", {})["features"] = None
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).data.features is None
 
 
 def test_unknown_key_in_yaml(tmp_path):
@@ -269,6 +289,7 @@ def test_zero2_two_workers_learns_and_adapter_reproduces_eval(reference, colour_
     assert kept == ["checkpoint_000010", "checkpoint_000020", "checkpoint_000030"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, method", [(0, "deepstack"), (3, "cli"), (3, "projector_ft")])
 def test_zero_stages_and_baselines_save_loadable_adapters(stage, method, colour_data, tmp_path):
     from cli_module.adapter import load_adapter
@@ -317,6 +338,7 @@ def test_init_projector_takes_stage1_projector(tmp_path):
         build_model(load_base("tiny"), load_config(CONFIG, [f"init_projector={tmp_path / 'no-projector'}"]))
 
 
+@pytest.mark.slow
 def test_instruct_writes_a_derived_base_that_stage_2_trains_on(colour_data, tmp_path):
     """LLaVA's visual instruction tuning (P + LLM, ZeRO-2, two workers) -> model/, a base that loads by its folder,
     reproduces the run's eval loss, reads the source's feature cache, and takes a CLI run on top."""
@@ -358,6 +380,7 @@ def test_method_without_trainable_parameters(colour_data, tmp_path):
         setup(load_config(CONFIG, overrides(colour_data, tmp_path, "method=one_to_one")))
 
 
+@pytest.mark.slow
 def test_resume_after_crash_matches_uninterrupted_run(reference, colour_data, tmp_path, monkeypatch):
     from ray.train import TrainingFailedError
 
@@ -403,6 +426,7 @@ def test_killed_worker_restarts_from_checkpoint(reference, colour_data, tmp_path
     assert_same_adapter(tmp_path / "adapter", reference[0] / "adapter")
 
 
+@pytest.mark.slow
 def test_checkpoints_and_outputs_on_s3(colour_data, bucket):
     import boto3
 

@@ -128,11 +128,12 @@ def test_a_shard_that_disappears_under_a_run_fails_it_naming_the_shard(data, tmp
         finish(s, train(s))
 
 
+@pytest.mark.slow
 def test_without_a_cache_workers_encode_on_the_fly(data, tmp_path):
     from jobs.train import run_train
 
     cached = run_train(load_config(CONFIG, overrides(data, tmp_path / "cached")))
-    fly = run_train(load_config(CONFIG, overrides(data, tmp_path / "fly", "data.features=")))
+    fly = run_train(load_config(CONFIG, overrides(data, tmp_path / "fly", "data.features=null")))
     assert fly["steps"] == cached["steps"] == 4
     adapter = json.loads((tmp_path / "fly" / "adapter" / "adapter_config.json").read_text())
     assert adapter["feature_cache"].startswith("none")
@@ -183,7 +184,7 @@ def test_estimate_matches_the_cache_it_predicts(data, dtype, tmp_path):
     assert e["tensor_bytes_per_image"] == real and e["shapes"] == {"select": [16, 32], "layers": [2, 4, 32]}
     assert e["total_bytes"] == e["bytes_per_image"] * 558_128 and e["shards"] == -(-558_128 // 32)
     big = estimate(load_base("llava-1.5-7b-shape"), [6, 12, 18, 23], 1, "float16", images=1)
-    assert big["tensor_bytes_per_image"] == (576 + 4 * 576) * 1024 * 2  # DESIGN.md: 1.2 MB per layer per image
+    assert big["tensor_bytes_per_image"] == (576 + 4 * 576) * 1024 * 2  # LLaVA-1.5-7B: 576 x 1024 x 2 B = 1.2 MB per layer per image
 
 
 def test_estimate_command_counts_the_source_or_takes_a_count(data, capsys):
@@ -201,6 +202,7 @@ def test_estimate_command_counts_the_source_or_takes_a_count(data, capsys):
     assert "--images goes with --estimate" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_on_the_fly_resume_takes_the_images_from_the_resume_point(data, tmp_path, monkeypatch):
     """A crashed on-the-fly run resumed from its step-2 checkpoint ends with the uninterrupted run's adapter: Ray
     Data decodes the images from the resume point on, in the run's order."""
@@ -209,7 +211,7 @@ def test_on_the_fly_resume_takes_the_images_from_the_resume_point(data, tmp_path
 
     from jobs.train import run_train
 
-    args = ["data.features=", "trainer.checkpoint_every=2", "trainer.max_failures=0"]
+    args = ["data.features=null", "trainer.checkpoint_every=2", "trainer.max_failures=0"]
     run_train(load_config(CONFIG, overrides(data, tmp_path / "whole", *args, "trainer.run_name=whole")))
     monkeypatch.setenv("CROSSLAYER_FAULTS", json.dumps({"crash_at_step": 3}))
     crashed = overrides(data, tmp_path / "crashed", *args, "trainer.run_name=crashed")
