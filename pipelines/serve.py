@@ -30,6 +30,7 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """The Serve application: OpenAIIngress -> VLMModel, options from the config (a Serve config's
     ``deployments[]`` entries override them)."""
     cfg = cfg.resolved()
+    cfg.check_served()
     actor: dict[str, Any] = {"num_cpus": cfg.num_cpus}
     gpus = cfg.gpus()
     if gpus > 0:

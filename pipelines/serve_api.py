@@ -68,6 +68,10 @@ class ServeConfig:
     num_gpus: float | None = None  # GPUs per model replica; None: 1 if the driver sees CUDA, else 0
     ingress_replicas: int = 1  # OpenAIIngress replicas
     ingress_num_cpus: float = 0.5  # CPUs reserved per ingress replica
+    playground: bool = True  # serve the web playground at / (pipelines.playground; behind the API key when set)
+    playground_compare: str | None = None  # model id the playground answers beside the chosen one; None: the
+    #                                        bare base when it is served (include_base), else no comparison. Checked
+    #                                        by check_served (crosslayer serve adds --adapter ids after the YAML)
 
     def __post_init__(self) -> None:
         if isinstance(self.adapters, str):
@@ -163,6 +167,13 @@ class ServeConfig:
     def model_ids(self) -> list[str]:
         """The served model ids, in the order /v1/models lists them."""
         return [ident for ident, _ in self.model_specs()]
+
+    def check_served(self) -> None:
+        """Settings that name served models, checked once the model list is complete (``build_app``)."""
+        if self.playground_compare is not None and self.playground_compare not in self.model_ids:
+            raise ValueError(f"playground_compare={self.playground_compare!r} is not a served model id "
+                             f"{self.model_ids}; name one of them (an adapter served as ID=DIR, or the base with "
+                             f"include_base)")
 
     def resolved(self) -> "ServeConfig":
         """A copy with ``base`` filled in from the adapters' configs (they must agree) when it was not given."""

@@ -5,6 +5,7 @@
                               pool) -> VLMModel.generate (a stream of events) -> one JSON body, or server-sent
                               events ending in ``data: [DONE]``
   GET /v1/models, GET /v1/models/{id}, GET /healthz, GET /metrics (Prometheus text, ``serve_metrics``)
+  GET /, GET /playground/{file}  the web playground (``pipelines.playground``), unless ServeConfig.playground is off
 
 Every client error is a 4xx ``ApiError`` naming the field; a 5xx means the server failed. A client that goes away
 (streaming or not) cancels its model stream, which frees its rows at the next decode step; that is logged at
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import playground
 from .serve_api import ApiError, ChatJob, Delta, End, Event, ServeConfig, Started, StreamOptions
 from .serve_images import ImageLoader
 from .serve_metrics import IngressMetrics, RequestTrack
@@ -137,6 +139,14 @@ class OpenAIIngress:
         return {"id": ident, "object": "model", "created": self.created, "owned_by": "crosslayer"}
 
     # --- routes -----------------------------------------------------------------------------------------------
+
+    @api.get("/")
+    async def playground_page(self, request: Request) -> Response:
+        return playground.page(request, self.cfg, self.api_key)
+
+    @api.get("/playground/{name:path}")
+    async def playground_file(self, name: str, request: Request) -> Response:
+        return playground.asset(name, request, self.cfg, self.api_key)
 
     @api.get("/healthz")
     async def healthz(self) -> Any:

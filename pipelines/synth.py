@@ -9,6 +9,18 @@ that reads only the last vision layer is at a disadvantage:
 - mid:  ``count`` (how many small dots?), ``color``, ``shape``,
 - high: ``position`` (which quadrant?), ``relation`` (what is left of / above ... the red square?).
 
+These seven (``TYPES``) are the default and the control: the `small` base's select layer (its last) already holds
+what they ask. ``SynthConfig.question_types`` opts in three more (``HEADROOM_TYPES``), about fine detail that a
+ViT-style encoder loses with depth and its earlier layers keep (``bench/layer_probe.py --types`` measures it):
+
+- ``frequency``: stripes fine, medium or coarse? (striped objects get one of three stripe periods, 50% duty
+  cycle, so the three have the same mean colour; only the spatial frequency differs),
+- ``arrow``: which way (up / down / left / right) does the small white arrowhead at an object's centre point?
+- ``mark``: what colour is the one small square mark in the free space (one of the six object colours)?
+
+When any of them is chosen, every image of the set carries these details (so an image does not give away its
+question's type); with the default types the output is byte-for-byte what it was before they existed.
+
 Answers are one or two lowercase words from a small closed vocabulary (``VOCABULARY``). Every answer is
 recomputed from the scene description by ``answer_from_scene``, which the generator itself uses.
 
@@ -41,9 +53,16 @@ from PIL import Image, ImageDraw
 
 from cli_module.files import atomic_write
 
-TYPES = ("color", "shape", "texture", "stripes", "count", "position", "relation")
+TYPES = ("color", "shape", "texture", "stripes", "count", "position", "relation")  # the default: the control
+HEADROOM_TYPES = ("frequency", "arrow", "mark")                                      # opt-in: fine detail
+ALL_TYPES = TYPES + HEADROOM_TYPES
+TYPE_GROUPS = {"control": TYPES, "headroom": HEADROOM_TYPES, "all": ALL_TYPES}       # names --question-types takes
 LEVELS = {"texture": "low", "stripes": "low", "count": "mid", "color": "mid", "shape": "mid",
           "position": "high", "relation": "high"}
+HEADROOM_LEVELS = {"frequency": "low", "arrow": "low", "mark": "low"}
+FREQUENCIES = ("fine", "medium", "coarse")                                           # stripe period 1x, 2x, 3x
+ARROWS = ("up", "down", "left", "right")
+ARROW_RGB = (255, 255, 255)
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 190), "orange": (245, 130, 30)}
@@ -56,6 +75,7 @@ DOT_RGB = (30, 30, 30)
 MIN_DOTS, MAX_DOTS = 1, 6
 VOCABULARY = sorted({*SHAPES, *COLORS, *ORIENTATIONS, *QUADRANTS, "striped", "plain",
                      *NUMBER_WORDS[: MAX_DOTS + 1], *(f"{c} {s}" for c in COLORS for s in SHAPES)})
+HEADROOM_VOCABULARY = sorted({*FREQUENCIES, *ARROWS, *COLORS})
 
 
 @dataclass
@@ -66,9 +86,22 @@ class SynthConfig:
     image_size: int = 224    # square images of this many pixels (the `small` base crops 224)
     val_frac: float = 0.1    # fraction of records in val.jsonl
     test_frac: float = 0.1   # fraction of records in test.jsonl
+    question_types: tuple[str, ...] = TYPES  # asked round-robin in this order; any of ALL_TYPES, no repeats
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
+        if isinstance(self.question_types, str):
+            raise ValueError(f"question_types must be a sequence of type names, got the string "
+                             f"{self.question_types!r}; e.g. ('color', 'frequency')")
+        self.question_types = tuple(self.question_types)
+        if not self.question_types:
+            raise ValueError(f"question_types is empty; choose some of {ALL_TYPES}")
+        unknown = [t for t in self.question_types if t not in ALL_TYPES]
+        if unknown:
+            raise ValueError(f"unknown question type(s) {unknown}; expected some of {ALL_TYPES}")
+        repeated = sorted({t for t in self.question_types if self.question_types.count(t) > 1})
+        if repeated:
+            raise ValueError(f"question_types repeats {repeated}; name each type once (they are asked round-robin)")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if not 32 <= self.image_size <= 4096:
@@ -83,6 +116,21 @@ class SynthConfig:
     def split_sizes(self) -> dict[str, int]:
         n_val, n_test = round(self.n * self.val_frac), round(self.n * self.test_frac)
         return {"train": self.n - n_val - n_test, "val": n_val, "test": n_test}
+
+    @property
+    def details(self) -> bool:
+        """Whether the scenes carry the headroom types' details (stripe frequency, arrows, the mark)."""
+        return any(t in HEADROOM_TYPES for t in self.question_types)
+
+
+def parse_question_types(text: str) -> tuple[str, ...]:
+    """``--question-types``: comma-separated type names and group names (control, headroom, all), in order."""
+    out: list[str] = []
+    for item in (x.strip() for x in text.split(",")):
+        for t in TYPE_GROUPS.get(item, (item,)):
+            if t and t not in out:
+                out.append(t)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------- scenes
@@ -134,8 +182,42 @@ def _place_dots(rng: np.random.Generator, size: int, objects: list[dict], want: 
     return dots
 
 
+def add_details(rng: np.random.Generator, scene: dict[str, Any]) -> dict[str, Any]:
+    """The headroom types' details, drawn after ``make_scene``'s draws from the same generator: every striped
+    object gets a stripe frequency (its own period, width half of it), every object a small arrowhead at its
+    centre, the scene one small coloured square mark in the free space (clear of objects and dots)."""
+    size = scene["size"]
+    unit = max(2, round(size / 56))                                   # the fine period: 2 pixels at 112 px
+    for o in scene["objects"]:
+        if o["texture"] == "striped":
+            f = int(rng.integers(len(FREQUENCIES)))
+            o["frequency"] = FREQUENCIES[f]
+            o["stripe_period"] = unit * (f + 1)
+            o["stripe_width"] = unit * (f + 1) // 2
+        o["arrow"] = ARROWS[int(rng.integers(len(ARROWS)))]
+        o["arrow_size"] = max(2, round(size / 28))                    # half-extent: 4 pixels at 112 px
+    half = max(1, round(size / 36))                                   # half-side: a 6-pixel square at 112 px
+    busy = np.zeros((size, size), dtype=bool)                         # (S, S)
+    for o in scene["objects"]:
+        busy |= _shape_mask(o, size)
+    for d in scene["dots"]:
+        (x, y), r = d["center"], d["size"]
+        busy[max(0, y - r): y + r + 1, max(0, x - r): x + r + 1] = True
+    gap = max(1, half)
+    for _ in range(2000):
+        x, y = (int(v) for v in rng.integers(half + gap, size - half - gap, size=2))
+        if not busy[y - half - gap: y + half + gap, x - half - gap: x + half + gap].any():
+            break
+    else:
+        raise RuntimeError(f"no free space for the mark in a {size}-pixel scene; use a larger image_size")
+    scene["mark"] = {"center": [x, y], "size": half, "color": list(COLORS)[int(rng.integers(len(COLORS)))],
+                     "quadrant": QUADRANTS[2 * int(y >= size // 2) + int(x >= size // 2)]}
+    return scene
+
+
 def render(scene: dict[str, Any]) -> Image.Image:
-    """Draw the scene: flat background, objects (stripes darker, never through the centre pixel), dots."""
+    """Draw the scene: flat background, objects (stripes darker, never through the centre pixel), dots; with
+    details also each object's own stripe period, its arrowhead, and the mark."""
     size, period, width = scene["size"], scene["stripe_period"], scene["stripe_width"]
     img = np.empty((size, size, 3), dtype=np.uint8)
     img[:] = scene["background"]
@@ -145,16 +227,31 @@ def render(scene: dict[str, Any]) -> Image.Image:
         rgb = np.array(COLORS[o["color"]], dtype=np.uint8)
         img[mask] = rgb
         if o["texture"] == "striped":
+            p, w = o.get("stripe_period", period), o.get("stripe_width", width)
             dx, dy = xx - o["center"][0], yy - o["center"][1]
             u = {"horizontal": dy, "vertical": dx, "diagonal": dx + dy}[o["stripes"]]
-            stripe = mask & (np.mod(u, period) >= period - width)     # u = 0 (the centre) is never a stripe
+            stripe = mask & (np.mod(u, p) >= p - w)                   # u = 0 (the centre) is never a stripe
             img[stripe] = (rgb * 0.4).astype(np.uint8)
     out = Image.fromarray(img)
     draw = ImageDraw.Draw(out)
+    for o in scene["objects"]:
+        if "arrow" in o:
+            draw.polygon(_arrow_points(o["arrow"], *o["center"], o["arrow_size"]), fill=ARROW_RGB)
     for d in scene["dots"]:
         (x, y), r = d["center"], d["size"]
         draw.ellipse([x - r, y - r, x + r, y + r], fill=DOT_RGB)
+    if "mark" in scene:
+        (x, y), h = scene["mark"]["center"], scene["mark"]["size"]
+        draw.rectangle([x - h, y - h, x + h - 1, y + h - 1], fill=COLORS[scene["mark"]["color"]])
     return out
+
+
+def _arrow_points(direction: str, cx: int, cy: int, r: int) -> list[tuple[int, int]]:
+    """An isosceles arrowhead (triangle) of half-extent r centred on (cx, cy), its tip towards ``direction``."""
+    return {"up": [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)],
+            "down": [(cx, cy + r), (cx - r, cy - r), (cx + r, cy - r)],
+            "left": [(cx - r, cy), (cx + r, cy - r), (cx + r, cy + r)],
+            "right": [(cx + r, cy), (cx - r, cy - r), (cx - r, cy + r)]}[direction]
 
 
 def _shape_mask(obj: dict[str, Any], size: int) -> np.ndarray:
@@ -180,13 +277,17 @@ def caption(scene: dict[str, Any]) -> str:
     parts = []
     for o in scene["objects"]:
         if o["texture"] == "striped":
-            thing = f"{o['color']} {o['shape']} with {o['stripes']} stripes"
+            fine = f"{o['frequency']} " if "frequency" in o else ""
+            thing = f"{o['color']} {o['shape']} with {fine}{o['stripes']} stripes"
         else:
             thing = f"plain {o['color']} {o['shape']}"
+        if "arrow" in o:
+            thing += f" marked with a small arrow pointing {o['arrow']}"
         parts.append(f"{'an' if thing[0] in 'aeiou' else 'a'} {thing} in the {o['quadrant']}")
     n = len(scene["dots"])
     dots = f"{NUMBER_WORDS[n]} small dot{'s' if n != 1 else ''}"
-    return f"{', '.join(parts[:-1])} and {parts[-1]}, with {dots}."
+    mark = f" and a small {scene['mark']['color']} square mark" if "mark" in scene else ""
+    return f"{', '.join(parts[:-1])} and {parts[-1]}, with {dots}{mark}."
 
 
 # ------------------------------------------------------------------------------------------------- questions
@@ -228,7 +329,18 @@ def answer_from_scene(scene: dict[str, Any], qtype: str, params: dict[str, Any])
         if other is None:
             raise ValueError(f"nothing {params['direction']} the {params['shape']}")
         return f"{other['color']} {other['shape']}"
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {TYPES}")
+    if qtype in HEADROOM_TYPES and "mark" not in scene:
+        raise ValueError(f"a {qtype} question needs a scene with details (add_details); this one has none")
+    if qtype == "frequency":
+        o = _find(scene, shape=params["shape"])
+        if o["texture"] != "striped":
+            raise ValueError(f"the {o['shape']} is plain; a frequency question needs a striped object")
+        return o["frequency"]
+    if qtype == "arrow":
+        return _find(scene, shape=params["shape"])["arrow"]
+    if qtype == "mark":
+        return scene["mark"]["color"]
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {ALL_TYPES}")
 
 
 def make_question(rng: np.random.Generator, scene: dict[str, Any], qtype: str) -> tuple[str, dict[str, Any]]:
@@ -261,7 +373,17 @@ def make_question(rng: np.random.Generator, scene: dict[str, Any], qtype: str) -
         o, d = pairs[int(rng.integers(len(pairs)))]
         where = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[d]
         return f"What is {where} the {o['color']} {o['shape']}?", {"shape": o["shape"], "direction": d}
-    raise ValueError(f"unknown question type {qtype!r}; expected one of {TYPES}")
+    if qtype in HEADROOM_TYPES and "mark" not in scene:
+        raise ValueError(f"a {qtype} question needs a scene with details (add_details); this one has none")
+    if qtype == "frequency":                                          # each object's frequency is uniform
+        o = pick([o for o in objects if o["texture"] == "striped"])
+        return f"Are the stripes on the {o['shape']} fine, medium or coarse?", {"shape": o["shape"]}
+    if qtype == "arrow":
+        o = pick(objects)
+        return f"Which way does the small arrow on the {o['shape']} point?", {"shape": o["shape"]}
+    if qtype == "mark":
+        return "What color is the small square mark?", {}
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {ALL_TYPES}")
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -280,7 +402,9 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     for i in range(cfg.n):
         rng = np.random.default_rng([cfg.seed, i])
         scene = make_scene(rng, cfg.image_size)
-        qtype = TYPES[i % len(TYPES)]                                 # round-robin: balanced in every split
+        if cfg.details:
+            add_details(rng, scene)
+        qtype = cfg.question_types[i % len(cfg.question_types)]       # round-robin: balanced in every split
         question, params = make_question(rng, scene, qtype)
         answer = answer_from_scene(scene, qtype, params)
         image = f"images/{i:06d}.png"
@@ -296,15 +420,20 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
     for split, (lo, hi) in bounds.items():
         atomic_write(cfg.out / f"{split}.jsonl", _jsonl(records[lo:hi]))
         per_type = Counter(r["type"] for r in records[lo:hi])
-        counts[split] = {"total": hi - lo, "per_type": {t: per_type.get(t, 0) for t in TYPES}}
+        counts[split] = {"total": hi - lo, "per_type": {t: per_type.get(t, 0) for t in cfg.question_types}}
     for stale in (cfg.out / "images").glob("[0-9]*.png"):            # left by an earlier, larger run
         if stale.stem.isdigit() and int(stale.stem) >= cfg.n:
             stale.unlink()
     atomic_write(cfg.out / "captions.jsonl", _jsonl(captions))
     atomic_write(cfg.out / "scenes.jsonl", _jsonl(scenes))
+    levels = {**LEVELS, **HEADROOM_LEVELS}
     meta = {"n": cfg.n, "seed": cfg.seed, "image_size": cfg.image_size, "val_frac": cfg.val_frac,
-            "test_frac": cfg.test_frac, "types": list(TYPES), "levels": LEVELS, "vocabulary": VOCABULARY,
+            "test_frac": cfg.test_frac, "types": list(cfg.question_types),
+            "levels": {t: levels[t] for t in cfg.question_types} if cfg.details else LEVELS,
+            "vocabulary": sorted({*VOCABULARY, *HEADROOM_VOCABULARY}) if cfg.details else VOCABULARY,
             "counts": counts}
+    if cfg.details:
+        meta["details"] = True
     atomic_write(cfg.out / "meta.json", (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return meta
 
@@ -313,7 +442,8 @@ def synthesize(cfg: SynthConfig) -> dict[str, Any]:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(out=Path(args.out), n=args.n, seed=args.seed, image_size=args.image_size,
-                      val_frac=args.val_frac, test_frac=args.test_frac)
+                      val_frac=args.val_frac, test_frac=args.test_frac,
+                      question_types=parse_question_types(args.question_types))
     start = time.perf_counter()
     meta = synthesize(cfg)
     summary = {"out": str(cfg.out), "seconds": round(time.perf_counter() - start, 2),
@@ -340,4 +470,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=224, help="image side in pixels")
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--question-types", default="control",
+                   help=f"comma-separated question types, asked round-robin in this order; names from "
+                        f"{', '.join(ALL_TYPES)}, or the groups control (the default seven), headroom "
+                        f"({', '.join(HEADROOM_TYPES)}: fine detail the last vision layer loses) and all")
     p.set_defaults(func=cmd_synth)

@@ -258,6 +258,7 @@ def test_serve_run_config_answers(head: Head, tmp_path: Path) -> None:
             answer = json.loads(r.read())
         assert answer["choices"][0]["message"]["role"] == "assistant"
         assert answer["usage"]["completion_tokens"] >= 1
+        assert b"/playground/playground.js" in wait_http(f"http://127.0.0.1:{port}/", 10)  # the playground, no key set
     except BaseException:
         log.flush()
         print((tmp_path / "serve.log").read_text()[-5000:])
