@@ -1,7 +1,7 @@
 """Inference benchmarks, one run, one JSON object on stdout:
 
   decode      decode tokens/s of a CLI adapter ÷ the one-to-one base with the same LM (KV cache on, same prompt
-              and image, in-process ``FusedVLM.stream``; only the decode steps after prefill are timed, EOS
+              and image, the engine in process; only the decode steps after prefill are timed, EOS
               disabled; median of ``--runs`` interleaved runs). Goal >= 0.9.
   scaling     ``bench/decode_scaling.py``'s in-process tokens/s by batch size (1 and each ``--clients``), measured
               in this run: the ceiling for served batching.
@@ -12,7 +12,7 @@
               request sent while a ``--long-tokens`` generation runs, against the same request alone and the long
               one's decode step. Goal: <= alone + 3 decode steps (it joins the running batch at the next step).
   caption     ``pipelines.caption.run_caption`` images/s on a temp folder of synthetic images ÷ a bare loop of
-              ``prepare_inputs`` + ``generate`` with the same model over the same images in the same batches
+              ``prepare_inputs`` + ``generation.complete`` (the engine in process) with the same model over the same images in the same batches
               (both end to end including model load and image decoding, and the bare loop's steady state).
 
 Run by hand (the figures in bench/RESULTS.md came from this command; one torch thread: on a shared CPU two
@@ -82,16 +82,11 @@ def make_cli(base_name: str):
 # --- a. decode tokens/s --------------------------------------------------------------------------------------
 
 def decode_rate(model, image, tokens: int) -> float:
-    """Decode tokens/s after prefill: the first step (prefill + first token) is not timed; EOS disabled."""
-    from cli_module.prompting import chat_prompt
+    """Decode tokens/s of one row through the engine in process (bench/decode_scaling.py's prompt and image;
+    ``image`` is unused, kept for the callers); EOS disabled, prefill not timed."""
+    from bench.decode_scaling import run_batch
 
-    enc, visual = model.prepare_inputs([chat_prompt(model.base.tokenizer, QUESTION)], [image])
-    steps = model.stream(enc["input_ids"], enc["attention_mask"], visual=visual, max_new_tokens=tokens + 1,
-                         eos_token_id=None)
-    next(steps)  # prefill
-    t0 = time.perf_counter()
-    n = sum(1 for _ in steps)
-    return n / (time.perf_counter() - t0)
+    return 1e3 / run_batch(model, 1, 0, tokens + 1)["decode_ms_per_step"]
 
 
 def bench_decode(base_name: str, tokens: int, runs: int) -> dict:
@@ -258,6 +253,7 @@ def bench_caption(base_name: str, adapter: Path, n: int, batch: int, max_tokens:
     from cli_module.adapter import load_model
     from cli_module.prompting import chat_prompt
     from pipelines.caption import CaptionJob, run_caption
+    from pipelines.generation import Sampling, complete
 
     folder = work / "images"
     folder.mkdir()
@@ -279,7 +275,7 @@ def bench_caption(base_name: str, adapter: Path, n: int, batch: int, max_tokens:
         for i in range(0, len(paths), batch):
             chunk = [Image.open(p).convert("RGB") for p in paths[i:i + batch]]
             inputs, visual = model.prepare_inputs([prompt] * len(chunk), chunk)
-            model.generate(**inputs, visual=visual, max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id)
+            complete(model, inputs, visual, Sampling(max_new_tokens=max_tokens))
     t2 = time.perf_counter()
     bare_e2e, bare_steady = n / (t2 - t0), n / (t2 - t1)
     return {"base": base_name, "images": n, "batch_size": batch, "max_new_tokens": max_tokens,

@@ -6,6 +6,7 @@ For hidden states h (B, S, D) and the AMP tokens V̂ (B, K, N, D) of K vision la
   h  <- h + W_o (sum_k g_k * c_k)                                 W_o (A -> D) zero-initialised
 Keys and values over V̂ depend only on the image, so ``project_kv`` runs once per image (prefill) and the
 result is reused at every decoding step; a step then costs one query, one attention over K*N tokens, one gate.
+The attention runs on (B, H*K, S, dh) tensors (vision layers folded into the heads), one fused SDPA call.
 Ablation: ``zeroed`` (positions in K, set by ``FusedVLM.zero_gates``) forces g_k = 0 for those layers, so they
 add nothing; with every layer zeroed the update is exactly 0 and the layer's output is the base's.
 """
@@ -56,9 +57,13 @@ class AGF(nn.Module):
         k, dh = keys.shape[2], keys.shape[-1]
         hn = self.norm_q(h.to(self.q_proj.weight.dtype))  # (B, S, D)
         q = self.q_proj(hn).view(b, s, self.heads, dh).transpose(1, 2)  # (B, H, S, dh)
-        q = q.unsqueeze(2).expand(b, self.heads, k, s, dh)  # (B, H, K, S, dh)
-        ctx = F.scaled_dot_product_attention(q, keys, values)  # (B, H, K, S, dh): softmax within each layer
-        ctx = ctx.permute(0, 3, 2, 1, 4).reshape(b, s, k, self.attn_dim)  # (B, S, K, A)
+        q = q.unsqueeze(2).expand(b, self.heads, k, s, dh).reshape(b, self.heads * k, s, dh)  # (B, H*K, S, dh)
+        n = keys.shape[3]
+        # the vision layers folded into the heads: 4-D tensors, so SDPA stays one fused call (5-D ones fall back
+        # to the math path); each (head, layer) pair is its own attention: softmax within each layer
+        ctx = F.scaled_dot_product_attention(q, keys.reshape(b, self.heads * k, n, dh),
+                                             values.reshape(b, self.heads * k, n, dh))  # (B, H*K, S, dh)
+        ctx = ctx.view(b, self.heads, k, s, dh).permute(0, 3, 2, 1, 4).reshape(b, s, k, self.attn_dim)  # (B, S, K, A)
         if self.gate_kind == "none":
             gates = ctx.new_ones(b, s, k, 1)
         else:

@@ -14,7 +14,6 @@ CLI sits on) lives in one file per method in ``cli_module.methods``; this file i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +56,6 @@ class FusedOutput:
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
     cache: object | None = None  # the base's KV cache
     gates: torch.Tensor | None = None  # (B, S, |T|, K) AGF gates, when asked for
-
-
-@dataclass
-class StepOutput:
-    tokens: torch.Tensor  # (B,) the token chosen at this step (pad once a row has finished)
-    finished: torch.Tensor  # (B,) bool, the row has produced EOS
-    gates: torch.Tensor | None  # (B, |T|, K) gates at the position that produced the token
 
 
 class FusedVLM(nn.Module):
@@ -172,8 +164,11 @@ class FusedVLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
                 features: VisionFeatures | None = None, visual: VisualState | None = None,
                 labels: torch.Tensor | None = None, cache: object | None = None, use_cache: bool = False,
-                return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False) -> FusedOutput:
+                return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False,
+                position_ids: torch.Tensor | None = None) -> FusedOutput:
         """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState.
+        ``attention_mask`` (B, S) or, from the decoding engine, a prepared 4-D mask (B, 1, S, L) with its
+        ``position_ids`` (B, S).
         ``float_logits``: the LM head in fp32 on a bf16/fp16 model (likelihood scoring: bf16 logits step by 0.125
         at |16| to 32, so candidates' scores tie and the first listed wins)."""
         if visual is None and (pixel_values is not None or features is not None):
@@ -188,8 +183,7 @@ class FusedVLM(nn.Module):
                 raise ValueError(f"image tokens and features do not match: tokens {n_tok}, features {n_feat}; "
                                  f"expand each <image> to the encoder's token count")
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.image_embeds.to(embeds.dtype))
-        position_ids = None
-        if attention_mask is not None:  # left padding: positions count real tokens only
+        if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         update_mask = {"all": None, "image": image_mask, "text": ~image_mask}[self.config.positions]
         self._state = {"visual": visual, "image_mask": image_mask, "update_mask": update_mask,
@@ -246,52 +240,6 @@ class FusedVLM(nn.Module):
         device = self.projector_place()[0]
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, visual
 
-    # --- generation ------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
-               features: VisionFeatures | None = None, visual: VisualState | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, eos_token_id: int | list[int] | None = None,
-               use_cache: bool = True, return_gates: bool = False) -> Iterator[StepOutput]:
-        """Yield one StepOutput per new token; greedy when temperature == 0. Visual state is built once."""
-        from transformers import DynamicCache
-
-        if visual is None and (pixel_values is not None or features is not None):
-            visual = self.prepare_visual(features if features is not None else
-                                         self.encode_images(pixel_values, image_sizes))
-        b, device = input_ids.shape[0], input_ids.device
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
-        pad = self.base.tokenizer.pad_token_id if self.base.tokenizer is not None else 0
-        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        cache = DynamicCache(config=self.base.text_config) if use_cache else None
-        seq, step_ids = input_ids, input_ids
-        for _ in range(max_new_tokens):
-            out = self(step_ids, mask, visual=visual, cache=cache, use_cache=use_cache,
-                       return_gates=return_gates, logits_to_keep=1)
-            logits = out.logits[:, -1].float()  # (B, V)
-            logits[:, self.base.image_token_id] = float("-inf")  # a placeholder is never an answer
-            token = _sample(logits, temperature, top_p, gen)
-            token = torch.where(finished, torch.full_like(token, pad if pad is not None else 0), token)
-            finished = finished | torch.isin(token, eos)
-            gates = out.gates[:, -1] if out.gates is not None else None
-            yield StepOutput(tokens=token, finished=finished.clone(), gates=gates)
-            if bool(finished.all()):
-                return
-            seq = torch.cat([seq, token[:, None]], dim=1)
-            mask = torch.cat([mask, (~finished | torch.isin(token, eos)).long()[:, None]], dim=1)
-            step_ids = token[:, None] if use_cache else seq
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Collect ``stream``: new tokens (B, T) (padded after EOS) and gates (B, T, |T|, K) or None."""
-        steps = list(self.stream(input_ids, attention_mask, **kwargs))
-        tokens = torch.stack([s.tokens for s in steps], dim=1)
-        gates = torch.stack([s.gates for s in steps], dim=1) if steps and steps[0].gates is not None else None
-        return tokens, gates
-
 
 def crop_tokens(base: Base) -> int:
     """Select-layer features of one whole-image crop (N): found by running the encoder on one blank crop, on the
@@ -341,15 +289,3 @@ def _cache_kwarg(lm: nn.Module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> tokens (B,): argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

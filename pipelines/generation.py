@@ -1,11 +1,13 @@
-"""Batch text generation for the batch jobs (captioning, evaluation): sampling settings and stop strings.
+"""Batch text generation for the batch jobs (captioning, evaluation), through the one decoding engine in process
+(as vLLM's offline ``LLM`` runs its engine): one sampler, one stop-string rule, one set of sampling fields.
 
 ``Sampling`` holds what ``crosslayer caption`` and ``eval`` accept, as the OpenAI API that ``serve`` offers names
-it: ``max_new_tokens``, ``temperature`` (0: greedy), ``top_p``, ``seed`` and ``stop`` strings. ``complete`` runs
-the fused model's KV-cached decoding (``FusedVLM.stream``) over a left-padded batch and returns one
-``Completion`` per row: the text ends before the first stop string (which is not included) or at EOS, and
-decoding ends as soon as every row has stopped. ``seed`` seeds one generator per call: the same batch with the
-same seed gives the same texts.
+it: ``max_new_tokens``, ``temperature`` (0: greedy, these jobs' default), ``top_p``, ``seed`` and ``stop``
+strings; ``params()`` turns it into the engine's ``SamplingParams``. ``complete`` hands every row of a
+left-padded batch to the model's in-process ``Engine`` (``pipelines.serve_engine``) as one request, steps it until
+every row ended, and returns one ``Completion`` per row: the text ends before the first stop string (which is not
+included) or at EOS. ``seed`` seeds every row's own generator: a row samples the same with the same seed, whatever
+else is in the batch.
 """
 
 from __future__ import annotations
@@ -22,18 +24,24 @@ class Sampling:
     max_new_tokens: int = 32  # generation budget per row
     temperature: float = 0.0  # 0: greedy (argmax); > 0: sampling from softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
-    seed: int | None = None  # seeds the sampler (per model call); None: not reproducible when temperature > 0
+    seed: int | None = None  # seeds every row's own sampler; None: not reproducible when temperature > 0
     stop: list[str] = field(default_factory=list)  # the text ends before the first of these strings
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be >= 1")
-        if not 0.0 <= self.temperature <= 10.0:
-            raise ValueError(f"temperature ({self.temperature}) must be in [0, 10]")
+        if not 0.0 <= self.temperature <= 2.0:  # the engine's range (OpenAI's), as serve accepts it
+            raise ValueError(f"temperature ({self.temperature}) must be in [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p ({self.top_p}) must be in (0, 1]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+
+    def params(self) -> Any:
+        """The engine's SamplingParams for these settings (the one sampler of caption, eval and serve)."""
+        from .serve_api import SamplingParams
+
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
 
 @dataclass
@@ -44,42 +52,67 @@ class Completion:
 
 
 def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling) -> list[Completion]:
-    """Decode ``inputs`` (from ``FusedVLM.prepare_inputs``) with ``sampling``; one Completion per row."""
-    tok = model.base.tokenizer
-    eos = tok.eos_token_id
-    rows = int(inputs["input_ids"].shape[0])
-    ids: list[list[int]] = [[] for _ in range(rows)]
-    texts: list[str | None] = [None] * rows
-    done = [False] * rows
-    for step in model.stream(**inputs, visual=visual, max_new_tokens=sampling.max_new_tokens,
-                             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-                             eos_token_id=eos):
-        for r in range(rows):
-            if done[r]:
-                continue
-            token = int(step.tokens[r])
-            ids[r].append(token)
-            if token == eos:
-                done[r] = True
-            elif sampling.stop:
-                text = tok.decode(ids[r], skip_special_tokens=True)
-                cut = min((i for i in (text.find(s) for s in sampling.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    texts[r], done[r] = text[:cut], True
-        if all(done):
-            break
-    out = []
-    for r in range(rows):
-        text = texts[r] if texts[r] is not None else tok.decode(ids[r], skip_special_tokens=True)
-        out.append(Completion(text=text.strip(), tokens=len(ids[r]), finish_reason="stop" if done[r] else "length"))
-    return out
+    """Decode ``inputs`` (from ``FusedVLM.prepare_inputs``) with ``sampling`` in the model's in-process engine;
+    one Completion per row."""
+    import torch
+
+    from .serve_api import ChatJob, Delta, End
+    from .serve_engine import Prepared, split_rows
+
+    engine = offline_engine(model)
+    job = ChatJob(model=OFFLINE, messages=[], images=[], max_tokens=sampling.max_new_tokens, stop=list(sampling.stop),
+                  sampling=sampling.params())
+    with torch.inference_mode():
+        rows = split_rows(inputs, visual)
+    items = [Prepared(request_id=str(i), job=job, ids=ids, visual=one) for i, (ids, one) in enumerate(rows)]
+    text = [""] * len(items)
+    last: list[Delta | None] = [None] * len(items)
+    ended: set[str] = set()
+    try:
+        for start in range(0, len(items), engine.max_rows):  # rows beyond the engine's join as others end
+            pending = items[start: start + engine.max_rows]
+            events = engine.add(pending)
+            while True:
+                for rid, event in events:
+                    if isinstance(event, End):
+                        if event.error is not None:
+                            raise RuntimeError(f"generation failed: {event.error.message}")
+                        ended.add(rid)
+                    else:
+                        text[int(rid)] += event.text
+                        last[int(rid)] = event
+                if engine.rows == 0:
+                    break
+                events = engine.step()
+    finally:
+        engine.reset()
+    return [Completion(text=t.strip(), tokens=d.tokens, finish_reason=d.finish_reason)
+            for t, d in zip(text, last)]
+
+
+OFFLINE = "offline"  # the model id of the batch jobs' in-process engine
+_ENGINES: Any = None  # FusedVLM -> its in-process Engine (weak keys: an engine lives as long as its model)
+
+
+def offline_engine(model: Any, max_rows: int = 64) -> Any:
+    """The model's in-process decoding engine (created once per model, its KV slots reused by every call)."""
+    import weakref
+
+    from .serve_engine import Engine
+
+    global _ENGINES
+    if _ENGINES is None:
+        _ENGINES = weakref.WeakKeyDictionary()
+    if model not in _ENGINES:
+        _ENGINES[model] = Engine({OFFLINE: model}, max_rows=max_rows, max_prompt_tokens=1 << 30)
+    return _ENGINES[model]
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible per batch)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (each row reproducible, whatever else is in its batch)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the text before this string (repeatable)")
 

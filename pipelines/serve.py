@@ -81,9 +81,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         print("crosslayer serve: shutting down", flush=True)
-        serve.shutdown()
-        ray.shutdown()
+        stop_within(SHUTDOWN_S)
     return 0
+
+
+SHUTDOWN_S = 5.0  # a stop signal ends the command within this (plus about a second to kill), whatever Ray does
+
+
+def stop_within(seconds: float) -> None:
+    """Shut Serve and Ray down, in order, for at most ``seconds``; then kill what is left of the processes this
+    command started and leave at once.
+
+    Why the bound: a SIGTERM sent to the command's process group also reaches the local Ray cluster's GCS and
+    raylet (``ray.init`` starts them in the command's group); after streaming traffic the GCS stops answering
+    while it drains, so ``serve.shutdown`` waited 30 s for the controller and ``ray.shutdown`` then hung. Requests
+    still running are finished by Serve's graceful shutdown when it completes in time, else cancelled with it."""
+    import os
+    import threading
+
+    import psutil
+    import ray
+
+    done = threading.Event()
+
+    def orderly() -> None:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        except Exception as err:  # noqa: BLE001 (the bound below ends the command either way)
+            print(f"crosslayer serve: shutdown error: {err}", file=sys.stderr, flush=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=orderly, name="crosslayer-shutdown", daemon=True).start()
+    if done.wait(seconds):
+        return
+    print(f"crosslayer serve: Ray did not stop within {seconds:.0f} s; stopping its local processes",
+          file=sys.stderr, flush=True)
+    children = psutil.Process().children(recursive=True)  # only the processes this command started
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=1.0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

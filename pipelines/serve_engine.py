@@ -1,28 +1,24 @@
-"""The serving engine: continuous batching of chat requests over FusedVLMs that share one base, in plain PyTorch
-(no Ray: ``pipelines.serve_scheduler`` drives it from asyncio, ``pipelines.serve_model`` puts it in Serve).
+"""The decoding engine: continuous batching of chat requests over FusedVLMs that share one base, in plain PyTorch
+(no Ray: ``pipelines.serve_scheduler`` drives it from asyncio, ``pipelines.serve_model`` puts it in Serve), in
+the layers vLLM uses:
 
-A request becomes one row per choice (``n``). Rows join the running batch between two decode steps and leave it
-as soon as they finish or are cancelled:
+  input processor (any thread)  ``prepare``: chat template, prompt limits, tokeniser, image -> encoder ->
+                                projector, AMP tokens and AGF keys/values (``FusedVLM.prepare_inputs``)
+  runner (engine thread)        per model, one batch whose row i lives in KV slot i of preallocated per-row
+                                storage (``pipelines.kv_slots``): ``add`` prefills new requests (one left-padded
+                                forward per (model, has image)) writing their prompts' keys/values straight into
+                                fresh slots (n choices: n slots, one image slot); ``step`` runs one forward per
+                                model over all its rows, each writing one position and reading its slot as a view
+                                through a 4-D mask (rows of different lengths, no padding, no concatenation)
+  sampler                       ``pipelines.sampler``: penalties, logit_bias, min_tokens, temperature, top-k/p,
+                                min-p and per-row seeded draws for the whole batch at once
+  detokeniser                   ``pipelines.detokenize``: incremental, stop strings held back
+  cancel (engine thread)        the rows of cancelled requests leave before the next step
 
-  prepare (any thread)   chat template, prompt limits, tokeniser, image -> encoder -> projector, AMP tokens and AGF
-                         keys/values (``FusedVLM.prepare_inputs``): everything but the decoder
-  add (engine thread)    prefill of the new requests, grouped by (model, has image), one left-padded forward per
-                         group; each emits its first token at once; its rows (n copies of the prompt's KV cache)
-                         join their decode group
-  step (engine thread)   one forward per decode group: every row gets its next token; finished rows leave at once
-  cancel (engine thread) the rows of cancelled requests leave before the next step
-
-A decode group is one model (an adapter, or the bare base) plus whether its rows read AGF's visual keys/values at
-each step (a CLI adapter's rows with an image). Its state is one KV cache (B, H, L, dh) per decoder layer, one
-attention mask (B, L), AGF keys/values (B, H, K, N, dh) per injection layer and the next input token (B,). Rows
-of different prompt lengths are left-padded to the longest; the mask hides the padding and positions count real
-tokens only (``FusedVLM.forward``), so each row computes what it would alone: greedy answers equal sequential
-ones. Leading columns no row needs are trimmed when rows leave. Each step decodes every group once, in turn.
-
-Choosing a token, per row: logits (the image placeholder never chosen) -> repetition, presence and frequency
-penalties, logit_bias, min_tokens -> argmax at temperature 0, else temperature, top_k, softmax, min_p, top_p and a
-draw from the row's own generator (``seed + choice``: the same answer whatever else is in the batch).
-Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them by default.
+Rows with an image read AGF's keys/values from their image's slot at each step (a CLI adapter's rows; text-only
+rows of the same model pass through AGF unchanged). Positions count each row's real tokens only and a row's
+attention sees exactly its own prompt and answer, so each row computes what it would alone: greedy answers equal
+sequential ones. Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them.
 
 Threads: ``prepare`` may run on another thread than ``add``/``step``/``cancel``, which must share one (decoder
 forwards of adapters over one base must not interleave); the engine detokenises with its own copy of the
@@ -41,13 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cli_module.model import FusedVLM, VisualState
 from cli_module.prompting import render
 
+from .detokenize import IncrementalText
+from .kv_slots import ImageSlots, KVSlots, SlotCache
+from .sampler import BatchParams, RowState, choose, process_logits
 from .serve_api import IMAGE, ApiError, ChatJob, Delta, End, Event, SamplingParams
 
 logger = logging.getLogger("ray.serve")
@@ -75,72 +73,72 @@ class _Row:
     request_id: str  # the request it belongs to
     index: int  # its choice index
     job: ChatJob  # the request's settings
-    generator: torch.Generator | None  # its own sampling generator (seeded: seed + index), None when greedy
-    prompt: torch.Tensor | None  # (P,) distinct prompt token ids, kept for repetition_penalty only
-    tokens: list[int] = field(default_factory=list)  # every generated token (EOS included)
-    text_ids: list[int] = field(default_factory=list)  # generated tokens that are part of the text (EOS excluded)
-    counts: Counter[int] = field(default_factory=Counter)  # text token -> occurrences (presence/frequency)
+    generator: torch.Generator | None  # its own sampling generator (seeded: seed + index), None otherwise
+    text: IncrementalText  # its answer's text, incrementally decoded
+    tokens: int = 0  # tokens generated (EOS included)
     pieces: list[str] = field(default_factory=list)  # each generated token decoded alone (gate heatmap labels)
     gates: list[Any] = field(default_factory=list)  # per generated token, (|T|, K) numpy, when return_gates
-    sent: str = ""  # text already emitted
     finish: str | None = None  # "stop" or "length" once done
     cancelled: bool = False  # its client went away
+    image_slot: int = -1  # its image's AGF keys/values slot (-1: none read at decode steps)
 
     @property
     def params(self) -> SamplingParams:
         return self.job.sampling
 
 
-class _Group:
-    """Rows decoding together: one model, one left-padded KV cache, one mask, one AGF visual state."""
+class _Batch:
+    """The rows of one model, decoding together: row i lives in KV slot i; its tensors are row-aligned."""
 
-    def __init__(self, model: FusedVLM):
+    def __init__(self, model: FusedVLM, vocab: int, device: torch.device, max_rows: int):
+        cfg = model.base.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(model.base.language_model.parameters()).dtype
         self.model = model
+        self.kv = KVSlots(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, device,
+                          max_length=getattr(cfg, "max_position_embeddings", None), max_rows=max_rows)
+        self.images = ImageSlots()
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None  # per decoder layer keys/values (B, H, L, dh)
-        self.mask: torch.Tensor | None = None  # (B, L) 1 for real tokens, 0 for left padding
-        self.visual_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per injection layer (B, H, K, N, dh)
-        self.next_tokens: torch.Tensor | None = None  # (B,) each row's last chosen token: the next step's input
+        self.lengths: list[int] = []  # tokens in each row's slot
+        self.next_tokens = torch.zeros(0, dtype=torch.long, device=device)  # (B,) the next step's inputs
+        self.state = RowState.empty(vocab, device)  # (B, ...) sampling state
+        self.params: BatchParams | None = None  # the rows' settings as tensors
+        self.vocab, self.device = vocab, device
 
-    def join(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor,
-             visual_kv: list[tuple[torch.Tensor, torch.Tensor]] | None, tokens: torch.Tensor) -> None:
-        """Append rows (their cache (R, H, L', dh), mask (R, L'), next tokens (R,)), left-padding to one length."""
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.visual_kv, self.next_tokens = rows, cache, mask, visual_kv, tokens
-            return
-        old, new = self.mask.shape[1], mask.shape[1]
-        width = max(old, new)
+    def refresh(self) -> None:
+        self.params = BatchParams.of([r.params for r in self.rows], [r.generator for r in self.rows], self.vocab,
+                                     self.device) if self.rows else None
 
-        def pad(t: torch.Tensor, n: int) -> torch.Tensor:  # (B, H, L, dh) -> (B, H, n + L, dh), zeros first
-            return F.pad(t, (0, 0, n, 0)) if n else t
+    def clear(self) -> None:
+        for row in self.rows:
+            if row.image_slot >= 0:
+                self.images.release(row.image_slot)
+        self.rows, self.lengths, self.params = [], [], None
+        self.next_tokens = self.next_tokens[:0]
+        self.state = RowState.empty(self.vocab, self.device)
 
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, width - old), pad(theirs.keys, width - new)])
-            mine.values = torch.cat([pad(mine.values, width - old), pad(theirs.values, width - new)])
-        self.mask = torch.cat([F.pad(self.mask, (width - old, 0)), F.pad(mask, (width - new, 0))])
-        if self.visual_kv is not None:
-            self.visual_kv = [(torch.cat([k, k2]), torch.cat([v, v2]))
-                              for (k, v), (k2, v2) in zip(self.visual_kv, visual_kv)]
-        self.next_tokens = torch.cat([self.next_tokens, tokens])
-        self.rows = self.rows + rows
-
-    def keep(self, keep: list[int]) -> None:
-        """Keep only the rows at ``keep``; trim the leading mask columns no kept row needs."""
+    def retire(self) -> None:
+        """Drop finished and cancelled rows; the last rows move into the freed slots (rows stay 0..B-1)."""
+        keep = [i for i, r in enumerate(self.rows) if r.finish is None and not r.cancelled]
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.cache = self.mask = self.visual_kv = self.next_tokens = None
-            return
-        idx = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[idx]  # (B', L)
-        lead = int((mask.cumsum(1) == 0).sum(1).min())  # padding columns shared by every kept row
-        self.mask = mask[:, lead:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx, :, lead:], layer.values[idx, :, lead:]
-        if self.visual_kv is not None:
-            self.visual_kv = [(k[idx], v[idx]) for k, v in self.visual_kv]
-        self.next_tokens = self.next_tokens[idx]
+        for row in self.rows:
+            if (row.finish is not None or row.cancelled) and row.image_slot >= 0:
+                self.images.release(row.image_slot)
+        n = len(keep)
+        kept = set(keep)
+        holes = [j for j in range(n) if j not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))
+        for hole, mover in zip(holes, movers):
+            self.kv.move(mover, hole, self.lengths[mover])
+            order[hole] = mover
+        self.rows = [self.rows[i] for i in order]
+        self.lengths = [self.lengths[i] for i in order]
+        index = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.next_tokens = self.next_tokens[index]
+        self.state = self.state.take(index)
+        self.refresh()
 
 
 class Engine:
@@ -154,6 +152,7 @@ class Engine:
         self.device = first.base.lm_head.weight.device
         self.detok = copy.deepcopy(first.base.tokenizer)  # the engine thread's own tokenizer
         self.eos = {self.detok.eos_token_id} if self.detok.eos_token_id is not None else set()
+        self.eos_list = sorted(self.eos)
         self.image_token_id = first.base.image_token_id
         self.vocab = first.base.lm_head.weight.shape[0]
         self.byte_level = type(getattr(self.detok.backend_tokenizer, "decoder", None)).__name__ == "ByteLevel"
@@ -162,12 +161,12 @@ class Engine:
             if kinds != {DynamicLayer.__name__}:
                 raise ValueError(f"continuous batching needs full-attention KV cache layers; this base's cache has "
                                  f"{sorted(kinds)}")
-        self.groups: dict[tuple[str, bool], _Group] = {}  # (model id, rows read AGF visual keys/values) -> group
+        self.batches: dict[str, _Batch] = {}  # model id -> its rows (storage kept, reused, between requests)
         self.choices: dict[str, int] = {}  # request id -> its choices still decoding
         self.pieces: dict[int, str] = {}  # token id -> its text alone (log-probability labels)
         self.generated: Counter[str] = Counter()  # model id -> tokens generated
         self.prompt_tokens: Counter[str] = Counter()  # model id -> prompt tokens prefilled
-        self.batch_sizes: Counter[int] = Counter()  # rows in a group's decode step -> steps
+        self.batch_sizes: Counter[int] = Counter()  # rows in a batch's decode step -> steps
         self.cancelled_rows = 0  # rows dropped because their request was cancelled
 
     # --- state ----------------------------------------------------------------------------------------------
@@ -175,12 +174,13 @@ class Engine:
     @property
     def rows(self) -> int:
         """Rows decoding now."""
-        return sum(len(g.rows) for g in list(self.groups.values()))
+        return sum(len(b.rows) for b in list(self.batches.values()))
 
     def snapshot(self) -> dict[str, Any]:
         """Counters for metrics, safe to read from another thread while the engine runs (copies under the GIL)."""
         return {"running_rows": self.rows, "batch_sizes": dict(self.batch_sizes), "generated": dict(self.generated),
-                "prompt_tokens": dict(self.prompt_tokens), "cancelled_rows": self.cancelled_rows}
+                "prompt_tokens": dict(self.prompt_tokens), "cancelled_rows": self.cancelled_rows,
+                "kv_bytes": sum(b.kv.nbytes() for b in list(self.batches.values()))}
 
     @property
     def free_rows(self) -> int:
@@ -273,20 +273,7 @@ class Engine:
         images = [job.images[0] for job, _ in items] if items[0][0].images else None
         with torch.inference_mode():
             enc, visual = model.prepare_inputs([prompt for _, prompt in items], images)
-        lengths = enc["attention_mask"].sum(dim=1).tolist()
-        out, start = [], 0
-        for b, n in enumerate(lengths):
-            one = None
-            if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
-                count = visual.counts[b]
-                one = replace(visual, counts=[count],
-                              image_embeds=None if visual.image_embeds is None else
-                              visual.image_embeds[start:start + count],
-                              tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
-                              kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
-                start += count
-            out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
-        return out
+        return split_rows(enc, visual)
 
     def _checked(self, job: ChatJob, request_id: str, ids: torch.Tensor, visual: Any) -> Prepared:
         n, limit = ids.shape[1], self.max_prompt_tokens
@@ -303,129 +290,175 @@ class Engine:
 
     @torch.inference_mode()
     def add(self, items: list[Prepared]) -> list[tuple[str, Event]]:
-        """Prefill new requests; each emits its first token and its rows join their decode group."""
+        """Prefill new requests; each emits its first token and its rows join their model's batch."""
         if sum(i.job.n for i in items) > self.free_rows:
             raise ValueError(f"{sum(i.job.n for i in items)} new rows do not fit in {self.free_rows} free rows")
-        batches: dict[tuple[str, bool], list[Prepared]] = {}
+        groups: dict[tuple[str, bool], list[Prepared]] = {}
         for item in items:
-            batches.setdefault((item.job.model, item.visual is not None), []).append(item)
+            groups.setdefault((item.job.model, item.visual is not None), []).append(item)
         events: list[tuple[str, Event]] = []
-        for (model_id, has_image), batch in batches.items():
+        for (model_id, has_image), group in groups.items():
             try:
-                events += self._prefill(model_id, has_image, batch)
+                events += self._prefill(model_id, has_image, group)
             except Exception as err:  # one failed prefill ends its own requests only
                 logger.exception("crosslayer: prefill failed")
-                for item in batch:
+                for item in group:
                     self.choices.pop(item.request_id, None)
                     events.append((item.request_id, End(error=ApiError.internal(err, during="prefilling"))))
         return events
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, Event]]:
-        """One decode step of every group: one new token per row; finished rows leave."""
+        """One decode step of every model's batch: one new token per row; finished rows leave."""
         events: list[tuple[str, Event]] = []
-        for key, group in list(self.groups.items()):
+        for model_id, batch in list(self.batches.items()):
+            if not batch.rows:
+                continue
             try:
-                events += self._decode(key[0], group)
-            except Exception as err:  # a failing group ends its own requests; the others go on
+                events += self._decode(model_id, batch)
+            except Exception as err:  # a failing batch ends its own requests; the others go on
                 logger.exception("crosslayer: decode step failed")
-                del self.groups[key]
-                for rid in dict.fromkeys(r.request_id for r in group.rows):
+                for rid in dict.fromkeys(r.request_id for r in batch.rows):
                     if self.choices.pop(rid, None) is not None:
                         events.append((rid, End(error=ApiError.internal(err, during="generating"))))
+                batch.clear()
         return events
 
+    @torch.inference_mode()
     def cancel(self, request_ids: set[str]) -> None:
         """Drop the rows of these requests (their clients went away); they send nothing more."""
         if not request_ids:
             return
         for rid in request_ids:
             self.choices.pop(rid, None)
-        for group in self.groups.values():
-            for row in group.rows:
+        for batch in self.batches.values():
+            for row in batch.rows:
                 if row.request_id in request_ids:
                     row.cancelled = True
                     self.cancelled_rows += 1
-        self._retire()
+            batch.retire()
 
+    @torch.inference_mode()
     def reset(self) -> None:
         """Forget every row (after a failure the scheduler could not attribute)."""
-        self.groups.clear()
+        for batch in self.batches.values():
+            batch.clear()
         self.choices.clear()
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _prefill(self, model_id: str, has_image: bool, batch: list[Prepared]) -> list[tuple[str, Event]]:
-        model = self.models[model_id]
+    def _batch(self, model_id: str) -> _Batch:
+        if model_id not in self.batches:
+            self.batches[model_id] = _Batch(self.models[model_id], self.vocab, self.device, self.max_rows)
+        return self.batches[model_id]
+
+    def _prefill(self, model_id: str, has_image: bool, items: list[Prepared]) -> list[tuple[str, Event]]:
+        model, batch = self.models[model_id], self._batch(model_id)
         pad = model.base.tokenizer.pad_token_id or 0
-        width = max(item.prompt_tokens for item in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long, device=self.device)  # (B, S) left-padded
+        lengths = [item.prompt_tokens for item in items]
+        width = max(lengths)
+        ids = torch.full((len(items), width), pad, dtype=torch.long, device=self.device)  # (P, S) left-padded
         mask = torch.zeros_like(ids)
-        for b, item in enumerate(batch):
+        for b, item in enumerate(items):
             ids[b, width - item.prompt_tokens:] = item.ids[0]
             mask[b, width - item.prompt_tokens:] = 1
-        visual = merge_visual([item.visual for item in batch]) if has_image else None
-        rows = [self._new_row(item, i) for item in batch for i in range(item.job.n)]
+        first = len(batch.rows)  # the new rows' slots: first, first + 1, ...
+        rows = [self._new_row(item, i) for item in items for i in range(item.job.n)]
+        src = torch.tensor([b for b, item in enumerate(items) for _ in range(item.job.n)], device=self.device)
+        need = max(item.prompt_tokens + item.job.max_tokens for item in items)
+        batch.kv.reserve(first + len(rows), need, used=first, used_length=max(batch.lengths, default=0))
+        # one write per (slot, prompt token): slot first + r gets prompt src[r]'s tokens at positions 0..len-1
+        slot, prompt, seq, pos = [], [], [], []
+        for r, b in enumerate(src.tolist()):
+            n = lengths[b]
+            slot.append(torch.full((n,), first + r))
+            prompt.append(torch.full((n,), b))
+            seq.append(torch.arange(width - n, width))
+            pos.append(torch.arange(n))
+        cache = SlotCache(batch.kv, "prefill", pos=torch.cat(pos).to(self.device),
+                          rows=torch.cat(slot).to(self.device), src=torch.cat(prompt).to(self.device),
+                          seq=torch.cat(seq).to(self.device))
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+        eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding queries see themselves (no NaN)
+        mask4 = (causal[None] & mask.bool()[:, None, :]) | eye[None]  # (P, S, S)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, S) real tokens only
+        visual = merge_visual([item.visual for item in items]) if has_image else None
         gates_wanted = any(r.job.return_gates for r in rows)
-        cache = DynamicCache(config=model.base.text_config)
-        out = model(ids, mask, visual=visual, cache=cache, use_cache=True, return_gates=gates_wanted,
-                    logits_to_keep=1)
-        src = torch.tensor([b for b, item in enumerate(batch) for _ in range(item.job.n)], device=self.device)
-        for layer in cache.layers:  # one copy of the prompt's cache per choice
-            layer.keys, layer.values = layer.keys[src], layer.values[src]
+        out = model(ids, mask4[:, None], position_ids=positions, visual=visual, cache=cache, use_cache=True,
+                    return_gates=gates_wanted, logits_to_keep=1)
         gates = out.gates[:, -1][src] if out.gates is not None else None  # (R, |T|, K)
-        for item in batch:
+        if has_image and model.config.method == "cli":  # one AGF slot per image, shared by its n rows
+            image_slot = [batch.images.add(item.visual.kv, item.job.n) for item in items]
+            for row, b in zip(rows, src.tolist()):
+                row.image_slot = image_slot[b]
+        for item in items:
             self.choices[item.request_id] = item.job.n
             self.prompt_tokens[model_id] += item.prompt_tokens
-        tokens, events = self._choose(model_id, rows, out.logits[:, -1].float()[src], gates)  # logits (R, V)
-        reads_visual = has_image and model.config.method == "cli"
-        visual_kv = [(k[src], v[src]) for k, v in visual.kv] if reads_visual else None
-        group = self.groups.setdefault((model_id, reads_visual), _Group(model))
-        group.join(rows, cache, mask[src], visual_kv, tokens)
-        self._retire()
+        params = BatchParams.of([r.params for r in rows], [r.generator for r in rows], self.vocab, self.device)
+        state = RowState.new([r.params for r in rows], [items[b].ids[0] for b in src.tolist()], self.vocab,
+                             self.device)
+        tokens, events = self._choose(model_id, rows, out.logits[:, -1].float()[src], params, state, gates)
+        batch.rows += rows
+        batch.lengths += [lengths[b] for b in src.tolist()]
+        batch.next_tokens = torch.cat([batch.next_tokens, tokens])
+        batch.state = batch.state.append(state)
+        batch.refresh()
+        batch.retire()
         return events
 
-    def _decode(self, model_id: str, group: _Group) -> list[tuple[str, Event]]:
-        b = len(group.rows)
-        group.mask = torch.cat([group.mask, group.mask.new_ones(b, 1)], dim=1)  # (B, L + 1)
-        visual = None if group.visual_kv is None else \
-            VisualState(image_embeds=None, tokens=None, kv=group.visual_kv, counts=[])
-        gates_wanted = any(r.job.return_gates for r in group.rows)
-        out = group.model(group.next_tokens[:, None], group.mask, visual=visual, cache=group.cache,
-                          use_cache=True, return_gates=gates_wanted, logits_to_keep=1)
+    def _decode(self, model_id: str, batch: _Batch) -> list[tuple[str, Event]]:
+        b = len(batch.rows)
+        pos = torch.tensor(batch.lengths, dtype=torch.long, device=self.device)  # (B,) each row's write position
+        read = max(batch.lengths) + 1
+        mask = torch.arange(read, device=self.device)[None] <= pos[:, None]  # (B, read): its own positions
+        visual = None
+        slots = [r.image_slot for r in batch.rows]
+        if batch.model.config.method == "cli" and max(slots) >= 0:
+            has = torch.tensor([s >= 0 for s in slots], device=self.device)
+            kv = batch.images.gather(torch.tensor([s for s in slots if s >= 0], device=self.device))
+            visual = VisualState(image_embeds=None, tokens=None, kv=kv, counts=[],
+                                 rows=None if bool(has.all()) else has)
+        gates_wanted = any(r.job.return_gates for r in batch.rows)
+        cache = SlotCache(batch.kv, "decode", pos=pos, rows=b, read=read)
+        out = batch.model(batch.next_tokens[:, None], mask[:, None, None], position_ids=pos[:, None], visual=visual,
+                          cache=cache, use_cache=True, return_gates=gates_wanted, logits_to_keep=1)
+        batch.lengths = [n + 1 for n in batch.lengths]
         gates = out.gates[:, -1] if out.gates is not None else None  # (B, |T|, K)
-        group.next_tokens, events = self._choose(model_id, group.rows, out.logits[:, -1].float(), gates)
+        batch.next_tokens, events = self._choose(model_id, batch.rows, out.logits[:, -1].float(), batch.params,
+                                                 batch.state, gates)
         self.batch_sizes[b] += 1
-        self._retire()
+        batch.retire()
         return events
-
-    def _retire(self) -> None:
-        for key, group in list(self.groups.items()):
-            group.keep([i for i, r in enumerate(group.rows) if r.finish is None and not r.cancelled])
-            if not group.rows:
-                del self.groups[key]
 
     def _new_row(self, item: Prepared, index: int) -> _Row:
         p = item.job.sampling
         generator = None
         if not p.greedy and p.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(p.seed + index)
-        prompt = item.ids[0].unique() if p.repetition_penalty != 1.0 else None
-        return _Row(request_id=item.request_id, index=index, job=item.job, generator=generator, prompt=prompt)
+        return _Row(request_id=item.request_id, index=index, job=item.job, generator=generator,
+                    text=IncrementalText(self.detok, item.job.stop))
 
-    def _choose(self, model_id: str, rows: list[_Row], logits: torch.Tensor,
+    def _choose(self, model_id: str, rows: list[_Row], logits: torch.Tensor, params: BatchParams, state: RowState,
                 gates: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[str, Event]]]:
-        """logits (R, V) float -> each row's token (R,) and its events (a Delta; an End after a request's last)."""
+        """logits (R, V) float -> each row's token (R,) and its events (a Delta; an End after a request's last);
+        ``state`` (row-aligned with ``rows``) is updated in place."""
         logits[:, self.image_token_id] = float("-inf")  # a placeholder is never an answer
         logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs for r in rows) else None
-        chosen = logits.argmax(dim=-1)  # (R,)
-        for b, row in enumerate(rows):
-            if not row.params.greedy or row.params.processes_logits:
-                chosen[b] = self._pick(row, logits[b])
+        chosen = choose(process_logits(logits, params, state, self.eos_list), params)  # (R,)
+        tokens = chosen.tolist()
+        state.generated += 1
+        text = [i for i, t in enumerate(tokens) if t not in self.eos]
+        if text:
+            index = torch.tensor(text, device=self.device)
+            state.counts[index, chosen[index]] += 1
+        gate_rows = gates.float().cpu().numpy() if gates is not None else None
         events: list[tuple[str, Event]] = []
-        for b, (row, token) in enumerate(zip(rows, chosen.tolist())):
-            events.append((row.request_id, self._advance(row, token, None if logprobs is None else logprobs[b],
-                                                         None if gates is None else gates[b], len(rows))))
+        for b, (row, token) in enumerate(zip(rows, tokens)):
+            entry = None
+            if logprobs is not None and row.params.logprobs and token not in self.eos:
+                entry = [self._logprob_entry(logprobs[b], token, row.params.top_logprobs)]
+            events.append((row.request_id, self._advance(row, token, entry,
+                                                         None if gate_rows is None else gate_rows[b], len(rows))))
             if row.finish is not None:
                 left = self.choices.get(row.request_id, 0) - 1
                 if left > 0:
@@ -435,56 +468,27 @@ class Engine:
         self.generated[model_id] += len(rows)
         return chosen, events
 
-    def _pick(self, row: _Row, logits: torch.Tensor) -> int:
-        """One row's token from its logits (V,): penalties, bias and min_tokens, then greedy or sampled."""
-        p, x = row.params, logits.clone()
-        if p.repetition_penalty != 1.0:
-            seen = torch.cat([row.prompt, torch.tensor(row.tokens, dtype=torch.long, device=x.device)]).unique()
-            s = x[seen]
-            x[seen] = torch.where(s > 0, s / p.repetition_penalty, s * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and row.counts:
-            ids = torch.tensor(list(row.counts), device=x.device)
-            counts = torch.tensor(list(row.counts.values()), dtype=x.dtype, device=x.device)
-            x[ids] -= p.frequency_penalty * counts + p.presence_penalty
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=x.device)
-            x[ids] += torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device)
-        if len(row.tokens) < p.min_tokens and self.eos:
-            x[sorted(self.eos)] = float("-inf")
-        return sample_token(x, p, row.generator)
-
-    def _advance(self, row: _Row, token: int, logprobs: torch.Tensor | None, gates: torch.Tensor | None,
-                 rows: int) -> Delta:
+    def _advance(self, row: _Row, token: int, entries: list[dict[str, Any]] | None, gates: Any, rows: int) -> Delta:
         job = row.job
-        row.tokens.append(token)
+        row.tokens += 1
         if job.return_gates:
             row.pieces.append(self._piece(token))
             if gates is not None:
-                row.gates.append(gates.float().cpu().numpy())
-        entries = None
+                row.gates.append(gates)
         if token in self.eos:
             row.finish = "stop"
+            row.text.flush()
         else:
-            row.text_ids.append(token)
-            row.counts[token] += 1
-            if logprobs is not None and row.params.logprobs:
-                entries = [self._logprob_entry(logprobs, token, row.params.top_logprobs)]
-            if len(row.tokens) >= job.max_tokens:
-                row.finish = "length"
-        text = self.detok.decode(row.text_ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(s) for s in job.stop) if i >= 0]
-        if cuts:
-            text, row.finish = text[: min(cuts)], "stop"
-        end = len(text)
-        if row.finish is None:  # hold back what may still become a stop sequence or a multi-byte character
-            end -= max((len(s) for s in job.stop), default=1) - 1
-            while end > len(row.sent) and text[end - 1] == "\ufffd":
-                end -= 1
-        delta = text[len(row.sent): max(end, len(row.sent))]
-        row.sent += delta
+            row.text.push(token)
+            if row.text.stopped:
+                row.finish = "stop"
+            elif row.tokens >= job.max_tokens:
+                row.text.flush()
+                row.finish = "stop" if row.text.stopped else "length"
+        delta = row.text.delta(finished=row.finish is not None)
         summary = gate_summary(row, row.job, self.models[job.model].config) \
             if row.finish is not None and job.return_gates else None
-        return Delta(index=row.index, text=delta, tokens=len(row.tokens), logprobs=entries,
+        return Delta(index=row.index, text=delta, tokens=row.tokens, logprobs=entries,
                      finish_reason=row.finish, gates=summary, rows=rows, time=time.monotonic())
 
     def _piece(self, token: int) -> str:
@@ -514,23 +518,24 @@ class Engine:
         return entry
 
 
-def sample_token(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits (V,) -> a token: argmax at temperature 0, else temperature, top_k, min_p and top_p, then one draw
-    (at top_k = 0 and min_p = 0 exactly what ``FusedVLM.stream`` samples for one row)."""
-    if p.greedy:
-        return int(logits.argmax())
-    x = logits[None] / p.temperature  # (1, V)
-    if 0 < p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k, dim=-1).values[:, -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if p.min_p > 0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
-    if p.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < p.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
+
+def split_rows(enc: dict[str, torch.Tensor], visual: VisualState | None) -> list[tuple[torch.Tensor, Any]]:
+    """A left-padded batch (``FusedVLM.prepare_inputs``) -> each row's prompt ids (1, S_i) and VisualState (batch of
+    1, or None): what ``Prepared`` holds."""
+    lengths = enc["attention_mask"].sum(dim=1).tolist()
+    out, start = [], 0
+    for b, n in enumerate(lengths):
+        one = None
+        if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
+            count = visual.counts[b]
+            one = replace(visual, counts=[count],
+                          image_embeds=None if visual.image_embeds is None else
+                          visual.image_embeds[start:start + count],
+                          tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
+                          kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
+            start += count
+        out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
+    return out
 
 
 def merge_visual(states: list[VisualState]) -> VisualState:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, perturb, random_images
+from reference_decode import greedy
 
 KEY = "sk-test-0123456789"
 LIMITS = {"max_body_bytes": 64 * 1024, "max_image_bytes": 32 * 1024, "max_image_pixels": 128 * 128, "max_tokens": 32,
@@ -96,8 +97,8 @@ def local(adapters):
         model = models[name]
         tok = model.base.tokenizer
         enc, visual = model.prepare_inputs([chat_prompt(tok, question)], [image])
-        tokens, _ = model.generate(enc["input_ids"], enc["attention_mask"], visual=visual,
-                                   max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id)
+        tokens = greedy(model, enc["input_ids"], enc["attention_mask"], visual=visual,
+                        max_new_tokens=max_tokens, eos_token_id=tok.eos_token_id)
         ids = tokens[0].tolist()
         text_ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
         return tok.decode(text_ids, skip_special_tokens=True), int(enc["attention_mask"].sum()), len(ids)

@@ -2,7 +2,7 @@
 
 Two adapters and the bare base over one tiny base; requests arrive at different decode steps, with prompts of
 different lengths, with and without an image, some with n > 1; each answer is compared token for token with
-``FusedVLM.generate`` run on that request alone. Also: per-request seeded sampling, the logit processors,
+the reference greedy loop (tests/reference_decode.py) run on that request alone. Also: per-request seeded sampling, the logit processors,
 log-probabilities, cancellation, and the asyncio scheduler (admission at the next step, cancel frees rows).
 """
 
@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from conftest import perturb, random_images
+from reference_decode import answer, greedy
 
 from pipelines.serve_api import ApiError, ChatJob, Delta, End, SamplingParams
 
@@ -49,13 +50,11 @@ def job(model: str, question: str, image=None, *, n: int = 1, max_tokens: int = 
 
 
 def alone(engine, models, item) -> list[int]:
-    """The request decoded by itself with FusedVLM.generate: its tokens up to and including EOS."""
-    model = models[item.job.model]
+    """The request decoded by itself with the reference greedy loop: its tokens up to and including EOS."""
     eos = engine.detok.eos_token_id
-    tokens, _ = model.generate(item.ids, torch.ones_like(item.ids), visual=item.visual,
-                               max_new_tokens=item.job.max_tokens, eos_token_id=eos)
-    ids = tokens[0].tolist()
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+    tokens = greedy(models[item.job.model], item.ids, torch.ones_like(item.ids), visual=item.visual,
+                    max_new_tokens=item.job.max_tokens, eos_token_id=eos)
+    return answer(tokens[0].tolist(), eos)
 
 
 def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[int, list[Delta]]]:
@@ -75,7 +74,7 @@ def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[i
             else:
                 out.setdefault(rid, {}).setdefault(event.index, []).append(event)
         if len(ends) == total:
-            assert engine.rows == 0 and not engine.groups
+            assert engine.rows == 0 and not engine.choices
             return out
     raise AssertionError(f"not done after {steps} steps: {sorted(ends)}")
 
@@ -130,7 +129,7 @@ def test_seeded_sampling_is_reproducible_per_request(engine, models):
 
 
 def test_logit_processors(engine):
-    from pipelines.serve_engine import sample_token
+    from pipelines.sampler import BatchParams, RowState, choose, process_logits
 
     eos = engine.detok.eos_token_id
     forced = engine.prepare(job("base", "Hi", max_tokens=6, logit_bias={70: 100.0}), "forced")
@@ -139,27 +138,58 @@ def test_logit_processors(engine):
     late = engine.prepare(job("base", "Hi", max_tokens=8, logit_bias={eos: 100.0}, min_tokens=3), "late")
     got = run(engine, {0: [late]})["late"][0]
     assert got[-1].tokens == 4 and got[-1].finish_reason == "stop"  # EOS masked for 3 tokens, then forced
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
-    assert sample_token(logits, SamplingParams(temperature=1.0, top_k=1), None) == 3  # top_k 1 = greedy
-    gen = torch.Generator().manual_seed(0)
-    draws = {sample_token(logits, SamplingParams(temperature=1.0, min_p=0.3), gen) for _ in range(50)}
-    assert draws == {0, 3}  # min_p 0.3 keeps p >= 0.3 p_max: e^-1 (token 0) stays, e^-2.5 and e^-4 go
-    row = engine._new_row(engine.prepare(job("base", "ab", max_tokens=4, repetition_penalty=2.0,
-                                             presence_penalty=0.5, frequency_penalty=0.25), "p"), 0)
-    row.tokens, row.counts = [70, 70], {70: 2}
+
+    def batch(*params: SamplingParams, vocab: int = 4) -> BatchParams:
+        return BatchParams.of(list(params), [None] * len(params), vocab, torch.device("cpu"))
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [2.0, -1.0, 0.5, 3.0]])
+    top1, greedy = SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=0.0)
+    assert choose(logits, batch(top1, greedy)).tolist() == [3, 3]  # top_k 1 = greedy, vectorised beside greedy
+    torch.manual_seed(0)
+    min_p = batch(SamplingParams(temperature=1.0, min_p=0.3), SamplingParams(temperature=1.0, top_p=0.5))
+    draws = [choose(logits, min_p).tolist() for _ in range(60)]
+    assert {d[0] for d in draws} == {0, 3}  # min_p 0.3 keeps p >= 0.3 p_max: e^-1 (token 0) stays, e^-2.5, e^-4 go
+    assert {d[1] for d in draws} == {3}  # top_p 0.5: token 3 alone holds 0.63 of the mass
+
+    p = SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                       min_tokens=1)
+    prompt = engine.prepare(job("base", "ab", max_tokens=4), "p").ids[0]
+    state = RowState.new([p], [prompt], engine.vocab, torch.device("cpu"))
+    state.counts[0, 70] = 2.0  # token 70 generated twice
     x = torch.zeros(engine.vocab)
-    x[70], x[71] = 4.0, -4.0
-    prompt = set(row.prompt.tolist())
-    seen = prompt | {70}
-    out = torch.empty_like(x)
+    x[70], x[71], x[72] = 4.0, -4.0, 1.0
+    seen = set(prompt.tolist()) | {70}
+    want = torch.empty_like(x)
     for t in range(engine.vocab):  # expected, by the definitions in SamplingParams
         v = float(x[t])
         v = (v / 2.0 if v > 0 else v * 2.0) if t in seen else v
-        out[t] = v - (0.25 * 2 + 0.5 if t == 70 else 0.0)
-    x[engine.image_token_id] = float("-inf")
-    out[engine.image_token_id] = float("-inf")
-    assert engine._pick(row, x) == int(out.argmax())
-    assert 71 not in prompt or out[71] == -8.0
+        want[t] = v - (0.25 * 2 + 0.5 if t == 70 else 0.0)
+    want[eos] = float("-inf")  # min_tokens 1: no EOS at the first token
+    got = process_logits(x[None].clone(), batch(p, vocab=engine.vocab), state, [eos])[0]
+    assert torch.equal(got, want)  # every token of the vocabulary, as defined
+    assert float(got[70]) == 4.0 / 2.0 - 1.0 and float(got[72]) == (0.5 if 72 in seen else 1.0)
+
+
+def test_decode_steps_reuse_the_preallocated_kv_slots(engine):
+    """No concatenation per token, no re-padding on admission: the batch's key storage stays the same tensor
+    while rows decode, leave and join (a joining row takes a freed slot)."""
+    first = engine.prepare(job("base", "Go on", max_tokens=40, min_tokens=40), "first")
+    short = engine.prepare(job("base", "Short but a longer prompt", max_tokens=3, min_tokens=3), "short")
+    engine.add([first, short])
+    batch = engine.batches["base"]
+    storage = batch.kv.keys[0].data_ptr()
+    for _ in range(10):
+        engine.step()  # "short" ends after its third token: its slot is free
+    assert [r.request_id for r in batch.rows] == ["first"]
+    second = engine.prepare(job("base", "Join", max_tokens=20, min_tokens=20), "second")
+    engine.add([second])  # into the freed slot 1
+    for _ in range(10):
+        engine.step()
+    assert batch.kv.keys[0].data_ptr() == storage
+    assert batch.lengths == [first.prompt_tokens + 20, second.prompt_tokens + 10]
+    engine.cancel({"first"})  # the second row moves into slot 0
+    assert [r.request_id for r in batch.rows] == ["second"] and batch.lengths == [second.prompt_tokens + 10]
+    engine.cancel({"second"})
 
 
 def test_logprobs_are_the_models(engine, models):
@@ -217,7 +247,7 @@ def test_cancel_frees_rows_at_the_next_step(engine):
     events = engine.step()
     assert {rid for rid, _ in events} == {"other"}
     engine.cancel({"other"})
-    assert engine.rows == 0 and not engine.groups and not engine.choices
+    assert engine.rows == 0 and not engine.choices
 
 
 def test_scheduler_admits_at_the_next_step_and_cancels(engine):
