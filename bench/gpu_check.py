@@ -66,7 +66,7 @@ def model_checks(out: dict) -> list[bool]:
         model = FusedVLM(base, CLIConfig(**cfg)).cuda().to(torch.bfloat16)
         prompts = [chat_prompt(base.tokenizer, "what is it?")]
         imgs = images(1, (30, 20) if name == "tiny-onevision" else (16, 16))
-        inputs, visual = model.prepare_inputs(prompts, images=imgs)
+        inputs, visual = model.prepare_inputs(prompts, images=imgs, anyres=True)  # all crops, as the hub model
         proc = base.image_processor(images=imgs, return_tensors="pt")
         extra = {"image_sizes": proc["image_sizes"].cuda()} if "image_sizes" in proc else {}
         with torch.no_grad():
@@ -128,8 +128,8 @@ def job_checks(out: dict, device: str, n_images: int = 64) -> list[bool]:
     from hub_checkpoints import save_tiny_checkpoint
 
     from cli_module.loading import load_base
+    from jobs.caption import CaptionJob, run_caption
     from jobs.evaluate import EvalJob, run_eval
-    from pipelines.caption import CaptionJob, run_caption
     from pipelines.feature_cache import CacheLookup
     from pipelines.features import FeatureJob, run_features
 

@@ -11,7 +11,7 @@
               count ÷ one client >= 0.8 x scaling's batch ratio. Then the time to first token of a short streamed
               request sent while a ``--long-tokens`` generation runs, against the same request alone and the long
               one's decode step. Goal: <= alone + 3 decode steps (it joins the running batch at the next step).
-  caption     ``pipelines.caption.run_caption`` images/s on a temp folder of synthetic images ÷ a bare loop of
+  caption     ``jobs.caption.run_caption`` images/s on a temp folder of synthetic images ÷ a bare loop of
               ``prepare_inputs`` + ``generation.complete`` (the engine in process) with the same model over the same images in the same batches
               (both end to end including model load and image decoding, and the bare loop's steady state).
 
@@ -252,7 +252,7 @@ def bench_caption(base_name: str, adapter: Path, n: int, batch: int, max_tokens:
 
     from cli_module.adapter import load_model
     from cli_module.prompting import chat_prompt
-    from pipelines.caption import CaptionJob, run_caption
+    from jobs.caption import CaptionJob, run_caption
     from pipelines.generation import Sampling, complete
 
     folder = work / "images"

@@ -65,7 +65,7 @@ def _extensions():
     """Subcommands that live beside their code (pipelines/, jobs/); each module exposes ``register``."""
     import importlib
 
-    for name in ("pipelines.features", "jobs.train", "pipelines.caption", "pipelines.serve", "pipelines.gates",
+    for name in ("pipelines.features", "jobs.train", "jobs.caption", "pipelines.serve", "pipelines.gates",
                  "jobs.submit", "jobs.evaluate", "pipelines.synth", "jobs.probe"):
         try:
             module = importlib.import_module(name)

@@ -98,8 +98,8 @@ def run_quickstart(preset: str, out: Path) -> int:
     import numpy as np
     import ray
 
+    from jobs.caption import CaptionJob, read_captions, run_caption
     from jobs.evaluate import EvalJob, run_eval
-    from pipelines.caption import CaptionJob, read_captions, run_caption
     from pipelines.features import FeatureJob, run_features
     from pipelines.gates import draw_gates
     from pipelines.synth import SynthConfig, synthesize

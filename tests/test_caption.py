@@ -15,8 +15,8 @@ from cli_module.adapter import save_adapter
 from cli_module.config import CLIConfig
 from cli_module.loading import load_base
 from cli_module.model import FusedVLM
+from jobs.caption import read_captions
 from jobs.cli import main
-from pipelines.caption import read_captions
 
 
 @pytest.fixture(scope="module")

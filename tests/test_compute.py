@@ -70,8 +70,8 @@ def test_each_job_asks_ray_for_one_gpu_per_actor_on_a_gpu_cluster(ray_local, tmp
     """The datasets are lazy: what the model stage asks Ray for is checked without running it (no GPU here)."""
     from cli_module.loading import load_base
     from jobs.benchmarks import EvalItem
+    from jobs.caption import CaptionJob, caption_dataset
     from jobs.evaluate import EvalJob, eval_dataset
-    from pipelines.caption import CaptionJob, caption_dataset
     from pipelines.features import FeatureJob, features_dataset
 
     processor = load_base("tiny", weights=False).image_processor
@@ -98,7 +98,7 @@ def test_each_job_asks_ray_for_one_gpu_per_actor_on_a_gpu_cluster(ray_local, tmp
 
 def test_cpu_runs_ask_for_no_gpu_and_honour_bfloat16(ray_local, tmp_path, model_stages):
     from cli_module.loading import load_base
-    from pipelines.caption import CaptionJob, read_captions, run_caption
+    from jobs.caption import CaptionJob, read_captions, run_caption
     from pipelines.features import FeatureJob, run_features
 
     write_images(tmp_path / "imgs", 3)

@@ -24,17 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
-from .compute import (
+from pipelines import storage
+from pipelines.compute import (
     Compute,
     add_compute_arguments,
     cluster_resources,
     place_model,
     resolve_compute,
 )
-from .features import decode_batch, list_sources
-from .generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
-from .images import DEFAULT_MAX_PIXELS
+from pipelines.features import decode_batch, list_sources
+from pipelines.generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
+from pipelines.images import DEFAULT_MAX_PIXELS
 
 BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
 
@@ -85,7 +85,7 @@ class Captioner:
         from cli_module.adapter import load_model
         from cli_module.prompting import chat_prompt
 
-        from .feature_cache import CacheLookup
+        from pipelines.feature_cache import CacheLookup
 
         if compute.device == "cpu":
             torch.set_num_threads(max(1, int(compute.num_cpus)))
@@ -169,7 +169,7 @@ def run_caption(job: CaptionJob) -> dict:
     """Caption every source of ``job.src`` not yet in ``job.out``; returns the summary (with the compute used)."""
     from cli_module.adapter import load_model
 
-    from .feature_cache import check_serves
+    from pipelines.feature_cache import check_serves
 
     t0 = time.time()
     sources = list_sources(job.src)
