@@ -39,7 +39,12 @@ class Method:
 
     @classmethod
     def check(cls, config: CLIConfig) -> None:
-        """Method-specific checks of a config on its own (ValueError with the numbers)."""
+        """Checks of a config on its own for this method (ValueError with the numbers); a method with more to
+        check extends it."""
+        if cls.reads_layers and not config.vision_layers:
+            raise ValueError(f"vision_layers is empty; method {config.method!r} needs at least one vision layer")
+        if cls.hooks_layers and not config.inject_layers:
+            raise ValueError(f"inject_layers is empty; method {config.method!r} needs at least one decoder layer")
 
     def attach(self, fused: FusedVLM) -> None:
         """Build this method's modules on ``fused`` (under the names its adapter files use)."""

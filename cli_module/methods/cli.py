@@ -20,13 +20,6 @@ class CLI(Method):
     reads_layers = True
     hooks_layers = True
 
-    @classmethod
-    def check(cls, config) -> None:
-        if not config.vision_layers:
-            raise ValueError(f"vision_layers is empty; method {config.method!r} needs at least one vision layer")
-        if not config.inject_layers:
-            raise ValueError(f"inject_layers is empty; method {config.method!r} needs at least one decoder layer")
-
     @property
     def reads_visual_when_decoding(self) -> bool:  # AGF at the image positions only is done after the prefill
         return self.positions != "image"

@@ -17,10 +17,7 @@ class DeepStack(Method):
 
     @classmethod
     def check(cls, config) -> None:
-        if not config.vision_layers:
-            raise ValueError(f"vision_layers is empty; method {config.method!r} needs at least one vision layer")
-        if not config.inject_layers:
-            raise ValueError(f"inject_layers is empty; method {config.method!r} needs at least one decoder layer")
+        super().check(config)
         if len(config.vision_layers) != len(config.inject_layers):
             raise ValueError(
                 f"deepstack pairs vision layer k_i with decoder layer t_i: got {len(config.vision_layers)} "

@@ -37,8 +37,7 @@ class InputFusion(Method):
 
     @classmethod
     def check(cls, config) -> None:
-        if not config.vision_layers:
-            raise ValueError(f"vision_layers is empty; method {config.method!r} needs at least one vision layer")
+        super().check(config)
         if config.pool != 1:
             raise ValueError(f"method {config.method!r} adds vision tokens at the image positions, so pool must be "
                              f"1, got {config.pool}")
