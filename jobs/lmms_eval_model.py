@@ -192,12 +192,23 @@ class CrossLayer(lmms):
             ids = continuation_ids(tok, messages, str(target), family=family)
             inputs, visual = self._inputs([messages], images or None)
             (score,), = score_continuations(self.model, inputs, visual, [[ids]])
-            greedy, _ = self.model.generate(**inputs, visual=visual, max_new_tokens=len(ids), eos_token_id=None)
-            is_greedy = greedy[0, : len(ids)].tolist() == ids
+            is_greedy = self._greedy_produces(inputs, visual, ids)
             pair = (-float(score), bool(is_greedy))
             self.cache_hook.add_partial("loglikelihood", r.args[:2], pair)
             out.append(GenerationResult(text=pair))  # type: ignore[arg-type]  (see the docstring)
         return out
+
+    def _greedy_produces(self, inputs: dict[str, Any], visual: Any, ids: list[int]) -> bool:
+        """Whether greedy decoding of the prompt produces ``ids``: one teacher-forced forward over prompt +
+        continuation, the argmax at each continuation position (the image placeholder never chosen, as the
+        engine decodes) equal to the next token."""
+        prompt = inputs["input_ids"]  # (1, L)
+        cont = torch.tensor([ids], dtype=prompt.dtype, device=prompt.device)  # (1, T)
+        full = torch.cat([prompt, cont], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], dim=1)
+        logits = self.model(full, mask, visual=visual).logits[0, prompt.shape[1] - 1: -1].float()  # (T, V)
+        logits[:, self.model.base.image_token_id] = float("-inf")
+        return logits.argmax(-1).tolist() == ids
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("crosslayer: multi-round generation is not supported; use single-turn tasks")
