@@ -110,7 +110,7 @@ def bench_decode(base_name: str, tokens: int, runs: int) -> dict:
 # --- b. served throughput and latency ------------------------------------------------------------------------
 
 def bench_serve(base_name: str, adapter: Path, clients: list[int], per_client: int, single: int, max_tokens: int,
-                threads: int, ttft_runs: int, long_tokens: int) -> dict:
+                threads: int, ttft_runs: int, long_tokens: int, long_rows: int = 8) -> dict:
     """Throughput and latency at each client count, and the time to first token of a short request sent while a
     long generation runs. Every request generates exactly max_tokens (min_tokens = max_tokens: EOS masked, as
     decode_scaling disables it), so tokens/s compare with decode_scaling's."""
@@ -211,25 +211,29 @@ def bench_serve(base_name: str, adapter: Path, clients: list[int], per_client: i
         nxt += n
         print(json.dumps({"serve_clients": by_clients[c]}), file=sys.stderr, flush=True)
 
-    # time to first token: a short request alone, then sent while a long_tokens generation is running
+    # time to first token: a short request alone, then sent while long_rows generations of long_tokens run (each
+    # past its 16th token); the decode step is the busy batch's (the first long request's steps 2-16)
     alone, during, steps = [], [], []
     for _ in range(ttft_runs):
         t = streamed(0, 8)
         alone.append(t[1] - t[0])
     for _ in range(ttft_runs):
-        started = threading.Event()
-        long_times: list[float] = []
+        started = [threading.Event() for _ in range(long_rows)]
+        long_times: list[list[float]] = [[] for _ in range(long_rows)]
 
-        def long_run(times: list[float] = long_times, event: threading.Event = started) -> None:
-            times.extend(streamed(1, long_tokens, on_token=lambda k: k == 16 and event.set()))
+        def long_run(j: int, times: list[list[float]] = long_times, events: list = started) -> None:
+            times[j].extend(streamed(100 + j, long_tokens, on_token=lambda k: k == 16 and events[j].set()))
 
-        worker = threading.Thread(target=long_run)
-        worker.start()
-        started.wait()
+        workers = [threading.Thread(target=long_run, args=(j,)) for j in range(long_rows)]
+        for w in workers:
+            w.start()
+        for event in started:
+            event.wait()
         t = streamed(2, 8)
         during.append(t[1] - t[0])
-        worker.join()
-        gaps = np.diff(long_times[1:])  # the long request's decode steps (its first 16, before the short one)
+        for w in workers:
+            w.join()
+        gaps = np.diff(long_times[0][1:])  # the first long request's decode steps (before the short one came)
         steps.append(float(np.median(gaps[:15])))
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as resp:
         health = json.loads(resp.read())
@@ -239,7 +243,8 @@ def bench_serve(base_name: str, adapter: Path, clients: list[int], per_client: i
     return {"base": base_name, "max_tokens": max_tokens, "model_replica_threads": threads,
             "by_clients": by_clients, "throughput_ratio": round(many["tok_s"] / one["tok_s"], 3),
             "ttft": {"short_alone_s": round(ttft_alone, 3), "short_during_long_s": round(ttft_during, 3),
-                     "decode_step_s": round(step, 3), "long_tokens": long_tokens, "runs": ttft_runs,
+                     "decode_step_s": round(step, 3), "long_tokens": long_tokens, "long_rows": long_rows,
+                     "runs": ttft_runs,
                      "extra_steps": round((ttft_during - ttft_alone) / step, 2),
                      "goal": "short_during_long_s <= short_alone_s + 3 x decode_step_s"},
             "batch_sizes": health["batch_sizes"], "healthz_generated_tokens": health["generated_tokens"]}
@@ -297,7 +302,8 @@ def main() -> int:
     p.add_argument("--single", type=int, default=6, help="requests of the one-client run")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens of every served request (min_tokens too)")
     p.add_argument("--ttft-runs", type=int, default=3, help="short requests timed alone and during a long one")
-    p.add_argument("--long-tokens", type=int, default=256, help="tokens of the long generation of the TTFT test")
+    p.add_argument("--long-tokens", type=int, default=256, help="tokens of each long generation of the TTFT test")
+    p.add_argument("--long-rows", type=int, default=8, help="long generations running when the short request comes")
     p.add_argument("--caption-n", type=int, default=64)
     p.add_argument("--caption-batch", type=int, default=8)
     p.add_argument("--caption-tokens", type=int, default=16)
@@ -332,7 +338,7 @@ def main() -> int:
             try:
                 if "serve" not in a.skip:
                     out["serve"] = bench_serve(a.serve_base, adapter, a.clients, a.per_client, a.single,
-                                               a.max_tokens, a.threads, a.ttft_runs, a.long_tokens)
+                                               a.max_tokens, a.threads, a.ttft_runs, a.long_tokens, a.long_rows)
                     print(json.dumps({"serve": out["serve"]}), file=sys.stderr, flush=True)
                 if "caption" not in a.skip:
                     out["caption"] = bench_caption(a.serve_base, adapter, a.caption_n, a.caption_batch,
