@@ -222,13 +222,14 @@ def bench_serve(base_name: str, adapter: Path, clients: list[int], per_client: i
         long_times: list[list[float]] = [[] for _ in range(long_rows)]
 
         def long_run(j: int, times: list[list[float]] = long_times, events: list = started) -> None:
-            times[j].extend(streamed(100 + j, long_tokens, on_token=lambda k: k == 16 and events[j].set()))
+            times[j].extend(streamed(1, long_tokens, on_token=lambda k: k == 16 and events[j].set()))
 
         workers = [threading.Thread(target=long_run, args=(j,)) for j in range(long_rows)]
         for w in workers:
             w.start()
         for event in started:
-            event.wait()
+            if not event.wait(900):
+                raise RuntimeError("a long generation did not reach its 16th token in 900 s")
         t = streamed(2, 8)
         during.append(t[1] - t[0])
         for w in workers:
