@@ -84,7 +84,6 @@ class Captioner:
 
         from cli_module.adapter import load_model
         from cli_module.prompting import chat_prompt
-
         from pipelines.feature_cache import CacheLookup
 
         if compute.device == "cpu":
@@ -168,7 +167,6 @@ def read_captions(out: str) -> list[dict]:
 def run_caption(job: CaptionJob) -> dict:
     """Caption every source of ``job.src`` not yet in ``job.out``; returns the summary (with the compute used)."""
     from cli_module.adapter import load_model
-
     from pipelines.feature_cache import check_serves
 
     t0 = time.time()
