@@ -33,7 +33,13 @@ from pipelines.compute import (
     resolve_compute,
 )
 from pipelines.features import decode_batch, list_sources
-from pipelines.generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
+from pipelines.generation import (
+    GenerationJob,
+    add_sampling_arguments,
+    complete,
+    offline_engine,
+    sampling_from_args,
+)
 from pipelines.images import DEFAULT_MAX_PIXELS
 
 BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
@@ -91,6 +97,7 @@ class Captioner:
         self.job, self.sampling = job, job.sampling()
         model, self.adapter_id = load_model(job.adapter, job.base, dtype=compute.torch_dtype())
         self.model = place_model(model, compute)
+        self.engine = offline_engine(self.model)  # one decoding engine for every batch of this actor
         weight = next(self.model.parameters())  # what the actor really runs on, reported per row
         self.dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
         self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt, family=self.model.base.kind)
@@ -119,7 +126,7 @@ class Captioner:
                 with torch.no_grad():
                     inputs, visual = self.model.prepare_inputs([self.prompt] * len(good),
                                                                features=self._features(batch, good))
-                    done = complete(self.model, inputs, visual, self.sampling)
+                    done = complete(self.model, inputs, visual, self.sampling, self.engine)
                 lengths = inputs["attention_mask"].sum(1).tolist()
                 for j, i in enumerate(good):
                     captions[i] = done[j].text

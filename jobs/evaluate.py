@@ -37,7 +37,13 @@ from pipelines.compute import (
     place_model,
     resolve_compute,
 )
-from pipelines.generation import GenerationJob, add_sampling_arguments, complete, sampling_from_args
+from pipelines.generation import (
+    GenerationJob,
+    add_sampling_arguments,
+    complete,
+    offline_engine,
+    sampling_from_args,
+)
 from pipelines.images import DEFAULT_MAX_PIXELS, decode_image
 
 from .benchmarks import KINDS, Benchmark, EvalItem, answer_rows, candidates, read_benchmark, score_items
@@ -175,6 +181,7 @@ class Answerer:
         self.job, self.sampling, self.max_rows = job, job.sampling(), max(compute.batch_size, 8)
         model, _ = load_model(job.adapter, job.base, dtype=compute.torch_dtype())
         self.model = place_model(model, compute)
+        self.engine = offline_engine(self.model)  # one decoding engine for every batch of this actor
         self.model.zero_gates(job.zero_gates)  # ablation switch (jobs.ablate); () leaves the gates as trained
         weight = next(self.model.parameters())
         self.dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
@@ -236,7 +243,7 @@ class Answerer:
         prompts = [render(tok, m, add_generation_prompt=True, family=family)
                    for m in self._prompts(batch, group, instruct=True)]
         inputs, visual = self.model.prepare_inputs(prompts, features=feats)
-        return complete(self.model, inputs, visual, self.sampling)
+        return complete(self.model, inputs, visual, self.sampling, self.engine)
 
     def _gate_means(self, batch, group, feats) -> list[list[list[float]]]:
         """Each question's AGF gates (|T|, K) averaged over its prompt's tokens (one forward, no decoding)."""

@@ -86,6 +86,7 @@ class CrossLayer(lmms):
             raise ValueError("crosslayer runs one process on one device; for more GPUs run one lmms-eval per "
                              "task (or task shard) as separate Ray jobs instead of accelerate launch")
         from cli_module.adapter import load_model
+        from pipelines.generation import offline_engine
 
         _skip_filelock_patch()
         device = "cuda" if device in (None, "auto") and torch.cuda.is_available() else device
@@ -99,6 +100,7 @@ class CrossLayer(lmms):
         self.batch_size_per_gpu = int(batch_size)
         model, self.model_id = load_model(adapter, base, dtype=dtypes[dtype])
         self.model = model.to(device).eval()
+        self.engine = offline_engine(self.model)  # one decoding engine for every request
         if zero_gates not in (None, "") and self.model.config.method != "cli":
             raise ValueError(f"crosslayer: zero_gates needs a CLI adapter; {adapter or base} is "
                              f"{self.model.config.method!r}, which has no AGF gates")
@@ -149,7 +151,7 @@ class CrossLayer(lmms):
                 sampling = self._sampling(requests[chunk[0]].args[1], Sampling)
                 images = [self._visuals(requests[i])[0] for i in chunk] if has_image else None
                 inputs, visual = self._inputs([self._messages(requests[i].args[0], has_image) for i in chunk], images)
-                for i, done in zip(chunk, complete(self.model, inputs, visual, sampling)):
+                for i, done in zip(chunk, complete(self.model, inputs, visual, sampling, self.engine)):
                     out[i] = done.text
                     self.cache_hook.add_partial("generate_until", requests[i].args[:2], done.text)
         return [str(x) for x in out]

@@ -51,15 +51,17 @@ class Completion:
     finish_reason: Literal["stop", "length"]  # stop: EOS or a stop string; length: max_new_tokens reached
 
 
-def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling) -> list[Completion]:
-    """Decode ``inputs`` (from ``FusedVLM.prepare_inputs``) with ``sampling`` in the model's in-process engine;
-    one Completion per row."""
+def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling,
+             engine: Any = None) -> list[Completion]:
+    """Decode ``inputs`` (from ``FusedVLM.prepare_inputs``) with ``sampling`` in an in-process engine of ``model``
+    (``engine``: one from ``offline_engine(model)`` that a caller decoding many batches keeps, so its KV slots are
+    reused; None: a fresh one for this call); one Completion per row."""
     import torch
 
     from .serve_api import ChatJob, Delta, End
     from .serve_engine import Prepared, split_rows
 
-    engine = offline_engine(model)
+    engine = engine if engine is not None else offline_engine(model)
     job = ChatJob(model=OFFLINE, messages=[], images=[], max_tokens=sampling.max_new_tokens, stop=list(sampling.stop),
                   sampling=sampling.params())
     with torch.inference_mode():
@@ -67,9 +69,8 @@ def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling
     items = [Prepared(request_id=str(i), job=job, ids=ids, visual=one) for i, (ids, one) in enumerate(rows)]
     text = [""] * len(items)
     last: list[Delta | None] = [None] * len(items)
-    ended: set[str] = set()
     try:
-        for start in range(0, len(items), engine.max_rows):  # rows beyond the engine's join as others end
+        for start in range(0, len(items), engine.max_rows):  # at most max_rows rows decode at once
             pending = items[start: start + engine.max_rows]
             events = engine.add(pending)
             while True:
@@ -77,7 +78,6 @@ def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling
                     if isinstance(event, End):
                         if event.error is not None:
                             raise RuntimeError(f"generation failed: {event.error.message}")
-                        ended.add(rid)
                     else:
                         text[int(rid)] += event.text
                         last[int(rid)] = event
@@ -91,21 +91,14 @@ def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling
 
 
 OFFLINE = "offline"  # the model id of the batch jobs' in-process engine
-_ENGINES: Any = None  # FusedVLM -> its in-process Engine (weak keys: an engine lives as long as its model)
 
 
 def offline_engine(model: Any, max_rows: int = 64) -> Any:
-    """The model's in-process decoding engine (created once per model, its KV slots reused by every call)."""
-    import weakref
-
+    """An in-process decoding engine over ``model`` for batch work (caption, eval): the caller keeps it beside
+    the model and passes it to every ``complete``, so its KV slots are allocated once."""
     from .serve_engine import Engine
 
-    global _ENGINES
-    if _ENGINES is None:
-        _ENGINES = weakref.WeakKeyDictionary()
-    if model not in _ENGINES:
-        _ENGINES[model] = Engine({OFFLINE: model}, max_rows=max_rows, max_prompt_tokens=1 << 30)
-    return _ENGINES[model]
+    return Engine({OFFLINE: model}, max_rows=max_rows, max_prompt_tokens=1 << 30)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
