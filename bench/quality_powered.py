@@ -58,7 +58,13 @@ VARIANTS: dict[str, list[str]] = {
     "cli_image_positions": ["method=cli", "cli.positions=image"],
     "cli_sparse": ["method=cli", "cli.inject_layers=[10,26]"],
 }
-METHODS = {**BASELINES, **VARIANTS}
+# The controls a skeptic asks for at equal compute (issue "Where CLI helps"): LoRA on the LLM (PEFT, every linear
+# layer of every decoder layer) at the rank whose trainable parameters match CLI's (``matched_lora_rank``; on
+# `small`: rank 8, 2,442,240 against CLI's 2,433,300), alpha twice the rank; and the instruct stage continued for
+# the stage-2 steps (P and the LLM, at the instruct stage's learning rates: is CLI better than training the base
+# longer?). Both take settings from the arguments (``method_overrides``).
+CONTROLS: dict[str, list[str]] = {"llm_lora": ["method=llm_lora"], "instruct_continued": ["method=instruct"]}
+METHODS = {**BASELINES, **VARIANTS, **CONTROLS}
 
 
 def pool_of(method: str, base_pool: int) -> int:
@@ -98,10 +104,38 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
     return {**run_train(load_config(None, overrides)), "dir": str(work / name)}
 
 
-def method_overrides(method: str, base: str) -> list[str]:
-    """bench/quality.py's stage-2 overrides, with AGF-only's single vision layer set to this base's last one."""
+def method_overrides(method: str, base: str, args: argparse.Namespace | None = None) -> list[str]:
+    """bench/quality.py's stage-2 overrides, with AGF-only's single vision layer set to this base's last one;
+    instruct_continued trains at the instruct stage's learning rates (``args``)."""
     last = BASES[base][0][-1]
-    return [f"cli.vision_layers=[{last}]" if o.startswith("cli.vision_layers=") else o for o in METHODS[method]]
+    out = [f"cli.vision_layers=[{last}]" if o.startswith("cli.vision_layers=") else o for o in METHODS[method]]
+    if method == "instruct_continued" and args is not None:
+        out += [f"optim.lr={args.instruct_lr}", f"optim.lm_lr_scale={args.instruct_lm_lr_scale}"]
+    if method == "llm_lora" and args is not None:
+        out += [f"cli.llm_lora_rank={args.llm_lora_rank}", f"cli.llm_lora_alpha={2.0 * args.llm_lora_rank}"]
+    return out
+
+
+def matched_lora_rank(base: str, tolerance: float = 0.10) -> tuple[int, dict[str, int]]:
+    """The llm_lora rank whose trainable parameters come closest to CLI's on this base (meta device; the count
+    is linear in the rank) -> (rank, {method: count}); refuses a match off by more than ``tolerance``."""
+    from cli_module.config import CLIConfig
+    from cli_module.loading import load_base
+    from cli_module.model import FusedVLM
+
+    layers, inject, pool, attn, _ = BASES[base]
+
+    def count(method: str, **kw) -> int:
+        return FusedVLM(load_base(base, weights=False), CLIConfig(method=method, **kw)).param_counts()["trainable_params"]
+
+    cli = count("cli", vision_layers=layers, inject_layers=inject, pool=pool if base != "tiny" else 1, attn_dim=attn,
+                heads=4 if attn % 4 == 0 else 2)
+    rank = max(1, round(cli / count("llm_lora", llm_lora_rank=1, llm_lora_alpha=2.0)))
+    lora = count("llm_lora", llm_lora_rank=rank, llm_lora_alpha=2.0 * rank)
+    if abs(lora / cli - 1) > tolerance:
+        raise ValueError(f"no llm_lora rank matches CLI's {cli:,} trainable parameters within {tolerance:.0%} on "
+                         f"base {base!r} (rank {rank}: {lora:,}); change llm_lora_targets in CONTROLS")
+    return rank, {"cli": cli, "llm_lora": lora}
 
 
 def caption_conversations(data: Path) -> Path:
@@ -184,6 +218,59 @@ def per_type_table(scores: dict, records: list[dict], types: list[str], cli_base
         str(paired_difference(cli[:, masks[t]], one[:, masks[t]])) for t in types) + " |")
     rows.append("| questions | " + " | ".join(str(int(masks[t].sum())) for t in types) + " |")
     return rows
+
+
+def type_groups(types: list[str]) -> dict[str, set[str]]:
+    """{"control": the seven types with no headroom, "headroom": the opt-in fine-detail types} of these types
+    (one group when the set has no headroom type)."""
+    from pipelines.synth import HEADROOM_TYPES
+
+    groups = {"control": {t for t in types if t not in HEADROOM_TYPES}, "headroom": {t for t in types if t in HEADROOM_TYPES}}
+    return {g: m for g, m in groups.items() if m}
+
+
+def group_table(scores: dict, bases: dict[str, list[np.ndarray]], records: list[dict],
+                groups: dict[str, set[str]]) -> tuple[list[str], dict]:
+    """Choice accuracy on the control types and on the headroom types (seeds pooled), each method's paired
+    difference to one-to-one (each run with the base it stood on) and CLI's to each control, and the issue's goals:
+    headroom CLI >= one-to-one + 8 and >= the best control + 3, control CLI >= one-to-one - 1."""
+    from jobs.intervals import paired_difference
+
+    masks = {g: np.array([r["type"] in m for r in records]) for g, m in groups.items()}
+    head = " | ".join(f"{g} accuracy | {g}: minus one-to-one [95% CI] | {g}: CLI minus this [95% CI]" for g in groups)
+    rows = [f"| method | seeds | {head} |", "|---|---|" + "---|---|---|" * len(groups)]
+    out: dict = {}
+    cli = np.stack(scores["cli"]["choice"])
+    for method, by in scores.items():
+        choice = np.stack(by["choice"])
+        cells, rec = [], {}
+        for g, m in masks.items():
+            one = np.stack(bases[method])[:, m] if method != "one_to_one" else None
+            vs_one = paired_difference(choice[:, m], one) if one is not None else None
+            vs_cli = paired_difference(cli[:, m], choice[:, m]) if method != "cli" else None
+            rec[g] = {"accuracy": float(choice[:, m].mean()), "minus_one_to_one": vars(vs_one) if vs_one else None,
+                      "cli_minus": vars(vs_cli) if vs_cli else None}
+            cells += [f"{choice[:, m].mean():.3f}", str(vs_one) if vs_one else "-", str(vs_cli) if vs_cli else "-"]
+        out[method] = rec
+        rows.append(f"| {method} | {len(choice)} | " + " | ".join(cells) + " |")
+    goals = []
+    if "headroom" in groups:
+        h = out["cli"]["headroom"]["minus_one_to_one"]
+        goals.append(f"- headroom types: CLI - one-to-one {h['estimate']:+.3f} [{h['low']:+.3f}, {h['high']:+.3f}]; goal >= "
+                     f"+0.080 with the interval above 0: {'met' if h['estimate'] >= 0.08 and h['low'] > 0 else 'missed'}.")
+        controls = {m: r["headroom"]["cli_minus"] for m, r in out.items()
+                    if m not in ("cli", "one_to_one") and m not in VARIANTS and r["headroom"]["cli_minus"]}
+        if controls:
+            best = min(controls, key=lambda m: controls[m]["estimate"])  # the control CLI beats by the least
+            b = controls[best]
+            goals.append(f"- headroom types: CLI - the best control ({best}) {b['estimate']:+.3f} [{b['low']:+.3f}, "
+                         f"{b['high']:+.3f}]; goal >= +0.030 with the interval above 0: "
+                         f"{'met' if b['estimate'] >= 0.03 and b['low'] > 0 else 'missed'}.")
+    if "control" in groups:
+        c = out["cli"]["control"]["minus_one_to_one"]
+        goals.append(f"- control types: CLI - one-to-one {c['estimate']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]; goal "
+                     f">= -0.010: {'met' if c['estimate'] >= -0.01 else 'missed'}.")
+    return rows + [""] + goals, out
 
 
 def metrics_rows(run: Path) -> list[dict]:
@@ -333,6 +420,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=list(BASES), default="small")
     ap.add_argument("--n", type=int, default=5600, help="synthetic images (one question each)")
+    ap.add_argument("--question-types", nargs="+", default=None, metavar="TYPE",
+                    help="the synth set's question types (crosslayer data synth --question-types; 'all': the seven "
+                         "control types and the three headroom types); default: the seven")
     ap.add_argument("--test-frac", type=float, default=0.18, help="share of them in test.jsonl (0.1 go to val.jsonl)")
     ap.add_argument("--eval-n", type=int, default=1000, help="test questions asked")
     ap.add_argument("--val-n", type=int, default=200, help="validation questions of the training curves")
@@ -380,13 +470,26 @@ def main() -> int:
 
     from jobs.evaluate import EvalJob, run_eval
     from pipelines.features import FeatureJob, run_features
-    from pipelines.synth import SynthConfig, synthesize
+    from pipelines.synth import ALL_TYPES, TYPES, SynthConfig, synthesize
 
     t0, work = time.time(), Path(args.work).resolve()
     layers, _, pool, _, size = BASES[args.base]
     data = (work / "data").resolve()  # a data folder shared by link: the cache knows its images by real path
+    types = None if args.question_types is None else \
+        (ALL_TYPES if args.question_types == ["all"] else tuple(args.question_types))
     if not (data / "meta.json").exists():
-        synthesize(SynthConfig(out=str(data), n=args.n, seed=0, image_size=size, test_frac=args.test_frac))
+        synthesize(SynthConfig(out=str(data), n=args.n, seed=0, image_size=size, test_frac=args.test_frac,
+                               **({"question_types": types} if types else {})))
+    made = {r["type"] for r in map(json.loads, (data / "train.jsonl").read_text().splitlines())}
+    if made != set(types or TYPES):
+        raise ValueError(f"{data} holds question types {sorted(made)}, not the {sorted(types or TYPES)} asked for; "
+                         f"use another --work (a resumed benchmark keeps its data) or the types it was made with")
+    if "instruct_continued" in args.methods and not args.instruct_steps:
+        raise ValueError("instruct_continued continues the instruct stage, and --instruct-steps is 0; give it steps "
+                         "or leave instruct_continued out (the frozen-LLM regime's control is llm_lora)")
+    if "llm_lora" in args.methods:
+        args.llm_lora_rank, counts = matched_lora_rank(args.base)
+        print(f"[quality] llm_lora rank {args.llm_lora_rank}: trainable parameters {counts}", flush=True)
     records = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()][: args.eval_n]
     (data / "test-sub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     val = (data / "val.jsonl").read_text().splitlines()[: args.val_n]
@@ -451,7 +554,8 @@ def main() -> int:
                 continue
             fresh = not (work / name / "summary.json").is_file()
             summary = train(work, args.base, name, data, cache_of(method), args.stage2_steps, args.stage2_lr, seed,
-                            [*method_overrides(method, args.base), *stage2_from], base_path=one_base, **common)
+                            [*method_overrides(method, args.base, args), *stage2_from], base_path=one_base,
+                            **common)
             if fresh:  # what it stood on (a finished run copied in keeps the copy it came with)
                 keep_base_answers(Path(summary["dir"]), one_report)
             runs.setdefault(method, []).append((seed, summary))
@@ -478,6 +582,9 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
     # the most-frequent training answer of the question's type, as a predictor: the prior one-to-one must beat
     guess = np.array([float(r["answer"] == prior[r["type"]].most_common(1)[0][0]) for r in records])
     of_type = {t: np.array([t in ("all", r["type"]) for r in records]) for t in [*types, "all"]}
+    groups = type_groups(types)
+    if len(groups) > 1:  # headroom types asked: the control types and the headroom types as two more rows
+        of_type.update({f"{g} types": np.array([r["type"] in members for r in records]) for g, members in groups.items()})
     majority = {t: float(guess[of_type[t]].mean()) for t in types}
     # each run's base; one_to_one pools the distinct bases (one, unless a base was trained again)
     bases = {m: base_choice([Path(s["dir"]) for _, s in r], records, scores["one_to_one"]["choice"][0])
@@ -489,7 +596,7 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
                    "(paired) [95% CI] | chance (1 / answers) | questions |", "|---|---|---|---|---|---|"]
     for t, mask in of_type.items():
         vs = paired_difference(one[None, mask], guess[None, mask])
-        chance = f"{1 / len(prior[t]):.3f}" if t != "all" else "-"
+        chance = f"{1 / len(prior[t]):.3f}" if t in prior else "-"
         stage1_rows.append(f"| {t} | {one[mask].mean():.3f} | {guess[mask].mean():.3f} | {vs} ({verdict(vs)}) | {chance} | "
                            f"{int(mask.sum())} |")
     table = ["| method | seeds | choice accuracy [95% CI] | generated exact match [95% CI] | "
@@ -523,6 +630,8 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
             tables["goal"].append(f"- {method} - one-to-one (choice accuracy, paired): {goal}; goal >= +0.080 with "
                                   f"the interval above 0: {'met' if met else 'missed'}.")
         tables["per_type"] = per_type_table(scores, records, types, bases["cli"])
+        if len(groups) > 1:
+            tables["groups"], out["groups"] = group_table(scores, bases, records, groups)
         for method in [m for m in runs if m == "cli" or m in VARIANTS]:
             tables[f"gates {method}"] = [f"{method}:", ""] + gate_table([work / f"{method}-seed{seed}"
                                                                         for seed, _ in runs[method]])

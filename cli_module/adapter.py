@@ -133,14 +133,17 @@ def load_model(adapter: str | os.PathLike | None, base: str | None = None, weigh
     """-> (fused model, model id). An adapter over its base (or ``base``, when given), or with no adapter the base
     as is (``one_to_one``, id ``base:<name>``). ``weights=False`` builds it on the meta device from configs (the
     adapter is still read and checked): what a driver needs to fail fast. ``shared``: an already loaded base to
-    reuse, unless the adapter carries its own projector, which would overwrite the shared one in place."""
+    reuse, unless the adapter carries its own projector, which would overwrite the shared one in place, or its
+    method inserts modules into the base (llm_lora)."""
     if adapter is None:
         if base is None and shared is None:
             raise ValueError("give an adapter folder, or a base to use as is")
         b = shared if shared is not None else load_base(base, dtype=dtype, weights=weights)
         return FusedVLM(b, CLIConfig(method="one_to_one")), f"base:{base or b.name}"
     config = read_adapter_config(adapter)
-    if shared is None or config.includes_projector:
+    from .methods import method_class
+
+    if shared is None or config.includes_projector or method_class(config.method).modifies_base:
         shared = load_base(base or config.base_model, dtype=dtype, weights=weights)
     return load_adapter(adapter, base=shared), str(adapter).rstrip("/").rsplit("/", 1)[-1]
 
@@ -149,7 +152,7 @@ def apply_adapter_state(model: FusedVLM, state: dict[str, torch.Tensor], source:
     """Copy plug-in weights (and P's, under ``projector.``) into ``model``; every key must fit exactly."""
     proj = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
     plug = {k: v for k, v in state.items() if not k.startswith("projector.")}
-    own = dict(model.named_parameters())
+    own = {**dict(model.named_parameters()), **model.method.base_parameters(model)}  # llm_lora's under llm_lora.
     missing = sorted(k for k in own if not k.startswith("base_model.") and k not in plug)
     unknown = sorted(k for k in plug if k not in own)
     if missing or unknown:

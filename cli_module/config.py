@@ -11,14 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct"]
+Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct", "llm_lora"]
 Gate = Literal["layer", "channel", "none"]
 Positions = Literal["all", "text", "image"]
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class CLIConfig:
-    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion), or instruct (P + LLM):
+    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion, llm_lora), or
+    #                         instruct (P + LLM):
     #                         one file each in cli_module/methods
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
     lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
@@ -30,7 +32,11 @@ class CLIConfig:
     gate: Gate = "layer"  # gate per vision layer (scalar), per channel, or none (always 1: AMP only)
     gate_init: float = 0.0  # initial gate bias b_k: every gate opens sigmoid(gate_init) at step 0 (0 -> half)
     positions: Positions = "all"  # which sequence positions receive the AGF update
-    dropout: float = 0.0  # dropout on AMP inputs and AGF attention output during training
+    dropout: float = 0.0  # dropout on AMP inputs and AGF attention output (llm_lora: on its LoRA input) in training
+    llm_lora_rank: int = 8  # method llm_lora: rank of the LoRA (PEFT) on the LLM's linear layers
+    llm_lora_alpha: float = 16.0  # method llm_lora: its scale is alpha / rank
+    llm_lora_targets: list[str] = field(default_factory=lambda: list(LLM_LORA_TARGETS))  # method llm_lora: the
+    #                         decoder layers' linear modules it adapts (every layer)
 
     def __post_init__(self) -> None:
         _check_literal("method", self.method, Method)
@@ -56,6 +62,14 @@ class CLIConfig:
             raise ValueError(f"gate_init must be in [-20, 20] (a logit: sigmoid(20) is already 1.0), got {self.gate_init}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        self.llm_lora_targets = [str(t) for t in self.llm_lora_targets]
+        if self.llm_lora_alpha <= 0:
+            raise ValueError(f"llm_lora_alpha must be > 0, got {self.llm_lora_alpha}")
+        lora_set = {"llm_lora_rank": self.llm_lora_rank != 8, "llm_lora_alpha": self.llm_lora_alpha != 16.0,
+                    "llm_lora_targets": tuple(self.llm_lora_targets) != LLM_LORA_TARGETS}
+        if self.method != "llm_lora" and any(lora_set.values()):
+            raise ValueError(f"{[k for k, v in lora_set.items() if v]} set, but they configure method 'llm_lora' and "
+                             f"this config's method is {self.method!r}; set method=llm_lora or leave them unset")
         from .methods import method_class  # the method's own checks (methods import this module)
 
         method_class(self.method).check(self)

@@ -95,8 +95,10 @@ class FusedVLM(nn.Module):
                 "trainable_percent": round(100.0 * trainable / total, 4)}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """What an adapter file holds: the plug-in's weights, and P's when it was trained or replaced."""
+        """What an adapter file holds: the plug-in's weights (with those a method inserted inside the base, such
+        as llm_lora's), and P's when it was trained or replaced."""
         state = {n: p.detach() for n, p in self.named_parameters() if not n.startswith("base_model.")}
+        state.update({n: p.detach() for n, p in self.method.base_parameters(self).items()})  # llm_lora's
         if self.projector_modified:
             state.update({f"projector.{n}": p.detach() for n, p in self.base.projector.named_parameters()})
         return state

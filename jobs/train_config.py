@@ -95,7 +95,7 @@ class OptimArgs:
     grad_clip: float = 1.0  # global gradient-norm clipping (DeepSpeed gradient_clipping; 0 = off)
     gate_lr_scale: float = 1.0  # learning rate of AGF's gate controller (gate_proj, gate_bias), times lr
     out_lr_scale: float = 1.0  # learning rate of AGF's output map W_o (out_proj), times lr
-    lm_lr_scale: float = 1.0  # method instruct: learning rate of the LLM (P keeps lr), times lr
+    lm_lr_scale: float = 1.0  # methods instruct and llm_lora: learning rate of the LLM's weights (P keeps lr), times lr
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -157,6 +157,8 @@ class TrainConfig:
         if isinstance(cli, dict) and "method" in cli:
             raise ValueError(f"cli.method={cli['method']!r}: a recipe sets the method once, at the top level "
                              f"(method: {cli['method']}, or method={cli['method']} on the command line)")
+        if isinstance(cli, dict):  # the plug-in's config is checked against the run's method (llm_lora's fields)
+            data = {**data, "cli": {**cli, "method": data.get("method", "cli")}}
         return build(cls, data)
 
 

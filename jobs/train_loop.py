@@ -79,6 +79,7 @@ def build_model(base: Any, cfg: TrainConfig) -> Any:
 def adapter_params(model: Any) -> list[nn.Parameter]:
     """The parameters an adapter file holds (gathered first under ZeRO-3)."""
     params = [p for n, p in model.named_parameters() if not n.startswith("base_model.")]
+    params += list(model.method.base_parameters(model).values())  # llm_lora's, inside the LLM
     if model.trains_base:  # instruct: what a derived base holds
         from cli_module.derived import trained_modules
 
@@ -110,7 +111,8 @@ def param_groups(model: nn.Module, o: Any) -> list[dict[str, Any]]:
     lm = {id(p) for p in model.base.language_model.parameters()} | {id(p) for p in model.base.lm_head.parameters()}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            kind = "gate" if ".gate_proj." in name or name.endswith(".gate_bias") else \
+            agf_gate = name.startswith("agf.") and (".gate_proj." in name or name.endswith(".gate_bias"))
+            kind = "gate" if agf_gate else \
                 "out" if name.startswith("agf.") and ".out_proj." in name else "lm" if id(p) in lm else "rest"
             groups[kind].append(p)
     scale = {"gate": o.gate_lr_scale, "out": o.out_lr_scale, "lm": o.lm_lr_scale, "rest": 1.0}
@@ -118,7 +120,7 @@ def param_groups(model: nn.Module, o: Any) -> list[dict[str, Any]]:
     for kind, option in (("gate", "optim.gate_lr_scale"), ("out", "optim.out_lr_scale"), ("lm", "optim.lm_lr_scale")):
         if scale[kind] != 1.0 and not groups[kind]:
             raise ValueError(f"{option}={scale[kind]} but this model trains no {owner[kind]} parameters (method "
-                             f"{'instruct' if kind == 'lm' else 'cli with a gate'} has them); leave {option} at 1")
+                             f"{'instruct or llm_lora' if kind == 'lm' else 'cli with a gate'} has them); leave {option} at 1")
     return [{"params": ps, "lr": o.lr * scale[kind], "name": kind} for kind, ps in groups.items() if ps]
 
 

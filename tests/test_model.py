@@ -144,7 +144,7 @@ def test_baselines_start_at_the_base_and_train_their_own_part(tiny_base, method)
         assert (model(**inputs, visual=visual).logits - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("method", ["cli", "deepstack", "input_fusion", "projector_ft"])
+@pytest.mark.parametrize("method", ["cli", "deepstack", "input_fusion", "projector_ft", "llm_lora"])
 def test_every_trainable_method_learns_from_its_zero_init(method):
     """Ten AdamW steps (lr 1e-3) on one batch lower the LM loss by > 0.05 nats for every method. A zero-initialised
     output that Adam can only grow by ~lr per step (deepstack's old scalar scale) lowered it by 0.016 here, against

@@ -12,9 +12,11 @@ from .cli import CLI
 from .deepstack import DeepStack
 from .input_fusion import FusionProjector, InputFusion
 from .instruct import Instruct
+from .llm_lora import LLMLoRA
 from .projector_ft import ProjectorFT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CLI, Method, ProjectorFT, DeepStack, InputFusion, Instruct)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CLI, Method, ProjectorFT, DeepStack, InputFusion, Instruct,
+                                                  LLMLoRA)}
 assert set(METHODS) == set(get_args(MethodName)), "cli_module.config.Method and METHODS must list the same names"
 
 

@@ -36,6 +36,7 @@ class Method:
     reads_visual_when_decoding: ClassVar[bool] = False  # its hook needs per-image tensors at every decoding step
     projector_modified: ClassVar[bool] = False  # the adapter carries P's weights
     trains_base: ClassVar[bool] = False  # P and the LLM train: the result is a derived base, not an adapter
+    modifies_base: ClassVar[bool] = False  # inserts modules into the base it is built on (never share that base)
 
     @classmethod
     def check(cls, config: CLIConfig) -> None:
@@ -51,6 +52,10 @@ class Method:
 
     def mark_trainable(self, fused: FusedVLM) -> None:
         """After the base is frozen and the attached modules made trainable: which base parts train too."""
+
+    def base_parameters(self, fused: FusedVLM) -> dict[str, torch.nn.Parameter]:
+        """The parameters this method inserted inside the base (``modifies_base``), by their adapter names."""
+        return {}
 
     def image_embeds(self, fused: FusedVLM, vf: VisionFeatures) -> torch.Tensor:
         """The input path: the select layer's features through P -> (C, N, D)."""
