@@ -6,6 +6,7 @@ come out again."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -172,3 +173,38 @@ def test_export_names_what_it_misses(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no finished run"):
         quality_powered.export(tmp_path, tmp_path / "out.json", "python")
     assert not (tmp_path / "out.json").exists()
+
+
+def test_group_table_pairs_each_run_with_its_base_and_states_the_goals() -> None:
+    """Control and headroom types are scored apart: CLI's gain on the headroom types against one-to-one (each run
+    with its base) and against the best control, and its change on the control types, with the goals' verdicts."""
+    types = ["arrow"] * 40 + ["color"] * 40  # arrow: a headroom type; colour: a control type
+    records = [{"type": t} for t in types]
+    one = np.r_[np.zeros(40), np.ones(40)]  # the base: no arrow right, every colour right
+    cli = np.r_[np.ones(30), np.zeros(10), np.ones(40)]  # +0.75 on arrow, colour kept
+    lora = np.r_[np.ones(20), np.zeros(20), np.ones(38), np.zeros(2)]  # +0.5 on arrow, -0.05 on colour
+    scores = {"one_to_one": {"choice": [one]}, "cli": {"choice": [cli, cli]}, "llm_lora": {"choice": [lora]}}
+    bases = {"cli": [one, one], "llm_lora": [one]}
+    groups = quality_powered.type_groups(["arrow", "color"])
+    assert groups == {"control": {"color"}, "headroom": {"arrow"}}
+    rows, out = quality_powered.group_table(scores, bases, records, groups)
+    assert out["cli"]["headroom"]["minus_one_to_one"]["estimate"] == pytest.approx(0.75)
+    assert out["llm_lora"]["control"]["minus_one_to_one"]["estimate"] == pytest.approx(-0.05)
+    assert out["llm_lora"]["headroom"]["cli_minus"]["estimate"] == pytest.approx(0.25)
+    text = "\n".join(rows)
+    assert "headroom types: CLI - one-to-one +0.750" in text and ">= +0.080 with the interval above 0: met" in text
+    assert "the best control (llm_lora) +0.250" in text
+    assert "control types: CLI - one-to-one +0.000" in text and ">= -0.010: met" in text
+    assert quality_powered.type_groups(["color", "shape"]) == {"control": {"color", "shape"}}
+
+
+def test_llm_lora_control_matches_clis_parameters_and_instruct_continued_trains_at_the_instruct_rates() -> None:
+    rank, counts = quality_powered.matched_lora_rank("tiny")
+    assert abs(counts["llm_lora"] / counts["cli"] - 1) <= 0.10 and rank >= 1
+    args = argparse.Namespace(instruct_lr=2e-4, instruct_lm_lr_scale=0.25, llm_lora_rank=rank)
+    assert quality_powered.method_overrides("llm_lora", "tiny", args)[-2:] == [f"cli.llm_lora_rank={rank}",
+                                                                              f"cli.llm_lora_alpha={2.0 * rank}"]
+    assert quality_powered.method_overrides("instruct_continued", "tiny", args) == [
+        "method=instruct", "optim.lr=0.0002", "optim.lm_lr_scale=0.25"]
+    with pytest.raises(ValueError, match="no llm_lora rank matches CLI's"):
+        quality_powered.matched_lora_rank("tiny", tolerance=0.0)

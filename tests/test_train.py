@@ -290,7 +290,7 @@ def test_zero2_two_workers_learns_and_adapter_reproduces_eval(reference, colour_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, method", [(0, "deepstack"), (3, "cli"), (3, "projector_ft")])
+@pytest.mark.parametrize("stage, method", [(0, "deepstack"), (3, "cli"), (3, "projector_ft"), (3, "llm_lora")])
 def test_zero_stages_and_baselines_save_loadable_adapters(stage, method, colour_data, tmp_path):
     from cli_module.adapter import load_adapter
     from cli_module.loading import load_base
