@@ -86,3 +86,21 @@ def test_bad_settings_are_refused(kwargs, message):
 def test_unknown_target_module_is_refused():
     with pytest.raises(ValueError, match=r"llm_lora_targets \['qkv'\] name no module.*q_proj"):
         FusedVLM(load_base("tiny"), CLIConfig(method="llm_lora", llm_lora_targets=["qkv"]))
+
+
+def test_engine_decodes_llm_lora_as_the_reference_loop():
+    """The engine (serving, captioning, evaluation) runs the LoRA'd decoder: greedy answers equal the plain loop's."""
+    from reference_decode import answer, greedy
+
+    from pipelines.generation import Sampling, complete
+
+    model = FusedVLM(load_base("tiny"), CLIConfig(**LORA))
+    with torch.no_grad():
+        for p in model.method.base_parameters(model).values():
+            p.normal_(0, 0.5)
+    inputs, visual = inputs_for(model)
+    tok = model.base.tokenizer
+    done = complete(model, inputs, visual, Sampling(max_new_tokens=6))
+    tokens = greedy(model, **inputs, visual=visual, max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    for row, c in zip(tokens.tolist(), done):
+        assert c.text == tok.decode(answer(row, tok.eos_token_id), skip_special_tokens=True).strip()
