@@ -11,15 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct"]
+Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct", "shipped"]
 Gate = Literal["layer", "channel", "none"]
 Positions = Literal["all", "text", "image"]
 
 
 @dataclass
 class CLIConfig:
-    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion), or instruct (P + LLM):
-    #                         one file each in cli_module/methods
+    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion, shipped), or
+    #                         instruct (P + LLM): one file each in cli_module/methods. On Qwen3-VL every method but
+    #                         one_to_one keeps the base's own DeepStack; shipped is that base as published
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
     lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
     lora_alpha: float = 32.0  # AMP scale is alpha / rank, as in LoRA

@@ -13,8 +13,10 @@ from .deepstack import DeepStack
 from .input_fusion import FusionProjector, InputFusion
 from .instruct import Instruct
 from .projector_ft import ProjectorFT
+from .shipped import Shipped
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CLI, Method, ProjectorFT, DeepStack, InputFusion, Instruct)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CLI, Method, ProjectorFT, DeepStack, InputFusion, Instruct,
+                                                 Shipped)}
 assert set(METHODS) == set(get_args(MethodName)), "cli_module.config.Method and METHODS must list the same names"
 
 

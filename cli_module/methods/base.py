@@ -36,6 +36,8 @@ class Method:
     reads_visual_when_decoding: ClassVar[bool] = False  # its hook needs per-image tensors at every decoding step
     projector_modified: ClassVar[bool] = False  # the adapter carries P's weights
     trains_base: ClassVar[bool] = False  # P and the LLM train: the result is a derived base, not an adapter
+    base_deepstack: ClassVar[bool] = False  # a Qwen3-VL base keeps its own DeepStack (as shipped); one_to_one turns
+    #                                         it off (the one-to-one input path only); no effect on other bases
 
     @classmethod
     def check(cls, config: CLIConfig) -> None:
