@@ -21,16 +21,17 @@ from .files import atomic_write, cache_root
 from .presets import (
     build_llava_7b_shape,
     build_llava_onevision_shape,
-    build_qwen2_5_vl_7b_shape,
+    build_qwen2_5_vl_shape,
     build_qwen3_vl_8b_shape,
     build_tiny,
 )
 from .prompting import fallback_template
 
 PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape", "llava-onevision-0.5b-shape",
-           "qwen2.5-vl-7b-shape", "qwen3-vl-8b-shape")
+           "qwen2.5-vl-3b-shape", "qwen2.5-vl-7b-shape", "qwen3-vl-8b-shape")
 SHAPES = {"llava-1.5-7b-shape": build_llava_7b_shape, "llava-onevision-0.5b-shape": build_llava_onevision_shape,
-          "qwen2.5-vl-7b-shape": build_qwen2_5_vl_7b_shape, "qwen3-vl-8b-shape": build_qwen3_vl_8b_shape}
+          "qwen2.5-vl-3b-shape": lambda: build_qwen2_5_vl_shape("3b"),
+          "qwen2.5-vl-7b-shape": lambda: build_qwen2_5_vl_shape("7b"), "qwen3-vl-8b-shape": build_qwen3_vl_8b_shape}
 
 
 def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,

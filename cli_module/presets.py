@@ -185,23 +185,33 @@ def tiny_qwen_image_processor(kind: Kind, max_pixels: int | None = None) -> Any:
                                     patch_size=QWEN_IMAGE[kind]["patch_size"], merge_size=2, temporal_patch_size=2)
 
 
-def build_qwen2_5_vl_7b_shape() -> Base:
-    """Qwen2.5-VL-7B-Instruct's published shapes (``config.json`` on the hub: a 32-block ViT 1280 wide, windows of
-    112 px with full attention in blocks 7, 15, 23, 31; Qwen2-7B's LLM, 28 layers, 3584 wide) on the meta device."""
+QWEN2_5_VL_TEXT = {  # the LLMs of Qwen2.5-VL-3B / -7B-Instruct as published (config.json on the hub)
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+
+
+def build_qwen2_5_vl_shape(size: str) -> Base:
+    """Qwen2.5-VL-3B / -7B-Instruct's published shapes (``config.json`` on the hub: a 32-block ViT 1280 wide, patch
+    14, windows of 112 px with full attention in blocks 7, 15, 23, 31; Qwen2.5-3B's LLM, 36 layers 2048 wide, or
+    Qwen2.5-7B's, 28 layers 3584 wide) on the meta device."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+    text = dict(QWEN2_5_VL_TEXT[size])
+    tied = text.pop("tie_word_embeddings")
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2, hidden_act="silu")
-    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+    text.update(max_position_embeddings=128000, tie_word_embeddings=tied,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
     config = Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
-                              vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False)
+                              vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=tied)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
-    return Base(name="qwen2.5-vl-7b-shape", kind="qwen2_5_vl", model=model, tokenizer=None, image_processor=None,
-                image_token_id=151655, select_layer=-1, select_strategy="full")
+    return Base(name=f"qwen2.5-vl-{size}-shape", kind="qwen2_5_vl", model=model, tokenizer=None,
+                image_processor=None, image_token_id=151655, select_layer=-1, select_strategy="full")
 
 
 def build_qwen3_vl_8b_shape() -> Base:
