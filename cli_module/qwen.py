@@ -185,7 +185,10 @@ def positions(base: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
 
     A forward that holds the images' tokens (a prefill or a full forward, 2-D ``attention_mask``) takes the model's
     ``get_rope_index``; a later forward over a cache (no image token in ``input_ids``) takes its text positions
-    (``position_ids``, or counted from the 2-D mask, or ``past`` + 0..S-1) plus each image row's delta."""
+    (``position_ids``, or counted from the 2-D mask, or ``past`` + 0..S-1) plus each image row's delta. 3-D
+    ``position_ids`` (3, B, S) are taken as they are."""
+    if position_ids is not None and position_ids.dim() == 3:
+        return position_ids  # already M-RoPE positions (3, B, S): the decoding engine computes its own
     if visual is None or getattr(visual, "grids", None) is None:
         return position_ids  # text only: the LLM's own 1-D positions, on all three axes
     rows = visual.rows if visual.rows is not None else torch.ones(input_ids.shape[0], dtype=torch.bool,

@@ -208,3 +208,25 @@ def test_published_shapes_parameter_counts(name, total, trainable):
     counts = FusedVLM(base, CLIConfig()).param_counts()
     assert (counts["total_params"], counts["trainable_params"]) == (total, trainable)
     assert counts["trainable_percent"] < 0.25
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["cli", "shipped", "deepstack"])
+def test_engine_answers_equal_the_uncached_loop(folders, family, method):
+    """The decoding engine (serving, captioning and evaluation decode through it): two prompts whose images take
+    different token counts, padded AGF image slots, M-RoPE positions with each row's delta; its greedy answers equal
+    full forwards without any cache, token for token."""
+    from pipelines.generation import Sampling, complete
+
+    base = load_base(str(folders[family]))
+    extra = {"method": method, **({"vision_layers": [1, 2], "inject_layers": [0, 2]} if method == "deepstack" else {})}
+    model = FusedVLM(base, CLIConfig(**{**CLI, **extra}))
+    perturb(model, std=1.0)
+    inputs, visual, _ = batch(model)
+    done = complete(model, inputs, visual, Sampling(max_new_tokens=6))
+    want = greedy(model, inputs["input_ids"], inputs["attention_mask"], visual=visual, max_new_tokens=6,
+                  use_cache=False, eos_token_id=base.tokenizer.eos_token_id)
+    tok = base.tokenizer
+    for row, c in zip(want.tolist(), done):
+        used = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+        assert c.tokens == len(used) and c.text == tok.decode(used, skip_special_tokens=True).strip()
