@@ -50,8 +50,10 @@ class AGF(nn.Module):
         return self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
 
     def forward(self, h: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (B, S, D), kv from ``project_kv``, mask (B, S) of positions to update -> (h', gates (B, S, K))."""
+                mask: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, S, D), kv from ``project_kv``, mask (B, S) of positions to update, key_mask (B, N) of the real
+        visual tokens when images of different token counts share a batch (a Qwen base) -> (h', gates (B, S, K))."""
         keys, values = kv  # (B, H, K, N, dh)
         b, s, _ = h.shape
         k, dh = keys.shape[2], keys.shape[-1]
@@ -61,8 +63,10 @@ class AGF(nn.Module):
         n = keys.shape[3]
         # the vision layers folded into the heads: 4-D tensors, so SDPA stays one fused call (5-D ones fall back
         # to the math path); each (head, layer) pair is its own attention: softmax within each layer
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :].to(q.device)  # (B, 1, 1, N)
         ctx = F.scaled_dot_product_attention(q, keys.reshape(b, self.heads * k, n, dh),
-                                             values.reshape(b, self.heads * k, n, dh))  # (B, H*K, S, dh)
+                                             values.reshape(b, self.heads * k, n, dh),
+                                             attn_mask=attn_mask)  # (B, H*K, S, dh)
         ctx = ctx.view(b, self.heads, k, s, dh).permute(0, 3, 2, 1, 4).reshape(b, s, k, self.attn_dim)  # (B, S, K, A)
         if self.gate_kind == "none":
             gates = ctx.new_ones(b, s, k, 1)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Kind = Literal["llava", "llava_onevision", "composed"]
+Kind = Literal["llava", "llava_onevision", "composed", "qwen2_5_vl", "qwen3_vl"]
 
 
 @dataclass
@@ -36,11 +36,22 @@ class Base:
         return self.encoder_source or (self.name, self.revision)
 
     @property
+    def qwen(self) -> bool:
+        """A Qwen2.5-VL / Qwen3-VL base (``cli_module.qwen``): dynamic resolution, merge-unit tokens, M-RoPE."""
+        return self.kind in ("qwen2_5_vl", "qwen3_vl")
+
+    @property
     def vision_tower(self) -> nn.Module:
+        if self.qwen:
+            return self.model.model.visual
         return self.model.vision_tower if self.kind == "composed" else self.model.model.vision_tower
 
     @property
     def projector(self) -> nn.Module:
+        if self.qwen:  # the ViT's patch merger, over merge-unit tokens (a view of the model's own module)
+            from .qwen import MergerProjector
+
+            return MergerProjector(self.model.model.visual.merger, self.vision_config.hidden_size)
         return self.model.multi_modal_projector if self.kind == "composed" else self.model.model.multi_modal_projector
 
     @property
@@ -61,6 +72,16 @@ class Base:
         return self.language_model.config
 
     @property
+    def feature_dim(self) -> int:
+        """Width of one vision token the plug-in reads (AMP's input): the encoder's hidden size, or for a Qwen base
+        a 2x2 merge unit of patches (4 x hidden size)."""
+        if self.qwen:
+            from .qwen import feature_dim
+
+            return feature_dim(self)
+        return self.vision_config.hidden_size
+
+    @property
     def num_vision_layers(self) -> int:
         return self.vision_config.num_hidden_layers
 
@@ -70,7 +91,10 @@ class Base:
 
     @property
     def grid(self) -> int | None:
-        """Side of the square visual token grid of one crop, from the processor's crop size and the patch size."""
+        """Side of the square visual token grid of one crop, from the processor's crop size and the patch size;
+        None for a Qwen base, whose token count varies per image (``image_grid_thw``, ``cli_module.qwen``)."""
+        if self.qwen:
+            return None
         size = self.vision_config.image_size
         for attr in ("crop_size", "size"):  # what the processor feeds the encoder, if it says
             value = getattr(self.image_processor, attr, None)
@@ -84,7 +108,8 @@ class Base:
 
     def image_tokens(self, crop_tokens: int) -> int:
         """Input positions an image takes when it enters as its one whole-image crop of ``crop_tokens`` features
-        (the feature cache's and every job's visual input): OneVision appends its ``image_newline`` token."""
+        (the feature cache's and every job's visual input): OneVision appends its ``image_newline`` token. A Qwen
+        image takes exactly its merged token count, t * h * w / merge^2 of its ``image_grid_thw``."""
         return crop_tokens + 1 if self.kind == "llava_onevision" else crop_tokens
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct", "llm_lora"]
+Method = Literal["cli", "one_to_one", "projector_ft", "deepstack", "input_fusion", "instruct", "llm_lora", "shipped"]
 Gate = Literal["layer", "channel", "none"]
 Positions = Literal["all", "text", "image"]
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -19,9 +19,9 @@ LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class CLIConfig:
-    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion, llm_lora), or
-    #                         instruct (P + LLM):
-    #                         one file each in cli_module/methods
+    method: Method = "cli"  # cli, a baseline (one_to_one, projector_ft, deepstack, input_fusion, llm_lora, shipped),
+    #                         or instruct (P + LLM): one file each in cli_module/methods. On Qwen3-VL every method but
+    #                         one_to_one keeps the base's own DeepStack; shipped is that base as published
     vision_layers: list[int] = field(default_factory=lambda: [-2, -5, -8, -11])  # K: hidden_states indices
     lora_rank: int = 16  # AMP low-rank adapter rank r (B_k A_k V_k); 0 disables the adapter (P only)
     lora_alpha: float = 32.0  # AMP scale is alpha / rank, as in LoRA

@@ -1,6 +1,7 @@
-"""Loading a base by name: a preset (``tiny``, ``tiny-onevision``, ``small``, ``llava-1.5-7b-shape``), a Hugging
-Face hub id, a local folder or an ``s3://`` prefix (mirrored into the local cache first) holding a
-``LlavaForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` checkpoint (safetensors only,
+"""Loading a base by name: a preset (``tiny``, ``tiny-onevision``, ``small``, ``llava-1.5-7b-shape``, the Qwen
+``*-shape`` presets), a Hugging Face hub id, a local folder or an ``s3://`` prefix (mirrored into the local cache
+first) holding a ``LlavaForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` or ``Qwen3VLForConditionalGeneration`` checkpoint (safetensors only,
 never pickle), a composed-base folder, or a derived base (a fine-tuned projector and LLM over any of these).
 """
 
@@ -17,11 +18,20 @@ from .bases import Base
 from .composed import COMPOSED_FILE, VisionStub, load_composed
 from .derived import apply_derived, is_derived, read_derived
 from .files import atomic_write, cache_root
-from .presets import build_llava_7b_shape, build_llava_onevision_shape, build_tiny
+from .presets import (
+    build_llava_7b_shape,
+    build_llava_onevision_shape,
+    build_qwen2_5_vl_shape,
+    build_qwen3_vl_8b_shape,
+    build_tiny,
+)
 from .prompting import fallback_template
 
-PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape", "llava-onevision-0.5b-shape")
-SHAPES = {"llava-1.5-7b-shape": build_llava_7b_shape, "llava-onevision-0.5b-shape": build_llava_onevision_shape}
+PRESETS = ("tiny", "tiny-onevision", "small", "llava-1.5-7b-shape", "llava-onevision-0.5b-shape",
+           "qwen2.5-vl-3b-shape", "qwen2.5-vl-7b-shape", "qwen3-vl-8b-shape")
+SHAPES = {"llava-1.5-7b-shape": build_llava_7b_shape, "llava-onevision-0.5b-shape": build_llava_onevision_shape,
+          "qwen2.5-vl-3b-shape": lambda: build_qwen2_5_vl_shape("3b"),
+          "qwen2.5-vl-7b-shape": lambda: build_qwen2_5_vl_shape("7b"), "qwen3-vl-8b-shape": build_qwen3_vl_8b_shape}
 
 
 def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
@@ -53,11 +63,16 @@ def load_base(name: str, revision: str | None = None, dtype: torch.dtype = torch
             source = load_base(meta["source"], meta["source_revision"], dtype, vision, weights, language)
             return apply_derived(source, path, meta, name, weights=weights and language)
         base = load_pretrained(name, revision=revision, dtype=dtype, weights=weights, path=path)
-    if not vision and not isinstance(base.vision_tower, VisionStub):
+    if not vision and base.qwen:  # the merger is P and stays; the ViT's blocks go
+        from .qwen import drop_encoder
+
+        drop_encoder(base)
+    elif not vision and not isinstance(base.vision_tower, VisionStub):
         owner = base.model if base.kind == "composed" else base.model.model
         owner.vision_tower = VisionStub(base.vision_config)
     if not language:  # frees the weights, keeps every shape and config
-        for module in (base.language_model, base.lm_head, base.projector):
+        # (a Qwen merger stays: it is part of the ViT, whose forward runs it)
+        for module in (base.language_model, base.lm_head, *([] if base.qwen else [base.projector])):
             module.to("meta")
     if name not in SHAPES:  # the shape presets live on the meta device
         base.model.to(dtype)
@@ -86,7 +101,8 @@ def chat_template_of(path: str, tokenizer: Any, family: str, revision: str | Non
 
 def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype = torch.float32,
                     weights: bool = True, path: str | None = None) -> Base:
-    """Load a LLaVA / LLaVA-OneVision checkpoint or a ComposedVLM folder; safetensors only, never pickle.
+    """Load a LLaVA / LLaVA-OneVision / Qwen2.5-VL / Qwen3-VL checkpoint or a ComposedVLM folder; safetensors only,
+    never pickle.
     ``weights=False``: the model is built from its config on the meta device and no weight file is read."""
     from transformers import (
         AutoConfig,
@@ -94,6 +110,8 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
         AutoTokenizer,
         LlavaForConditionalGeneration,
         LlavaOnevisionForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
     )
 
     if path is None:  # load_base passes the folder it already mirrored
@@ -103,7 +121,8 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
     if os.path.isdir(path) and not Path(path, "config.json").is_file():
         raise FileNotFoundError(f"{source}: no config.json or {COMPOSED_FILE}; point --base at a model folder")
     config = AutoConfig.from_pretrained(path, revision=revision)
-    classes = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration}
+    classes = {"llava": LlavaForConditionalGeneration, "llava_onevision": LlavaOnevisionForConditionalGeneration,
+               "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
     if config.model_type not in classes:
         raise ValueError(f"{source}: model_type {config.model_type!r} is not supported; use one of "
                          f"{sorted(classes)} or a composed base folder with {COMPOSED_FILE}")
@@ -116,9 +135,10 @@ def load_pretrained(source: str, revision: str | None = None, dtype: torch.dtype
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
     tok.chat_template = chat_template_of(path, tok, config.model_type, revision)
     proc = AutoImageProcessor.from_pretrained(path, revision=revision)
+    # a Qwen base feeds its last ViT block, all tokens, through the merger (cli_module.qwen)
     return Base(name=source, kind=config.model_type, model=model, tokenizer=tok, image_processor=proc,
-                image_token_id=config.image_token_id, select_layer=config.vision_feature_layer,
-                select_strategy=config.vision_feature_select_strategy, revision=revision)
+                image_token_id=config.image_token_id, select_layer=getattr(config, "vision_feature_layer", -1),
+                select_strategy=getattr(config, "vision_feature_select_strategy", "full"), revision=revision)
 
 
 

@@ -37,6 +37,9 @@ class VisionFeatures:
     crops: list[int] | None = None  # crops per image (LLaVA-OneVision anyres); None means one each
     image_sizes: torch.Tensor | None = None  # (B, 2) original sizes, for OneVision's anyres packing
     rows: torch.Tensor | None = None  # (R,) bool: which rows of the batch hold these B images (None: all, B = R)
+    grids: torch.Tensor | None = None  # (B, 3) a Qwen base's image_grid_thw: row b's first t*h*w/4 of the N
+    #                                    (padded) tokens are real (cli_module.qwen)
+    deepstack: torch.Tensor | None = None  # (B, J, N, 4 Dv) the ViT blocks Qwen3-VL's own DeepStack reads, when on
 
 
 @dataclass
@@ -48,6 +51,11 @@ class VisualState:
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per injection layer: AGF keys, values (B, H, K, N', A/H)
     counts: list[int]  # image tokens per image: how many <image> placeholders each prompt needs
     rows: torch.Tensor | None = None  # (R,) bool: the batch rows with an image; text-only rows get no injection
+    grids: torch.Tensor | None = None  # (B, 3) a Qwen base's image_grid_thw, for its M-RoPE positions
+    rope_deltas: torch.Tensor | None = None  # (B,) a Qwen image's M-RoPE offset of the positions after it
+    token_mask: torch.Tensor | None = None  # (B, N') bool: the real (unpadded) tokens of ``tokens``; None: all
+    deepstack_embeds: list[torch.Tensor] | None = None  # Qwen3-VL's own DeepStack, per decoder layer 0..J-1:
+    #                                                     (total image tokens, D), added at the image positions
 
 
 @dataclass
@@ -73,6 +81,8 @@ class FusedVLM(nn.Module):
             self.method.attach(self)  # the method's modules, on the LLM's device
         self.projector_modified = self.method.projector_modified  # the adapter carries P (also a stage-1 P)
         self.trains_base = self.method.trains_base  # P and the LLM train: the result is a derived base
+        # Qwen3-VL's own DeepStack (as shipped) stays on for every method but one_to_one (cli_module.methods.base)
+        self.base_deepstack = base.kind == "qwen3_vl" and self.method.base_deepstack
         self._state: dict | None = None  # set only during a forward: visual state, masks, gate sink
         self._hooks = [base.language_model.layers[t].register_forward_hook(self._make_hook(i))
                        for i, t in enumerate(config.inject_layers)] if self.method.hooks_layers else []
@@ -120,15 +130,37 @@ class FusedVLM(nn.Module):
 
     # --- vision ---------------------------------------------------------------------------------------
 
-    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisionFeatures:
-        """Run the frozen encoder once: (B, C, H, W) or OneVision's (B, P, C, H, W) -> VisionFeatures."""
-        return encode_images(self.base, pixel_values, self.vision_layers, self.config.pool, image_sizes)
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None, *,
+                      image_grid_thw: torch.Tensor | None = None) -> VisionFeatures:
+        """Run the frozen encoder once: (B, C, H, W), OneVision's (B, P, C, H, W) or a Qwen base's flattened patches
+        (P, C*t*p*p) with ``image_grid_thw`` (B, 3) -> VisionFeatures."""
+        return encode_images(self.base, pixel_values, self.vision_layers, self.config.pool, image_sizes,
+                             image_grid_thw=image_grid_thw, deepstack=self.base_deepstack)
 
     def prepare_visual(self, vf: VisionFeatures) -> VisualState:
         """Project the features for the input path and compute the method's tokens (AMP, AGF keys/values), once
         per image."""
         image_embeds = self.method.image_embeds(self, vf)  # (C, N, D)
-        if self.base.kind == "llava_onevision":
+        qwen = {}
+        if self.base.qwen:  # variable counts: each image's real tokens, in row order
+            from .qwen import merge_size, rope_deltas, token_counts, token_mask
+
+            if vf.grids is None:
+                raise ValueError("a Qwen base's features need their image_grid_thw (VisionFeatures.grids)")
+            counts = token_counts(vf.grids, merge_size(self.base))
+            image_embeds = torch.cat([e[:n] for e, n in zip(image_embeds, counts)])  # (total image tokens, D)
+            mask = token_mask(vf.grids, merge_size(self.base), vf.select_features.shape[1])  # (B, N)
+            qwen = {"grids": vf.grids, "rope_deltas": rope_deltas(self.base, vf.grids),
+                    "token_mask": None if bool(mask.all()) else mask.to(image_embeds.device)}
+            if self.base_deepstack:
+                from .qwen import deepstack_embeds
+
+                if vf.deepstack is None:
+                    raise ValueError("these features lack the ViT blocks Qwen3-VL's own DeepStack reads "
+                                     f"({self.base.vision_config.deepstack_visual_indexes}); encode the images "
+                                     "with this model (or a feature cache written for it), or use method one_to_one")
+                qwen["deepstack_embeds"] = deepstack_embeds(self.base, vf.deepstack, counts)
+        elif self.base.kind == "llava_onevision":
             m = self.base.model.model
             per_image = torch.split(image_embeds, vf.crops or [1] * image_embeds.shape[0])
             sizes = vf.image_sizes if vf.image_sizes is not None else [None] * len(per_image)
@@ -140,7 +172,7 @@ class FusedVLM(nn.Module):
             counts = [image_embeds.shape[1]] * image_embeds.shape[0]
             image_embeds = image_embeds.flatten(0, 1)
         tokens, kv = self.method.visual_tokens(self, vf)  # (B, K, N', D) or None; per injection layer
-        return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts, rows=vf.rows)
+        return VisualState(image_embeds=image_embeds, tokens=tokens, kv=kv, counts=counts, rows=vf.rows, **qwen)
 
     def projector_place(self) -> tuple[torch.device, torch.dtype]:
         """P's device and dtype: where features go before the projector."""
@@ -167,14 +199,16 @@ class FusedVLM(nn.Module):
                 features: VisionFeatures | None = None, visual: VisualState | None = None,
                 labels: torch.Tensor | None = None, cache: object | None = None, use_cache: bool = False,
                 return_gates: bool = False, logits_to_keep: int = 0, float_logits: bool = False,
-                position_ids: torch.Tensor | None = None) -> FusedOutput:
-        """input_ids (B, S); images as pixels, cached features, or an already prepared VisualState.
+                position_ids: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> FusedOutput:
+        """input_ids (B, S); images as pixels (a Qwen base's with their ``image_grid_thw``), cached features, or an
+        already prepared VisualState.
         ``attention_mask`` (B, S) or, from the decoding engine, a prepared 4-D mask (B, 1, S, L) with its
         ``position_ids`` (B, S).
         ``float_logits``: the LM head in fp32 on a bf16/fp16 model (likelihood scoring: bf16 logits step by 0.125
         at |16| to 32, so candidates' scores tie and the first listed wins)."""
         if visual is None and (pixel_values is not None or features is not None):
-            features = features if features is not None else self.encode_images(pixel_values, image_sizes)
+            features = features if features is not None else self.encode_images(
+                pixel_values, image_sizes, image_grid_thw=image_grid_thw)
             visual = self.prepare_visual(features)
         lm = self.base.language_model
         embeds = lm.embed_tokens(input_ids)  # (B, S, D)
@@ -185,14 +219,22 @@ class FusedVLM(nn.Module):
                 raise ValueError(f"image tokens and features do not match: tokens {n_tok}, features {n_feat}; "
                                  f"expand each <image> to the encoder's token count")
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), visual.image_embeds.to(embeds.dtype))
+        if self.base.qwen:  # M-RoPE: the model's own positions for the image tokens and the text after them
+            from .qwen import positions
+
+            past = cache.get_seq_length() if cache is not None and position_ids is None else 0
+            position_ids = positions(self.base, input_ids, attention_mask, position_ids, image_mask, visual, past)
         if position_ids is None and attention_mask is not None:  # left padding: positions count real tokens only
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         update_mask = {"all": None, "image": image_mask, "text": ~image_mask}[self.config.positions]
         self._state = {"visual": visual, "image_mask": image_mask, "update_mask": update_mask,
                        "gates": [] if return_gates else None}
         try:
+            shipped = {}  # Qwen3-VL's own DeepStack: the model's code adds it after decoder layers 0..J-1
+            if visual is not None and visual.deepstack_embeds is not None and image_mask.any():
+                shipped = {"visual_pos_masks": image_mask, "deepstack_visual_embeds": visual.deepstack_embeds}
             out = lm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                     use_cache=use_cache, **{_cache_kwarg(lm): cache})
+                     use_cache=use_cache, **{_cache_kwarg(lm): cache}, **shipped)
             gates = torch.stack(self._state["gates"], dim=2) if return_gates and self._state["gates"] else None
         finally:
             self._state = None
@@ -223,7 +265,9 @@ class FusedVLM(nn.Module):
         visual = None
         if images is not None:
             proc = self.base.image_processor(images=images, return_tensors="pt")
-            if anyres:
+            if self.base.qwen:  # dynamic resolution: flattened patches and each image's grid
+                features = self.encode_images(proc["pixel_values"], image_grid_thw=proc["image_grid_thw"])
+            elif anyres:
                 features = self.encode_images(proc["pixel_values"], proc.get("image_sizes"))
             else:
                 features = self.encode_images(whole_image_crop(proc["pixel_values"]))
@@ -264,9 +308,20 @@ def whole_image_crop(pixel_values):
 
 @torch.no_grad()
 def encode_images(base: Base, pixel_values: torch.Tensor, vision_layers: list[int], pool: int = 1,
-                  image_sizes: torch.Tensor | None = None) -> VisionFeatures:
+                  image_sizes: torch.Tensor | None = None, *,
+                  image_grid_thw: torch.Tensor | None = None, deepstack: bool = False) -> VisionFeatures:
     """The frozen encoder's features for the plug-in: its select layer, and ``vision_layers`` of each image's first
-    crop after the select strategy and pooling. Used by the fused model and by the feature-cache writer."""
+    crop after the select strategy and pooling. Used by the fused model and by the feature-cache writer. A Qwen
+    base reads flattened patches with their ``image_grid_thw`` and gives merge-unit tokens padded per image
+    (``cli_module.qwen.encode``; no pooling); ``deepstack``: also the blocks Qwen3-VL's own DeepStack reads."""
+    if base.qwen:
+        from .qwen import encode
+
+        if image_grid_thw is None:
+            raise ValueError("a Qwen base's pixels come with image_grid_thw (B, 3): pass the image processor's")
+        if pool != 1:
+            raise ValueError(f"pool={pool}: a Qwen base's token grid varies per image; use pool=1")
+        return VisionFeatures(**encode(base, pixel_values, image_grid_thw, vision_layers, deepstack))
     crops = None
     if pixel_values.dim() == 5:  # OneVision anyres: keep each image's real crops only
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches

@@ -12,6 +12,10 @@ A LLaVA record: {"id", "image" (absent for text-only rows), "conversations": [{"
   "text": ...}``) and render a plain string as nothing; templates that print ``message['content']`` (the tiny
   preset's, SmolLM2's) want strings. ``wants_typed_parts`` tells them apart from the template's text, and
   ``render`` hands each template the form it reads.
+- **Qwen's placeholder**: the Qwen2.5-VL / Qwen3-VL templates render an image part as
+  ``<|vision_start|><|image_pad|><|vision_end|>``; the data keeps LLaVA's ``<image>`` marker, and the rendered
+  sequence's placeholder (the one expanded to the image's tokens and checked) is the one the template writes
+  (``rendered_image``).
 - **Image placement**: as LLaVA's ``preprocess_multimodal`` does, ``<image>`` is moved to the front of the
   turn that holds it (``<image>\\n`` + the rest of the text, stripped); ``image_first=False`` keeps it where
   it is.
@@ -35,7 +39,8 @@ from typing import Any, Literal
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 IMAGE = "<image>"
-Family = Literal["llava", "llava_onevision", "composed"]
+Family = Literal["llava", "llava_onevision", "composed", "qwen2_5_vl", "qwen3_vl"]
+QWEN_IMAGE = "<|image_pad|>"  # what a Qwen-VL chat template writes per image part
 
 # LLaVA-1.5's conv_vicuna_v1 (sep " ", sep2 "</s>") without its default system prompt, as llava-hf prompts it.
 VICUNA_TEMPLATE = (
@@ -47,6 +52,16 @@ VICUNA_TEMPLATE = (
 # Qwen2's ChatML without a default system prompt: the llava-hf OneVision template's output for string content.
 CHATML_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Qwen2-VL / Qwen2.5-VL's template (ChatML with typed parts, an image as vision_start, image_pad, vision_end) without
+# its default system prompt, for a Qwen folder that ships none.
+QWEN_VL_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -63,6 +78,8 @@ def fallback_template(family: Family | None) -> str:
         return VICUNA_TEMPLATE
     if family == "llava_onevision":
         return CHATML_TEMPLATE
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        return QWEN_VL_TEMPLATE
     try:
         from .presets import TINY_CHAT_TEMPLATE
     except ImportError:  # before the split of bases.py
@@ -73,6 +90,12 @@ def fallback_template(family: Family | None) -> str:
 def resolve_template(tokenizer: Any, chat_template: str | None = None, family: Family | None = None) -> str:
     """``chat_template`` if given, else the tokenizer's, else the family's fallback."""
     return chat_template or getattr(tokenizer, "chat_template", None) or fallback_template(family)
+
+
+def rendered_image(template: str, image_token: str = IMAGE) -> str:
+    """The placeholder a template writes for an image: Qwen-VL's ``<|image_pad|>`` when it writes that, else
+    ``image_token`` (LLaVA's ``<image>``)."""
+    return QWEN_IMAGE if QWEN_IMAGE in template and image_token not in template else image_token
 
 
 def wants_typed_parts(template: str) -> bool:
@@ -134,13 +157,14 @@ def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt
     payload = [{**m, "content": to_content(m["content"], typed, image_token, image_first)} for m in messages]
     text = tokenizer.apply_chat_template(payload, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
-    check_rendered(text, messages, image_token, image_first)
+    check_rendered(text, messages, image_token, image_first, rendered_image(template, image_token))
     return text
 
 
 def check_rendered(text: str, messages: list[dict[str, str]], image_token: str,
-                   image_first: bool = True) -> None:
-    """Raise if the rendered ``text`` lost a turn's text or an image (a template fed the wrong form)."""
+                   image_first: bool = True, rendered: str | None = None) -> None:
+    """Raise if the rendered ``text`` lost a turn's text or an image (a template fed the wrong form); ``rendered``
+    is the placeholder the template writes per image (default ``image_token``)."""
     at = 0
     for i, m in enumerate(messages):
         for part in text_parts(m["content"], image_token, image_first):
@@ -151,10 +175,11 @@ def check_rendered(text: str, messages: list[dict[str, str]], image_token: str,
                                  f"it reads the content form it is given (typed parts or a string)")
             at = found + len(part)
     want = sum(m["content"].count(image_token) for m in messages)
-    got = text.count(image_token)
+    rendered = rendered or image_token
+    got = text.count(rendered)
     if got != want:
-        raise ValueError(f"the rendered sequence holds {got} {image_token} placeholder(s) for {want} "
-                         f"image(s): the chat template must write {image_token} once per image part")
+        raise ValueError(f"the rendered sequence holds {got} {rendered} placeholder(s) for {want} "
+                         f"image(s): the chat template must write {rendered} once per image part")
 
 
 def chat_prompt(tokenizer: Any, question: str, with_image: bool = True, *, chat_template: str | None = None,
@@ -256,18 +281,19 @@ def build_example(tokenizer: Any, conversations: list[dict[str, str]], image_tok
                       image_first=image_first)
 
     pieces = answer_pieces(show(messages, False), messages, show, tokenizer.eos_token)
+    placeholder = rendered_image(template, image_token)  # <image>, or Qwen's <|image_pad|>
     text, spans = "", []
     for piece, labelled in pieces:
         if labelled:
             spans.append((len(text), len(text) + len(piece)))
         else:
-            piece = piece.replace(image_token, image_token * image_tokens)
+            piece = piece.replace(placeholder, placeholder * image_tokens)
         text += piece
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     starts = [begin for begin, _ in enc["offset_mapping"]]
     labels = [t if any(s <= at < e for s, e in spans) else -100 for t, at in zip(ids, starts)]
-    check_image_run(ids, tokenizer, image_tokens, image_token)
+    check_image_run(ids, tokenizer, image_tokens, placeholder)
     if all(x == -100 for x in labels):
         raise ValueError("no answer token is labelled: the assistant answers are empty")
     return ids, labels

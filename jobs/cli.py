@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="count total and trainable parameters of a fused model")
     p.add_argument("--base", help="preset (tiny, tiny-onevision, small, llava-1.5-7b-shape, "
-                                  "llava-onevision-0.5b-shape), hub id, local folder or s3:// prefix "
+                                  "llava-onevision-0.5b-shape, qwen2.5-vl-3b-shape, qwen2.5-vl-7b-shape, "
+                                  "qwen3-vl-8b-shape), hub id, local folder or s3:// prefix "
                                   "(default: the --config recipe's base, else tiny)")
     p.add_argument("--config", help="a training recipe (crosslayer train --config): validated, and its `cli:` "
                                     "settings checked against the base")

@@ -9,7 +9,8 @@ copy per departure, not per token). Storage grows by doubling (rows or positions
 so the amortised cost of growing is O(1) per token.
 
 ``ImageSlots`` holds AGF's keys and values (I, H, K, N, dh) per injection layer, one slot per image: the ``n``
-choices of one request point at the same slot (a reference count frees it when the last one ends).
+choices of one request point at the same slot (a reference count frees it when the last one ends). Images of
+different token counts (a Qwen base) share the store padded to the longest; ``mask`` marks each slot's real keys.
 
 ``SlotCache`` is what one decoder forward receives as its ``cache`` (transformers' ``Cache`` interface, only
 ``update`` is used): in ``prefill`` mode it writes the prompt's keys/values into the rows' slots and returns them
@@ -82,27 +83,43 @@ class ImageSlots:
         self.keys: list[torch.Tensor] = []  # per injection layer (I, H, K, N, dh)
         self.values: list[torch.Tensor] = []
         self.refs: list[int] = []  # slot -> rows reading it (0: free)
+        self.lengths: list[int] = []  # slot -> its image's token count (<= N)
 
     def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: int) -> int:
         """Store one image's keys/values (per injection layer (1, H, K, N, dh)) for ``rows`` rows -> its slot."""
         if not self.keys:
             self.keys = [k.new_zeros((4, *k.shape[1:])) for k, _ in kv]
             self.values = [v.new_zeros((4, *v.shape[1:])) for _, v in kv]
-            self.refs = [0] * 4
-        if kv[0][0].shape[1:] != self.keys[0].shape[1:]:
+            self.refs, self.lengths = [0] * 4, [0] * 4
+        n = kv[0][0].shape[3]
+        if kv[0][0].shape[1:3] != self.keys[0].shape[1:3] or kv[0][0].shape[4] != self.keys[0].shape[4]:
             raise ValueError(f"AGF keys of shape {tuple(kv[0][0].shape[1:])} do not match this engine's image "
-                             f"slots {tuple(self.keys[0].shape[1:])}: every image must give the same token count")
+                             f"slots {tuple(self.keys[0].shape[1:])}: heads, vision layers and width must agree")
+        if n > self.keys[0].shape[3]:  # a longer image (Qwen): widen every slot, zero-padded
+            grow = n - self.keys[0].shape[3]
+            self.keys = [torch.nn.functional.pad(t, (0, 0, 0, grow)) for t in self.keys]
+            self.values = [torch.nn.functional.pad(t, (0, 0, 0, grow)) for t in self.values]
         if 0 not in self.refs:  # double the slots
             grow = len(self.refs)
             self.keys = [torch.cat([t, t.new_zeros(t.shape)]) for t in self.keys]
             self.values = [torch.cat([t, t.new_zeros(t.shape)]) for t in self.values]
             self.refs += [0] * grow
+            self.lengths += [0] * grow
         slot = self.refs.index(0)
         for store, new in ((self.keys, [k for k, _ in kv]), (self.values, [v for _, v in kv])):
             for t, x in zip(store, new):
-                t[slot] = x[0]
-        self.refs[slot] = rows
+                t[slot, :, :, :n] = x[0]
+                t[slot, :, :, n:] = 0
+        self.refs[slot], self.lengths[slot] = rows, n
         return slot
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """(B', N) bool: the real keys of the image slots ``slots`` (B',); None when every one is full length."""
+        lengths = torch.tensor([self.lengths[s] for s in slots.tolist()], device=slots.device)
+        width = self.keys[0].shape[3]
+        if bool((lengths == width).all()):
+            return None
+        return torch.arange(width, device=slots.device)[None] < lengths[:, None]
 
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1

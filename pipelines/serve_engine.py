@@ -81,6 +81,7 @@ class _Row:
     finish: str | None = None  # "stop" or "length" once done
     cancelled: bool = False  # its client went away
     image_slot: int = -1  # its image's AGF keys/values slot (-1: none read at decode steps)
+    rope_delta: int = 0  # a Qwen base's M-RoPE offset of its positions after its image (cli_module.qwen)
 
     @property
     def params(self) -> SamplingParams:
@@ -244,7 +245,7 @@ class Engine:
             if system and messages:
                 messages[0] = {**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}
         try:
-            prompt = render(tok, messages, add_generation_prompt=True)
+            prompt = render(tok, messages, add_generation_prompt=True, image_token=token)
         except Exception as err:
             if type(err).__module__.startswith("jinja2"):  # the template refuses these messages (e.g. roles)
                 raise ApiError(400, f"the model's chat template refused the messages: {err}",
@@ -383,6 +384,12 @@ class Engine:
         mask4 = (causal[None] & mask.bool()[:, None, :]) | eye[None]  # (P, S, S)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, S) real tokens only
         visual = merge_visual([item.visual for item in items]) if has_image else None
+        if has_image and model.base.qwen:  # M-RoPE: the model's own positions for the images and the text after
+            from cli_module.qwen import rope_index
+
+            positions, _ = rope_index(model.base, ids, ids == model.base.image_token_id, visual.grids, mask)
+            for row, b in zip(rows, src.tolist()):
+                row.rope_delta = int(items[b].visual.rope_deltas[0])
         gates_wanted = any(r.job.return_gates for r in rows)
         out = model(ids, mask4[:, None], position_ids=positions, visual=visual, cache=cache, use_cache=True,
                     return_gates=gates_wanted, logits_to_keep=1)
@@ -415,12 +422,16 @@ class Engine:
         slots = [r.image_slot for r in batch.rows]
         if batch.model.config.method == "cli" and max(slots) >= 0:
             has = torch.tensor([s >= 0 for s in slots], device=self.device)
-            kv = batch.images.gather(torch.tensor([s for s in slots if s >= 0], device=self.device))
-            visual = VisualState(image_embeds=None, tokens=None, kv=kv, counts=[],
-                                 rows=None if bool(has.all()) else has)
+            reading = torch.tensor([s for s in slots if s >= 0], device=self.device)
+            visual = VisualState(image_embeds=None, tokens=None, kv=batch.images.gather(reading), counts=[],
+                                 rows=None if bool(has.all()) else has, token_mask=batch.images.mask(reading))
         gates_wanted = any(r.job.return_gates for r in batch.rows)
         cache = SlotCache(batch.kv, "decode", pos=pos, rows=b, read=read)
-        out = batch.model(batch.next_tokens[:, None], mask[:, None, None], position_ids=pos[:, None], visual=visual,
+        position_ids = pos[:, None]  # (B, 1)
+        if batch.model.base.qwen:  # M-RoPE: the text position plus the row's image offset, on all three axes
+            delta = torch.tensor([r.rope_delta for r in batch.rows], dtype=torch.long, device=self.device)
+            position_ids = (pos + delta)[None, :, None].expand(3, b, 1)
+        out = batch.model(batch.next_tokens[:, None], mask[:, None, None], position_ids=position_ids, visual=visual,
                           cache=cache, use_cache=True, return_gates=gates_wanted, logits_to_keep=1)
         batch.lengths = [n + 1 for n in batch.lengths]
         gates = out.gates[:, -1] if out.gates is not None else None  # (B, |T|, K)
@@ -528,11 +539,19 @@ def split_rows(enc: dict[str, torch.Tensor], visual: VisualState | None) -> list
         one = None
         if visual is not None:  # row b's share: its image tokens, AMP tokens and AGF keys/values
             count = visual.counts[b]
+            real = slice(None)  # a Qwen row's own tokens, without the batch's padding
+            if visual.token_mask is not None:
+                real = slice(0, int(visual.token_mask[b].sum()))
             one = replace(visual, counts=[count],
                           image_embeds=None if visual.image_embeds is None else
                           visual.image_embeds[start:start + count],
-                          tokens=None if visual.tokens is None else visual.tokens[b:b + 1],
-                          kv=[(k[b:b + 1], v[b:b + 1]) for k, v in visual.kv])
+                          tokens=None if visual.tokens is None else visual.tokens[b:b + 1, :, real],
+                          kv=[(k[b:b + 1, :, :, real], v[b:b + 1, :, :, real]) for k, v in visual.kv],
+                          token_mask=None,
+                          grids=None if visual.grids is None else visual.grids[b:b + 1],
+                          rope_deltas=None if visual.rope_deltas is None else visual.rope_deltas[b:b + 1],
+                          deepstack_embeds=None if visual.deepstack_embeds is None else
+                          [d[start:start + count] for d in visual.deepstack_embeds])
             start += count
         out.append((enc["input_ids"][b:b + 1, -int(n):], one))  # left-padded: the last n are the prompt
     return out
@@ -546,10 +565,27 @@ def merge_visual(states: list[VisualState]) -> VisualState:
     def cat(tensors: list[Any]) -> Any:
         return None if tensors[0] is None else torch.cat(tensors)
 
-    kv = [(torch.cat([s.kv[i][0] for s in states]), torch.cat([s.kv[i][1] for s in states]))
+    # a Qwen base's images have different token counts: AMP tokens (B, K, N, D) and AGF keys/values
+    # (B, H, K, N, dh) are padded along N to the longest, and the real ones marked (token_mask)
+    lengths = [s.tokens.shape[2] if s.tokens is not None else s.kv[0][0].shape[3] if s.kv else 0 for s in states]
+    width = max(lengths)
+
+    def padded(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, width - t.shape[dim]])
+
+    kv = [(torch.cat([padded(s.kv[i][0], 3) for s in states]), torch.cat([padded(s.kv[i][1], 3) for s in states]))
           for i in range(len(states[0].kv))]
-    return VisualState(image_embeds=cat([s.image_embeds for s in states]), tokens=cat([s.tokens for s in states]),
-                       kv=kv, counts=[c for s in states for c in s.counts])
+    tokens = None if states[0].tokens is None else torch.cat([padded(s.tokens, 2) for s in states])
+    token_mask = None
+    if len(set(lengths)) > 1:
+        token_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # (B, N)
+    deepstack = None
+    if states[0].deepstack_embeds is not None:
+        deepstack = [torch.cat([s.deepstack_embeds[j] for s in states]) for j in range(len(states[0].deepstack_embeds))]
+    return VisualState(image_embeds=cat([s.image_embeds for s in states]), tokens=tokens, kv=kv,
+                       counts=[c for s in states for c in s.counts], grids=cat([s.grids for s in states]),
+                       rope_deltas=cat([s.rope_deltas for s in states]), token_mask=token_mask,
+                       deepstack_embeds=deepstack)
 
 
 def gate_summary(row: _Row, job: ChatJob, config: Any) -> dict[str, Any]:

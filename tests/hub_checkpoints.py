@@ -1,4 +1,4 @@
-"""Tiny random checkpoint folders in the llava-hf hub layout, for tests (a helper, not a test file).
+"""Tiny random checkpoint folders in the llava-hf and Qwen hub layouts, for tests (a helper, not a test file).
 
 ``save_tiny_checkpoint(out, family)`` writes what ``llava-hf/llava-1.5-7b-hf`` (family ``"llava"``: CLIP
 vision + Llama) or ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf`` (``"llava_onevision"``: SigLIP + Qwen2) ship,
@@ -9,6 +9,13 @@ unless ``chat_template=False``, the real llava-hf ``chat_template.jinja`` (from
 with the family's specials: LLaVA-1.5's ``<unk> <s> </s> <pad> <image>`` (eos ``</s>``) or Qwen2's
 ``<|endoftext|> <|im_start|> <|im_end|>`` plus ``<image> <video>`` (eos ``<|im_end|>``, as Qwen2-Instruct's).
 Like the hub tokenizers, it carries no chat template of its own.
+
+Families ``"qwen2_5_vl"`` and ``"qwen3_vl"`` write what ``Qwen/Qwen2.5-VL-3B-Instruct`` and
+``Qwen/Qwen3-VL-8B-Instruct`` ship, at toy size (``cli_module.presets.tiny_qwen_parts``: a 4-block ViT, a 3-layer
+LLM 32 wide with M-RoPE; Qwen's image processor with a small ``max_pixels``, so an image takes 4 to 16 tokens):
+Qwen2's specials plus ``<|vision_start|> <|vision_end|> <|image_pad|> <|video_pad|>`` and the family's chat
+template (Qwen2.5-VL's as shipped; Qwen3-VL's reduced to its chat part, without tools and thinking), which writes
+``<|vision_start|><|image_pad|><|vision_end|>`` per image.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-Family = Literal["llava", "llava_onevision"]
+Family = Literal["llava", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
-TEMPLATE_FILES: dict[str, str] = {"llava": "llava-1.5.jinja", "llava_onevision": "llava-onevision.jinja"}
+TEMPLATE_FILES: dict[str, str] = {"llava": "llava-1.5.jinja", "llava_onevision": "llava-onevision.jinja",
+                                  "qwen2_5_vl": "qwen2.5-vl.jinja", "qwen3_vl": "qwen3-vl.jinja"}
+QWEN = ("qwen2_5_vl", "qwen3_vl")
 IMAGE_SIZE, PATCH = 16, 4
 
 
@@ -36,6 +45,10 @@ def tiny_tokenizer(family: Family) -> Any:
     if family == "llava":
         specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
         named = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    elif family in QWEN:
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                    "<|image_pad|>", "<|video_pad|>"]
+        named = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
     else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
         named = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -52,20 +65,24 @@ def tiny_tokenizer(family: Family) -> Any:
 def tiny_model(family: Family, tokenizer: Any, seed: int = 0) -> Any:
     """A random ``LlavaForConditionalGeneration`` / ``LlavaOnevisionForConditionalGeneration`` at toy size (the
     tiny presets' shapes, with this tokenizer's vocabulary)."""
-    from cli_module.presets import tiny_parts
+    from cli_module.presets import tiny_parts, tiny_qwen_parts
 
-    return tiny_parts(family, tokenizer, seed)[0]
+    return (tiny_qwen_parts if family in QWEN else tiny_parts)(family, tokenizer, seed)[0]
 
 
 def tiny_image_processor(family: Family) -> Any:
     """CLIP's image processor (LLaVA-1.5) or OneVision's anyres one, at 16 px (PIL: no torchvision)."""
     from cli_module.presets import tiny_image_processor as preset
+    from cli_module.presets import tiny_qwen_image_processor
 
-    return preset(family)
+    return tiny_qwen_image_processor(family) if family in QWEN else preset(family)
 
 
 def processor_config(family: Family) -> dict[str, Any]:
     """``processor_config.json`` as llava-hf folders have it (flat; the image processor has its own file)."""
+    if family in QWEN:
+        name = "Qwen2_5_VLProcessor" if family == "qwen2_5_vl" else "Qwen3VLProcessor"
+        return {"processor_class": name, "image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
     if family == "llava":
         return {"processor_class": "LlavaProcessor", "image_token": "<image>", "patch_size": PATCH,
                 "num_additional_image_tokens": 1, "vision_feature_select_strategy": "default"}

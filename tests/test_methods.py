@@ -15,7 +15,8 @@ CFG = dict(vision_layers=[1, 2], inject_layers=[0, 1], attn_dim=16, heads=2, lor
 
 # adapter tensor-name prefixes by method: what adapter files written before the registry hold
 PREFIXES = {"cli": {"amp", "agf"}, "deepstack": {"amp", "deepstack_out"}, "input_fusion": {"fusion_projector"},
-            "projector_ft": {"projector"}, "one_to_one": set(), "instruct": set(), "llm_lora": {"llm_lora"}}
+            "projector_ft": {"projector"}, "one_to_one": set(), "instruct": set(), "llm_lora": {"llm_lora"},
+            "shipped": set()}
 
 
 def test_registry_lists_every_method_the_config_accepts():

@@ -240,7 +240,8 @@ def test_loader_finds_the_chat_template_or_the_family_format(tmp_path, family, f
 
 # --- the shipped recipes against the real shapes ------------------------------------------------------------
 
-SHAPES = {"train-llava-ov-0.5b.yaml": "llava-onevision-0.5b-shape", "train-llava-1.5-7b.yaml": "llava-1.5-7b-shape"}
+SHAPES = {"train-llava-ov-0.5b.yaml": "llava-onevision-0.5b-shape", "train-llava-1.5-7b.yaml": "llava-1.5-7b-shape",
+          "train-qwen2.5-vl-3b.yaml": "qwen2.5-vl-3b-shape", "train-qwen3-vl-8b.yaml": "qwen3-vl-8b-shape"}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))

@@ -14,9 +14,10 @@ from .input_fusion import FusionProjector, InputFusion
 from .instruct import Instruct
 from .llm_lora import LLMLoRA
 from .projector_ft import ProjectorFT
+from .shipped import Shipped
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (CLI, Method, ProjectorFT, DeepStack, InputFusion, Instruct,
-                                                  LLMLoRA)}
+                                                  LLMLoRA, Shipped)}
 assert set(METHODS) == set(get_args(MethodName)), "cli_module.config.Method and METHODS must list the same names"
 
 

@@ -37,6 +37,8 @@ class Method:
     projector_modified: ClassVar[bool] = False  # the adapter carries P's weights
     trains_base: ClassVar[bool] = False  # P and the LLM train: the result is a derived base, not an adapter
     modifies_base: ClassVar[bool] = False  # inserts modules into the base it is built on (never share that base)
+    base_deepstack: ClassVar[bool] = False  # a Qwen3-VL base keeps its own DeepStack (as shipped); one_to_one turns
+    #                                         it off (the one-to-one input path only); no effect on other bases
 
     @classmethod
     def check(cls, config: CLIConfig) -> None:

@@ -19,13 +19,14 @@ class CLI(Method):
     name = "cli"
     reads_layers = True
     hooks_layers = True
+    base_deepstack = True
 
     @property
     def reads_visual_when_decoding(self) -> bool:  # AGF at the image positions only is done after the prefill
         return self.positions != "image"
 
     def attach(self, fused) -> None:
-        c, dv, d = fused.config, fused.base.vision_config.hidden_size, fused.base.text_config.hidden_size
+        c, dv, d = fused.config, fused.base.feature_dim, fused.base.text_config.hidden_size
         self.positions = c.positions
         fused.amp = AMP(len(fused.vision_layers), dv, d, c.lora_rank, c.lora_alpha, c.dropout)
         fused.agf = nn.ModuleList(AGF(d, c.attn_dim, len(fused.vision_layers), c.heads, c.gate, c.dropout,
@@ -38,11 +39,12 @@ class CLI(Method):
     def inject(self, fused, i, hidden, state) -> Injection:
         visual, mask = state["visual"], state["update_mask"]
         rows = visual.rows  # (B,) bool, or None: every row holds an image
+        keys = visual.token_mask  # (B', N') real visual tokens (padded Qwen images), or None
         if rows is None:
-            hidden, gates = fused.agf[i](hidden, visual.kv[i], mask)
+            hidden, gates = fused.agf[i](hidden, visual.kv[i], mask, keys)
             return Injection(hidden, gates)
         # mixed batch: only the rows with an image read it; text-only rows pass unchanged (gates 0)
-        sub, sub_gates = fused.agf[i](hidden[rows], visual.kv[i], None if mask is None else mask[rows])
+        sub, sub_gates = fused.agf[i](hidden[rows], visual.kv[i], None if mask is None else mask[rows], keys)
         hidden = hidden.clone()
         hidden[rows] = sub
         gates = sub_gates.new_zeros((hidden.shape[0], *sub_gates.shape[1:]))  # (B, S, K)

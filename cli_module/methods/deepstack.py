@@ -14,6 +14,7 @@ class DeepStack(Method):
     name = "deepstack"
     reads_layers = True
     hooks_layers = True
+    base_deepstack = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -27,7 +28,7 @@ class DeepStack(Method):
                              f"1, got {config.pool}")
 
     def attach(self, fused) -> None:
-        c, dv, d = fused.config, fused.base.vision_config.hidden_size, fused.base.text_config.hidden_size
+        c, dv, d = fused.config, fused.base.feature_dim, fused.base.text_config.hidden_size
         fused.amp = AMP(len(fused.vision_layers), dv, d, c.lora_rank, c.lora_alpha, c.dropout)
         fused.deepstack_out = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in c.inject_layers)
         for layer in fused.deepstack_out:
@@ -39,6 +40,8 @@ class DeepStack(Method):
     def inject(self, fused, i, hidden, state) -> Injection:
         img = state["image_mask"]  # (B, S): the image positions (none while decoding)
         if img is not None and img.any():
-            add = fused.deepstack_out[i](state["visual"].tokens[:, i].flatten(0, 1))  # (B*N, D)
+            tokens = state["visual"].tokens[:, i]  # (B, N, D)
+            real = state["visual"].token_mask  # (B, N) for padded Qwen images
+            add = fused.deepstack_out[i](tokens.flatten(0, 1) if real is None else tokens[real])  # (image tokens, D)
             hidden = hidden.masked_scatter(img.unsqueeze(-1), hidden[img] + add.to(hidden.dtype))
         return Injection(hidden)

@@ -34,6 +34,7 @@ class FusionProjector(nn.Module):
 class InputFusion(Method):
     name = "input_fusion"
     reads_layers = True
+    base_deepstack = True
 
     @classmethod
     def check(cls, config) -> None:
@@ -43,6 +44,9 @@ class InputFusion(Method):
                              f"1, got {config.pool}")
 
     def attach(self, fused) -> None:
+        if fused.base.qwen:
+            raise ValueError("input_fusion widens LLaVA's MLP projector; a Qwen base's P is its ViT's patch merger: "
+                             "compare with method cli, deepstack or (Qwen3-VL) shipped instead")
         self.fusion_layers = [k for k in fused.vision_layers if k != fused.select_layer]
         fused.fusion_projector = FusionProjector(fused.base.projector, len(self.fusion_layers))
 

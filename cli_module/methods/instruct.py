@@ -9,6 +9,7 @@ from .base import Method
 class Instruct(Method):
     name = "instruct"
     trains_base = True
+    base_deepstack = True
 
     def mark_trainable(self, fused) -> None:
         fused.base.projector.requires_grad_(True)

@@ -18,6 +18,7 @@ PREFIX = "llm_lora."  # adapter tensor names: llm_lora.layers.0.self_attn.q_proj
 class LLMLoRA(Method):
     name = "llm_lora"
     modifies_base = True
+    base_deepstack = True  # on Qwen3-VL, LoRA on top of the base as shipped (its DeepStack on), as CLI is
 
     @classmethod
     def check(cls, config) -> None:
