@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 
 import pytest
 import torch
@@ -58,12 +59,18 @@ def alone(engine, models, item) -> list[int]:
 
 
 def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[int, list[Delta]]]:
-    """Add each list of prepared requests at its step, step until all ended -> request id -> choice -> deltas."""
+    """Queue each list of prepared requests at its step, admit them first come first served as they fit (as the
+    scheduler does), step until all ended -> request id -> choice -> deltas."""
     out: dict[str, dict[int, list[Delta]]] = {}
     ends: dict[str, End] = {}
     total = sum(len(v) for v in arrivals.values())
+    waiting: deque = deque()
     for step in range(steps):
-        events = engine.add(arrivals[step]) if step in arrivals else []
+        waiting += arrivals.get(step, [])
+        admit = []
+        while waiting and engine.fits([*admit, waiting[0]]):
+            admit.append(waiting.popleft())
+        events = engine.add(admit) if admit else []
         if engine.rows:
             events += engine.step()
         for rid, event in events:
@@ -186,9 +193,10 @@ def test_decode_steps_reuse_the_preallocated_kv_slots(engine):
     for _ in range(10):
         engine.step()
     assert batch.kv.keys[0].data_ptr() == storage
-    assert batch.lengths == [first.prompt_tokens + 20, second.prompt_tokens + 10]
+    # a request's first step writes its prompt and samples its first token; each later step writes one position
+    assert batch.lengths == [first.prompt_tokens + 19, second.prompt_tokens + 9]
     engine.cancel({"first"})  # the second row moves into slot 0
-    assert [r.request_id for r in batch.rows] == ["second"] and batch.lengths == [second.prompt_tokens + 10]
+    assert [r.request_id for r in batch.rows] == ["second"] and batch.lengths == [second.prompt_tokens + 9]
     engine.cancel({"second"})
 
 
