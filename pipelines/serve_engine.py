@@ -4,24 +4,39 @@ the layers vLLM uses:
 
   input processor (any thread)  ``prepare``: chat template, prompt limits, tokeniser, image -> encoder ->
                                 projector, AMP tokens and AGF keys/values (``FusedVLM.prepare_inputs``)
-  runner (engine thread)        per model, one batch whose row i lives in KV slot i of preallocated per-row
-                                storage (``pipelines.kv_slots``): ``add`` prefills new requests (one left-padded
-                                forward per (model, has image)) writing their prompts' keys/values straight into
-                                fresh slots (n choices: n slots, one image slot); ``step`` runs one forward per
-                                model over all its rows, each writing one position and reading its slot as a view
-                                through a 4-D mask (rows of different lengths, no padding, no concatenation)
+  scheduler (engine thread)     ``fits``/``add`` admit a request when its n rows fit in ``max_rows`` and its KV
+                                reservation, n x (prompt + max_tokens) positions, in the bytes the running requests
+                                left of the KV budget (``pipelines.kv_budget``; ``prepare`` refuses one that could
+                                never fit); ``step`` spends a budget of ``max_step_tokens`` tokens: one per decoding
+                                row, the rest on prompt chunks of the admitted requests, oldest first, so a prompt
+                                longer than what is left is prefilled over several steps while every running row
+                                still gets its token at each of them
+  runner (engine thread)        per model, one batch whose rows live in KV slots of preallocated per-row storage
+                                (``pipelines.kv_slots``; the slot layout in ``pipelines.serve_batch``): a chunk
+                                forward writes each prompt chunk's keys/values at positions [p, p + c) straight into
+                                its request's slots (n choices: n slots, one image slot) and attends to the slot's
+                                earlier positions plus itself, causally; a decode forward writes one position per
+                                row and reads its slot as a view through a 4-D mask (rows of different lengths, no
+                                padding, no concatenation); a request emits its first token after its last chunk
   sampler                       ``pipelines.sampler``: penalties, logit_bias, min_tokens, temperature, top-k/p,
                                 min-p and per-row seeded draws for the whole batch at once
   detokeniser                   ``pipelines.detokenize``: incremental, stop strings held back
   cancel (engine thread)        the rows of cancelled requests leave before the next step
 
-Rows with an image read AGF's keys/values from their image's slot at each step (a CLI adapter's rows; text-only
-rows of the same model pass through AGF unchanged). Positions count each row's real tokens only and a row's
-attention sees exactly its own prompt and answer, so each row computes what it would alone: greedy answers equal
-sequential ones. Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them.
+Decode rows and prompt chunks run as two forwards within one step (per model), not one: a decode row reads its
+slot as a view with a one-query mask, and folding it into the chunks' forward would pad it to the chunk's width
+(c times the decode work) or need a ragged-attention kernel (vLLM's flash-attention varlen), which SDPA with dense
+masks does not have; two forwards keep the decode step as cheap as without chunking, and the budget bounds the
+step's tokens either way. A chunk may split an image's tokens: the chunk takes the input embeddings of the image
+tokens inside it (counted from the image tokens before it), so a budget smaller than an image still works.
 
-Threads: ``prepare`` may run on another thread than ``add``/``step``/``cancel``, which must share one (decoder
-forwards of adapters over one base must not interleave); the engine detokenises with its own copy of the
+Rows with an image read AGF's keys/values from their image's slot at each chunk and each step (a CLI adapter's
+rows; text-only rows of the same model pass through AGF unchanged). Positions count each row's real tokens only and
+a row's attention sees exactly its own prompt and answer, so each row computes what it would alone: greedy answers
+equal sequential ones. Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them.
+
+Threads: ``prepare`` may run on another thread than ``fits``/``add``/``step``/``cancel``, which must share one
+(decoder forwards of adapters over one base must not interleave); the engine detokenises with its own copy of the
 tokenizer, so the two threads never use one tokenizer at once.
 """
 
