@@ -366,6 +366,21 @@ def test_chunked_prefill_equals_whole_prefill_and_the_reference(models, with_ima
     assert answers[8] == answers[512]
 
 
+def test_chunked_prefill_splits_deepstack_image_tokens(models):
+    """deepstack adds its per-position tokens at the image positions: a chunk that holds part of the image gets
+    the matching slice of them."""
+    from cli_module.config import CLIConfig
+    from cli_module.model import FusedVLM
+
+    deep = FusedVLM(models["base"].base, CLIConfig(method="deepstack", vision_layers=[0, 1], inject_layers=[0, 1]))
+    perturb(deep, seed=1)
+    engine = chunked_engine({"deep": deep.eval()}, 8)
+    item = engine.prepare(job("deep", "What is in it?", random_images(1, seed=24)[0], max_tokens=6), "deep")
+    at = (item.ids[0] == engine.image_token_id).nonzero()[:, 0]
+    assert any(int(at[0]) < b <= int(at[-1]) for b in range(0, item.prompt_tokens, 8))  # split by a chunk
+    exact(engine, {"deep": deep}, item, run(engine, {0: [item]})["deep"][0])
+
+
 def test_running_rows_decode_every_step_while_a_long_prompt_prefills(models):
     budget = 12
     engine = chunked_engine(models, budget)
