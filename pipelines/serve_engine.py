@@ -595,20 +595,6 @@ def split_rows(enc: dict[str, torch.Tensor], visual: VisualState | None) -> list
     return out
 
 
-def merge_visual(states: list[VisualState]) -> VisualState:
-    """Concatenate per-request VisualStates along the batch (the order of the rows and their image tokens)."""
-    if len(states) == 1:
-        return states[0]
-
-    def cat(tensors: list[Any]) -> Any:
-        return None if tensors[0] is None else torch.cat(tensors)
-
-    kv = [(torch.cat([s.kv[i][0] for s in states]), torch.cat([s.kv[i][1] for s in states]))
-          for i in range(len(states[0].kv))]
-    return VisualState(image_embeds=cat([s.image_embeds for s in states]), tokens=cat([s.tokens for s in states]),
-                       kv=kv, counts=[c for s in states for c in s.counts])
-
-
 def gate_summary(row: Row, job: ChatJob, config: Any) -> dict[str, Any]:
     """(T, |T|, K) gates of one answer with their layer indices and token labels, as JSON-ready lists."""
     values = np.stack(row.gates) if row.gates else np.zeros((0, len(config.inject_layers), len(config.vision_layers)))
