@@ -120,11 +120,12 @@ def run_batch(model, rows: int, context: int, tokens: int, choices: bool = False
 
     from pipelines.serve_engine import Engine
 
-    engine = Engine({"m": model}, max_rows=rows, max_prompt_tokens=1 << 30)
+    engine = Engine({"m": model}, max_rows=rows, max_prompt_tokens=1 << 30, max_step_tokens=1 << 30)  # whole prompts
     items = prepared(model, rows, context, tokens, choices)
     sync = torch.cuda.synchronize if model.base.lm_head.weight.is_cuda else (lambda: None)
     t0 = time.perf_counter()
     engine.add(items)
+    engine.step()  # the prefill: every prompt whole in one forward, and the first tokens
     sync()
     first = time.perf_counter() - t0
     steps = 0

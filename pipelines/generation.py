@@ -56,6 +56,8 @@ def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling
     """Decode ``inputs`` (from ``FusedVLM.prepare_inputs``) with ``sampling`` in an in-process engine of ``model``
     (``engine``: one from ``offline_engine(model)`` that a caller decoding many batches keeps, so its KV slots are
     reused; None: a fresh one for this call); one Completion per row."""
+    from collections import deque
+
     import torch
 
     from .serve_api import ChatJob, Delta, End
@@ -69,21 +71,22 @@ def complete(model: Any, inputs: dict[str, Any], visual: Any, sampling: Sampling
     items = [Prepared(request_id=str(i), job=job, ids=ids, visual=one) for i, (ids, one) in enumerate(rows)]
     text = [""] * len(items)
     last: list[Delta | None] = [None] * len(items)
+    waiting = deque(items)
     try:
-        for start in range(0, len(items), engine.max_rows):  # at most max_rows rows decode at once
-            pending = items[start: start + engine.max_rows]
-            events = engine.add(pending)
-            while True:
-                for rid, event in events:
-                    if isinstance(event, End):
-                        if event.error is not None:
-                            raise RuntimeError(f"generation failed: {event.error.message}")
-                    else:
-                        text[int(rid)] += event.text
-                        last[int(rid)] = event
-                if engine.rows == 0:
-                    break
-                events = engine.step()
+        while waiting or engine.rows:
+            admit = []  # as the scheduler admits: first come, first served, while rows and KV bytes allow
+            while waiting and engine.fits([*admit, waiting[0]]):
+                admit.append(waiting.popleft())
+            if waiting and not admit and not engine.rows:
+                engine.admissible(waiting[0])  # raises: it can never fit
+            events = (engine.add(admit) if admit else []) + engine.step()
+            for rid, event in events:
+                if isinstance(event, End):
+                    if event.error is not None:
+                        raise RuntimeError(f"generation failed: {event.error.message}")
+                else:
+                    text[int(rid)] += event.text
+                    last[int(rid)] = event
     finally:
         engine.reset()
     return [Completion(text=t.strip(), tokens=d.tokens, finish_reason=d.finish_reason)
@@ -95,10 +98,12 @@ OFFLINE = "offline"  # the model id of the batch jobs' in-process engine
 
 def offline_engine(model: Any, max_rows: int = 64) -> Any:
     """An in-process decoding engine over ``model`` for batch work (caption, eval): the caller keeps it beside
-    the model and passes it to every ``complete``, so its KV slots are allocated once."""
+    the model and passes it to every ``complete``, so its KV slots are allocated once. No step token budget: batch
+    work has no interactive rows to keep responsive, so each prompt is prefilled whole, with the others admitted
+    in the same step (one forward), as fast as before chunking."""
     from .serve_engine import Engine
 
-    return Engine({OFFLINE: model}, max_rows=max_rows, max_prompt_tokens=1 << 30)
+    return Engine({OFFLINE: model}, max_rows=max_rows, max_prompt_tokens=1 << 30, max_step_tokens=1 << 30)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -13,9 +13,11 @@ choices of one request point at the same slot (a reference count frees it when t
 different token counts (a Qwen base) share the store padded to the longest; ``mask`` marks each slot's real keys.
 
 ``SlotCache`` is what one decoder forward receives as its ``cache`` (transformers' ``Cache`` interface, only
-``update`` is used): in ``prefill`` mode it writes the prompt's keys/values into the rows' slots and returns them
-unchanged (the prompt attends to itself); in ``decode`` mode it writes the step's one position per row and
-returns the slots' first ``read`` positions, which the caller's 4-D mask limits to each row's length.
+``update`` is used): in ``chunk`` mode (a prompt prefilled whole or over several steps) it writes a chunk's
+positions [p, p + c) into the rows' slots and returns the reading slots' first ``read`` positions, the slot's
+earlier positions plus the chunk itself, which the caller's 4-D mask makes causal; in ``decode`` mode it
+writes the step's one position per row and returns the slots' first ``read`` positions, which the caller's 4-D
+mask limits to each row's length.
 """
 
 from __future__ import annotations
@@ -135,27 +137,34 @@ class ImageSlots:
 class SlotCache(Cache):
     """One forward's view of ``KVSlots`` (only ``update`` is called by the decoder's attention layers).
 
-    prefill: ``rows`` (M,) destination slots, ``src`` (M,) prompt row and ``seq`` (M,) sequence index and ``pos``
-    (M,) position of each (slot, token) write: the prompt's keys/values (P, H, S, dh) go to their slots (a prompt
-    with n choices is written into n slots) and are returned unchanged.
+    chunk: ``rows`` (M,) destination slots, ``src`` (M,) chunk row, ``seq`` (M,) sequence index and ``pos`` (M,)
+    position of each (slot, token) write: the chunks' keys/values (P, H, S, dh) go to their slots (a request with n
+    choices is written into its n slots, so each choice later decodes in its own), then ``reads`` (P,) the slot
+    each chunk row reads (its request's first): their first ``read`` positions come back, (P, H, read, dh), a view
+    when the slots are consecutive (a gather otherwise, e.g. with n > 1).
     decode: ``rows`` is the batch's slot range (0..B-1), ``pos`` (B,) each row's write position, ``read`` the
     positions returned (max length + 1); the caller's mask hides each row's positions past its length.
     """
 
     def __init__(self, store: KVSlots, mode: str, pos: torch.Tensor, rows: torch.Tensor | int,
-                 src: torch.Tensor | None = None, seq: torch.Tensor | None = None, read: int = 0):
+                 src: torch.Tensor | None = None, seq: torch.Tensor | None = None, read: int = 0,
+                 reads: torch.Tensor | None = None):
         super().__init__(layers=[])
         self.store, self.mode, self.pos, self.rows, self.src, self.seq, self.read = store, mode, pos, rows, src, seq, read
         if mode == "decode":
             self.slot_ids = torch.arange(rows, device=pos.device)
+        if mode == "chunk":  # consecutive reading slots: a slice (a view), else an index (a gather)
+            first = int(reads[0])
+            consecutive = torch.equal(reads, torch.arange(first, first + len(reads), device=reads.device))
+            self.reads = slice(first, first + len(reads)) if consecutive else reads
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.store.keys[layer_idx], self.store.values[layer_idx]  # (R, H, L, dh)
-        if self.mode == "prefill":  # key_states (P, H, S, dh)
+        if self.mode == "chunk":  # key_states (P, H, S, dh)
             keys[self.rows, :, self.pos] = key_states[self.src, :, self.seq].to(keys.dtype)  # (M, H, dh)
             values[self.rows, :, self.pos] = value_states[self.src, :, self.seq].to(values.dtype)
-            return key_states, value_states
+            return keys[self.reads, :, : self.read], values[self.reads, :, : self.read]  # (P, H, read, dh)
         b = self.rows  # decode: key_states (B, H, 1, dh)
         keys[self.slot_ids, :, self.pos] = key_states[:, :, 0].to(keys.dtype)
         values[self.slot_ids, :, self.pos] = value_states[:, :, 0].to(values.dtype)

@@ -59,6 +59,12 @@ class ServeConfig:
     image_fetch_workers: int = 4  # http(s) image fetches at once per ingress replica (their own threads)
     ingress_workers: int = 2  # threads per ingress replica that parse request bodies and decode images
     max_batch_size: int = 8  # most rows (choices) decoding at once in one model replica; more requests queue
+    max_step_tokens: int = 512  # tokens one engine step computes: one per decoding row, the rest prompt chunks
+    #                             (a longer prompt is prefilled over several steps); >= max_batch_size
+    kv_cache_bytes: int | None = None  # KV bytes a model replica's requests may reserve, n x (prompt + max_tokens)
+    #                                    positions each (more wait in the queue; a request over it alone: 400);
+    #                                    None: max_batch_size x the model's context x bytes per position (on CUDA
+    #                                    at most 90% of the memory free when the replica starts)
     batch_wait_timeout_s: float = 0.0  # how long an idle engine waits for more requests before its first prefill
     max_ongoing_requests: int = 32  # per model replica (Serve's cap): decoding rows plus queued requests
     min_replicas: int = 1  # autoscaling floor of model replicas
@@ -82,7 +88,7 @@ class ServeConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {list(DTYPES)}")
         positive = ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_prompt_tokens", "max_tokens",
-                    "default_max_tokens", "max_batch_size", "max_ongoing_requests", "max_replicas",
+                    "default_max_tokens", "max_batch_size", "max_step_tokens", "max_ongoing_requests", "max_replicas",
                     "ingress_replicas", "image_fetch_timeout_s", "target_ongoing_requests", "image_fetch_workers",
                     "ingress_workers")
         for name in positive:
@@ -94,6 +100,13 @@ class ServeConfig:
         if self.max_prompt_chars is not None and self.max_prompt_chars <= 0:
             raise ValueError(f"max_prompt_chars must be > 0 or null (16 x max_prompt_tokens), got "
                              f"{self.max_prompt_chars}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError(f"kv_cache_bytes must be > 0 or null (derived from max_batch_size and the model's "
+                             f"context), got {self.kv_cache_bytes}")
+        if self.max_step_tokens < self.max_batch_size:
+            raise ValueError(f"max_step_tokens={self.max_step_tokens} is below max_batch_size={self.max_batch_size}: "
+                             f"every decoding row takes one token of a step and a prefill needs at least one more; "
+                             f"raise max_step_tokens")
         if self.num_gpus is not None and self.num_gpus < 0:
             raise ValueError(f"num_gpus must be >= 0 or null (auto), got {self.num_gpus}")
         if not 0 <= self.max_images <= 1:

@@ -4,24 +4,39 @@ the layers vLLM uses:
 
   input processor (any thread)  ``prepare``: chat template, prompt limits, tokeniser, image -> encoder ->
                                 projector, AMP tokens and AGF keys/values (``FusedVLM.prepare_inputs``)
-  runner (engine thread)        per model, one batch whose row i lives in KV slot i of preallocated per-row
-                                storage (``pipelines.kv_slots``): ``add`` prefills new requests (one left-padded
-                                forward per (model, has image)) writing their prompts' keys/values straight into
-                                fresh slots (n choices: n slots, one image slot); ``step`` runs one forward per
-                                model over all its rows, each writing one position and reading its slot as a view
-                                through a 4-D mask (rows of different lengths, no padding, no concatenation)
+  scheduler (engine thread)     ``fits``/``add`` admit a request when its n rows fit in ``max_rows`` and its KV
+                                reservation, n x (prompt + max_tokens) positions, in the bytes the running requests
+                                left of the KV budget (``pipelines.kv_budget``; ``prepare`` refuses one that could
+                                never fit); ``step`` spends a budget of ``max_step_tokens`` tokens: one per decoding
+                                row, the rest on prompt chunks of the admitted requests, oldest first, so a prompt
+                                longer than what is left is prefilled over several steps while every running row
+                                still gets its token at each of them
+  runner (engine thread)        per model, one batch whose rows live in KV slots of preallocated per-row storage
+                                (``pipelines.kv_slots``; the slot layout in ``pipelines.serve_batch``): a chunk
+                                forward writes each prompt chunk's keys/values at positions [p, p + c) straight into
+                                its request's slots (n choices: n slots, one image slot) and attends to the slot's
+                                earlier positions plus itself, causally; a decode forward writes one position per
+                                row and reads its slot as a view through a 4-D mask (rows of different lengths, no
+                                padding, no concatenation); a request emits its first token after its last chunk
   sampler                       ``pipelines.sampler``: penalties, logit_bias, min_tokens, temperature, top-k/p,
                                 min-p and per-row seeded draws for the whole batch at once
   detokeniser                   ``pipelines.detokenize``: incremental, stop strings held back
   cancel (engine thread)        the rows of cancelled requests leave before the next step
 
-Rows with an image read AGF's keys/values from their image's slot at each step (a CLI adapter's rows; text-only
-rows of the same model pass through AGF unchanged). Positions count each row's real tokens only and a row's
-attention sees exactly its own prompt and answer, so each row computes what it would alone: greedy answers equal
-sequential ones. Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them.
+Decode rows and prompt chunks run as two forwards within one step (per model), not one: a decode row reads its
+slot as a view with a one-query mask, and folding it into the chunks' forward would pad it to the chunk's width
+(c times the decode work) or need a ragged-attention kernel (vLLM's flash-attention varlen), which SDPA with dense
+masks does not have; two forwards keep the decode step as cheap as without chunking, and the budget bounds the
+step's tokens either way. A chunk may split an image's tokens: the chunk takes the input embeddings of the image
+tokens inside it (counted from the image tokens before it), so a budget smaller than an image still works.
 
-Threads: ``prepare`` may run on another thread than ``add``/``step``/``cancel``, which must share one (decoder
-forwards of adapters over one base must not interleave); the engine detokenises with its own copy of the
+Rows with an image read AGF's keys/values from their image's slot at each chunk and each step (a CLI adapter's
+rows; text-only rows of the same model pass through AGF unchanged). Positions count each row's real tokens only and
+a row's attention sees exactly its own prompt and answer, so each row computes what it would alone: greedy answers
+equal sequential ones. Log-probabilities are the model's (log-softmax of the raw logits), as vLLM reports them.
+
+Threads: ``prepare`` may run on another thread than ``fits``/``add``/``step``/``cancel``, which must share one
+(decoder forwards of adapters over one base must not interleave); the engine detokenises with its own copy of the
 tokenizer, so the two threads never use one tokenizer at once.
 """
 
@@ -32,7 +47,7 @@ import logging
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,9 +59,11 @@ from cli_module.model import FusedVLM, VisualState
 from cli_module.prompting import render
 
 from .detokenize import IncrementalText
-from .kv_slots import ImageSlots, KVSlots, SlotCache
+from .kv_budget import KVBudget
+from .kv_slots import SlotCache
 from .sampler import BatchParams, RowState, choose, process_logits
-from .serve_api import IMAGE, ApiError, ChatJob, Delta, End, Event, SamplingParams
+from .serve_api import IMAGE, ApiError, ChatJob, Delta, End, Event
+from .serve_batch import Batch, Prefill, Row
 
 logger = logging.getLogger("ray.serve")
 MIN_LOGPROB = -9999.0  # JSON has no -Infinity: reported log-probabilities are clamped here (as vLLM does)
@@ -66,89 +83,19 @@ class Prepared:
         return self.ids.shape[1]
 
 
-@dataclass
-class _Row:
-    """One choice being decoded: what it generated and sent so far."""
-
-    request_id: str  # the request it belongs to
-    index: int  # its choice index
-    job: ChatJob  # the request's settings
-    generator: torch.Generator | None  # its own sampling generator (seeded: seed + index), None otherwise
-    text: IncrementalText  # its answer's text, incrementally decoded
-    tokens: int = 0  # tokens generated (EOS included)
-    pieces: list[str] = field(default_factory=list)  # each generated token decoded alone (gate heatmap labels)
-    gates: list[Any] = field(default_factory=list)  # per generated token, (|T|, K) numpy, when return_gates
-    finish: str | None = None  # "stop" or "length" once done
-    cancelled: bool = False  # its client went away
-    image_slot: int = -1  # its image's AGF keys/values slot (-1: none read at decode steps)
-    rope_delta: int = 0  # a Qwen base's M-RoPE offset of its positions after its image (cli_module.qwen)
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.job.sampling
-
-
-class _Batch:
-    """The rows of one model, decoding together: row i lives in KV slot i; its tensors are row-aligned."""
-
-    def __init__(self, model: FusedVLM, vocab: int, device: torch.device, max_rows: int):
-        cfg = model.base.text_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dtype = next(model.base.language_model.parameters()).dtype
-        self.model = model
-        self.kv = KVSlots(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, dtype, device,
-                          max_length=getattr(cfg, "max_position_embeddings", None), max_rows=max_rows)
-        self.images = ImageSlots()
-        self.rows: list[_Row] = []
-        self.lengths: list[int] = []  # tokens in each row's slot
-        self.next_tokens = torch.zeros(0, dtype=torch.long, device=device)  # (B,) the next step's inputs
-        self.state = RowState.empty(vocab, device)  # (B, ...) sampling state
-        self.params: BatchParams | None = None  # the rows' settings as tensors
-        self.vocab, self.device = vocab, device
-
-    def refresh(self) -> None:
-        self.params = BatchParams.of([r.params for r in self.rows], [r.generator for r in self.rows], self.vocab,
-                                     self.device) if self.rows else None
-
-    def clear(self) -> None:
-        for row in self.rows:
-            if row.image_slot >= 0:
-                self.images.release(row.image_slot)
-        self.rows, self.lengths, self.params = [], [], None
-        self.next_tokens = self.next_tokens[:0]
-        self.state = RowState.empty(self.vocab, self.device)
-
-    def retire(self) -> None:
-        """Drop finished and cancelled rows; the last rows move into the freed slots (rows stay 0..B-1)."""
-        keep = [i for i, r in enumerate(self.rows) if r.finish is None and not r.cancelled]
-        if len(keep) == len(self.rows):
-            return
-        for row in self.rows:
-            if (row.finish is not None or row.cancelled) and row.image_slot >= 0:
-                self.images.release(row.image_slot)
-        n = len(keep)
-        kept = set(keep)
-        holes = [j for j in range(n) if j not in kept]
-        movers = [i for i in keep if i >= n]
-        order = list(range(n))
-        for hole, mover in zip(holes, movers):
-            self.kv.move(mover, hole, self.lengths[mover])
-            order[hole] = mover
-        self.rows = [self.rows[i] for i in order]
-        self.lengths = [self.lengths[i] for i in order]
-        index = torch.tensor(order, dtype=torch.long, device=self.device)
-        self.next_tokens = self.next_tokens[index]
-        self.state = self.state.take(index)
-        self.refresh()
-
-
 class Engine:
     """Continuous batching over ``models`` (id -> FusedVLM in eval mode, all over one base, on one device)."""
 
-    def __init__(self, models: dict[str, FusedVLM], max_rows: int, max_prompt_tokens: int):
+    def __init__(self, models: dict[str, FusedVLM], max_rows: int, max_prompt_tokens: int,
+                 max_step_tokens: int = 512, kv_cache_bytes: int | None = None):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if max_step_tokens < max_rows:
+            raise ValueError(f"max_step_tokens={max_step_tokens} is below max_rows={max_rows}: every decoding row "
+                             f"takes one token of a step's budget and a prefill needs at least one more; raise "
+                             f"max_step_tokens or lower max_rows")
         self.models, self.max_rows, self.max_prompt_tokens = models, max_rows, max_prompt_tokens
+        self.max_step_tokens = max_step_tokens  # tokens per step: decoding rows (1 each) + prompt chunks
         first = next(iter(models.values()))
         self.device = first.base.lm_head.weight.device
         self.detok = copy.deepcopy(first.base.tokenizer)  # the engine thread's own tokenizer
@@ -162,26 +109,34 @@ class Engine:
             if kinds != {DynamicLayer.__name__}:
                 raise ValueError(f"continuous batching needs full-attention KV cache layers; this base's cache has "
                                  f"{sorted(kinds)}")
-        self.batches: dict[str, _Batch] = {}  # model id -> its rows (storage kept, reused, between requests)
-        self.choices: dict[str, int] = {}  # request id -> its choices still decoding
+        self.kv = KVBudget.of(models, max_rows, kv_cache_bytes, self.device)  # admission by KV bytes
+        self.batches: dict[str, Batch] = {}  # model id -> its rows (storage kept, reused, between requests)
+        self.choices: dict[str, int] = {}  # request id -> its choices still decoding (or prefilling)
+        self.reserved: dict[str, int] = {}  # request id -> the KV bytes it reserved
+        self.admitted = 0  # requests admitted so far (their admission order: chunks go to the oldest first)
         self.pieces: dict[int, str] = {}  # token id -> its text alone (log-probability labels)
         self.generated: Counter[str] = Counter()  # model id -> tokens generated
         self.prompt_tokens: Counter[str] = Counter()  # model id -> prompt tokens prefilled
         self.batch_sizes: Counter[int] = Counter()  # rows in a batch's decode step -> steps
+        self.step_tokens: Counter[int] = Counter()  # tokens in an engine step (decode rows + chunks) -> steps
         self.cancelled_rows = 0  # rows dropped because their request was cancelled
 
     # --- state ----------------------------------------------------------------------------------------------
 
     @property
     def rows(self) -> int:
-        """Rows decoding now."""
-        return sum(len(b.rows) for b in list(self.batches.values()))
+        """Rows holding a KV slot now: decoding, or admitted and being prefilled."""
+        return sum(b.slots_used for b in list(self.batches.values()))
 
     def snapshot(self) -> dict[str, Any]:
-        """Counters for metrics, safe to read from another thread while the engine runs (copies under the GIL)."""
-        return {"running_rows": self.rows, "batch_sizes": dict(self.batch_sizes), "generated": dict(self.generated),
-                "prompt_tokens": dict(self.prompt_tokens), "cancelled_rows": self.cancelled_rows,
-                "kv_bytes": sum(b.kv.nbytes() for b in list(self.batches.values()))}
+        """Counters for metrics, safe to read from another thread while the engine runs (copies under the GIL).
+        ``kv_reserved_bytes`` / ``kv_total_bytes``: the KV budget (admission); ``kv_bytes``: the storage allocated."""
+        batches = list(self.batches.values())
+        return {"running_rows": self.rows, "prefilling_requests": sum(len(b.prefilling) for b in batches),
+                "batch_sizes": dict(self.batch_sizes), "step_tokens": dict(self.step_tokens),
+                "generated": dict(self.generated), "prompt_tokens": dict(self.prompt_tokens),
+                "cancelled_rows": self.cancelled_rows, "kv_bytes": sum(b.kv.nbytes() for b in batches),
+                "kv_reserved_bytes": self.kv.reserved, "kv_total_bytes": self.kv.total}
 
     @property
     def free_rows(self) -> int:
@@ -285,55 +240,86 @@ class Engine:
         if context and n + job.max_tokens > context:
             raise ApiError(400, f"prompt ({n} tokens) + max_tokens ({job.max_tokens}) exceeds the model's context of "
                                 f"{context} tokens", param="max_tokens", code="context_length_exceeded")
+        self.kv.check(job.model, n, job.max_tokens, job.n)  # could never be admitted: refused now
         return Prepared(request_id=request_id, job=replace(job, images=[]), ids=ids, visual=visual)
 
     # --- engine thread -------------------------------------------------------------------------------------
 
+    def fits(self, items: list[Prepared]) -> bool:
+        """Whether ``items`` can be admitted now: their rows in the free rows and their KV reservation in the bytes
+        not reserved by the requests running or prefilling."""
+        return sum(i.job.n for i in items) <= self.free_rows and self.kv.fits(sum(self._need(i) for i in items))
+
+    def admissible(self, item: Prepared) -> None:
+        """ApiError 400 when ``item`` could not be admitted even by an idle engine (rows or KV budget)."""
+        if item.job.n > self.max_rows:
+            raise ApiError(400, f"n={item.job.n} exceeds this replica's rows ({self.max_rows})", param="n")
+        self.kv.check(item.job.model, item.prompt_tokens, item.job.max_tokens, item.job.n)
+
     @torch.inference_mode()
     def add(self, items: list[Prepared]) -> list[tuple[str, Event]]:
-        """Prefill new requests; each emits its first token and its rows join their model's batch."""
-        if sum(i.job.n for i in items) > self.free_rows:
-            raise ValueError(f"{sum(i.job.n for i in items)} new rows do not fit in {self.free_rows} free rows")
-        groups: dict[tuple[str, bool], list[Prepared]] = {}
-        for item in items:
-            groups.setdefault((item.job.model, item.visual is not None), []).append(item)
+        """Admit new requests (``fits`` them first): their rows take the slots after the requests already prefilling
+        and their KV bytes are reserved; the next steps prefill their prompts in chunks, and each emits its first
+        token at the step that writes its prompt's last chunk. -> the events of requests that could not be
+        admitted (an error each)."""
+        if not self.fits(items):
+            raise ValueError(f"{sum(i.job.n for i in items)} new rows reserving {sum(self._need(i) for i in items)} "
+                             f"bytes of KV cache do not fit in {self.free_rows} free rows and "
+                             f"{self.kv.total - self.kv.reserved} unreserved bytes; call fits() first")
         events: list[tuple[str, Event]] = []
-        for (model_id, has_image), group in groups.items():
+        for item in items:
             try:
-                events += self._prefill(model_id, has_image, group)
-            except Exception as err:  # one failed prefill ends its own requests only
-                logger.exception("crosslayer: prefill failed")
-                for item in group:
-                    self.choices.pop(item.request_id, None)
-                    events.append((item.request_id, End(error=ApiError.internal(err, during="prefilling"))))
+                self._admit(item)
+            except Exception as err:  # one failed admission ends its own request only
+                logger.exception("crosslayer: admission failed")
+                events.append((item.request_id, End(error=ApiError.internal(err, during="prefilling"))))
         return events
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, Event]]:
-        """One decode step of every model's batch: one new token per row; finished rows leave."""
+        """One engine step under the token budget: one decode forward per model over its decoding rows (a token
+        each), then the rest of ``max_step_tokens`` goes to prompt chunks of the prefilling requests, oldest first
+        (one chunk forward per model); a request whose last chunk ran emits its first token here and decodes from
+        the next step on. Finished rows leave."""
         events: list[tuple[str, Event]] = []
+        decoded = 0
         for model_id, batch in list(self.batches.items()):
             if not batch.rows:
                 continue
+            decoded += len(batch.rows)
             try:
                 events += self._decode(model_id, batch)
             except Exception as err:  # a failing batch ends its own requests; the others go on
                 logger.exception("crosslayer: decode step failed")
-                for rid in dict.fromkeys(r.request_id for r in batch.rows):
-                    if self.choices.pop(rid, None) is not None:
-                        events.append((rid, End(error=ApiError.internal(err, during="generating"))))
-                batch.clear()
+                events += self._fail(batch, err)
+        plan = self._plan(self.max_step_tokens - decoded)
+        for model_id, chunks in plan.items():
+            batch = self.batches[model_id]
+            try:
+                events += self._prefill(model_id, batch, chunks)
+            except Exception as err:  # one failed chunk forward ends its own requests only
+                logger.exception("crosslayer: prefill failed")
+                ended = {p.item.request_id for p, _ in chunks}
+                for row in [*batch.rows, *(r for p in batch.prefilling for r in p.rows)]:
+                    row.cancelled = row.cancelled or row.request_id in ended
+                batch.retire()
+                events += [(rid, End(error=ApiError.internal(err, during="prefilling")))
+                           for rid in ended if self._forget(rid)]
+        tokens = decoded + sum(c for chunks in plan.values() for _, c in chunks)
+        if tokens:
+            self.step_tokens[tokens] += 1
         return events
 
     @torch.inference_mode()
     def cancel(self, request_ids: set[str]) -> None:
-        """Drop the rows of these requests (their clients went away); they send nothing more."""
+        """Drop the rows of these requests, decoding or still prefilling (their clients went away); they send
+        nothing more, and their slots and KV reservations are free for the next admission."""
         if not request_ids:
             return
         for rid in request_ids:
-            self.choices.pop(rid, None)
+            self._forget(rid)
         for batch in self.batches.values():
-            for row in batch.rows:
+            for row in [*batch.rows, *(r for p in batch.prefilling for r in p.rows)]:
                 if row.request_id in request_ids:
                     row.cancelled = True
                     self.cancelled_rows += 1
@@ -345,75 +331,159 @@ class Engine:
         for batch in self.batches.values():
             batch.clear()
         self.choices.clear()
+        self.reserved.clear()
+        self.kv.reserved = 0
 
     # --- internals ------------------------------------------------------------------------------------------
 
-    def _batch(self, model_id: str) -> _Batch:
+    def _batch(self, model_id: str) -> Batch:
         if model_id not in self.batches:
-            self.batches[model_id] = _Batch(self.models[model_id], self.vocab, self.device, self.max_rows)
+            self.batches[model_id] = Batch(self.models[model_id], self.vocab, self.device, self.max_rows)
         return self.batches[model_id]
 
-    def _prefill(self, model_id: str, has_image: bool, items: list[Prepared]) -> list[tuple[str, Event]]:
-        model, batch = self.models[model_id], self._batch(model_id)
-        pad = model.base.tokenizer.pad_token_id or 0
-        lengths = [item.prompt_tokens for item in items]
-        width = max(lengths)
-        ids = torch.full((len(items), width), pad, dtype=torch.long, device=self.device)  # (P, S) left-padded
-        mask = torch.zeros_like(ids)
-        for b, item in enumerate(items):
-            ids[b, width - item.prompt_tokens:] = item.ids[0]
-            mask[b, width - item.prompt_tokens:] = 1
-        first = len(batch.rows)  # the new rows' slots: first, first + 1, ...
-        rows = [self._new_row(item, i) for item in items for i in range(item.job.n)]
-        src = torch.tensor([b for b, item in enumerate(items) for _ in range(item.job.n)], device=self.device)
-        need = max(item.prompt_tokens + item.job.max_tokens for item in items)
-        batch.kv.reserve(first + len(rows), need, used=first, used_length=max(batch.lengths, default=0))
-        # one write per (slot, prompt token): slot first + r gets prompt src[r]'s tokens at positions 0..len-1
-        slot, prompt, seq, pos = [], [], [], []
-        for r, b in enumerate(src.tolist()):
-            n = lengths[b]
-            slot.append(torch.full((n,), first + r))
-            prompt.append(torch.full((n,), b))
-            seq.append(torch.arange(width - n, width))
-            pos.append(torch.arange(n))
-        cache = SlotCache(batch.kv, "prefill", pos=torch.cat(pos).to(self.device),
-                          rows=torch.cat(slot).to(self.device), src=torch.cat(prompt).to(self.device),
-                          seq=torch.cat(seq).to(self.device))
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(width, dtype=torch.bool, device=self.device)  # padding queries see themselves (no NaN)
-        mask4 = (causal[None] & mask.bool()[:, None, :]) | eye[None]  # (P, S, S)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (P, S) real tokens only
-        visual = merge_visual([item.visual for item in items]) if has_image else None
-        if has_image and model.base.qwen:  # M-RoPE: the model's own positions for the images and the text after
-            from cli_module.qwen import rope_index
+    def _need(self, item: Prepared) -> int:
+        return self.kv.need(item.job.model, item.prompt_tokens, item.job.max_tokens, item.job.n)
 
-            positions, _ = rope_index(model.base, ids, ids == model.base.image_token_id, visual.grids, mask)
-            for row, b in zip(rows, src.tolist()):
-                row.rope_delta = int(items[b].visual.rope_deltas[0])
-        gates_wanted = any(r.job.return_gates for r in rows)
-        out = model(ids, mask4[:, None], position_ids=positions, visual=visual, cache=cache, use_cache=True,
-                    return_gates=gates_wanted, logits_to_keep=1)
-        gates = out.gates[:, -1][src] if out.gates is not None else None  # (R, |T|, K)
-        if has_image and model.config.method == "cli":  # one AGF slot per image, shared by its n rows
-            image_slot = [batch.images.add(item.visual.kv, item.job.n) for item in items]
-            for row, b in zip(rows, src.tolist()):
-                row.image_slot = image_slot[b]
-        for item in items:
-            self.choices[item.request_id] = item.job.n
-            self.prompt_tokens[model_id] += item.prompt_tokens
+    def _forget(self, request_id: str) -> bool:
+        """The request ended, failed or was cancelled: its choices and KV reservation go; -> whether it was open."""
+        self.kv.reserved -= self.reserved.pop(request_id, 0)
+        return self.choices.pop(request_id, None) is not None
+
+    def _fail(self, batch: Batch, err: Exception) -> list[tuple[str, Event]]:
+        """End every request of ``batch``, decoding or prefilling, with ``err``; the batch is emptied."""
+        rows = [*batch.rows, *(r for p in batch.prefilling for r in p.rows)]
+        batch.clear()
+        return [(rid, End(error=ApiError.internal(err, during="generating")))
+                for rid in dict.fromkeys(r.request_id for r in rows) if self._forget(rid)]
+
+    def _admit(self, item: Prepared) -> None:
+        batch = self._batch(item.job.model)
+        n, need = item.job.n, self._need(item)
+        rows = [self._new_row(item, i) for i in range(n)]
+        prefill = Prefill(item=item, rows=rows, seq=self.admitted)
+        if item.visual is not None:
+            image = (item.ids[0] == self.image_token_id).long()  # (S,)
+            prefill.image_before = torch.cat([image.new_zeros(1), image.cumsum(0)]).tolist()  # S + 1
+            if batch.model.base.qwen:  # M-RoPE: the whole prompt's positions once, sliced by every chunk
+                from cli_module.qwen import rope_index
+
+                ids = item.ids.to(self.device)
+                prefill.rope_positions = rope_index(batch.model.base, ids, ids == self.image_token_id,
+                                                    item.visual.grids, None)[0][:, 0]  # (3, S)
+                for row in rows:
+                    row.rope_delta = int(item.visual.rope_deltas[0])
+            if batch.model.config.method == "cli":  # one AGF slot per image, shared by its n rows
+                prefill.image_slot = batch.images.add(item.visual.kv, n)
+                for row in rows:
+                    row.image_slot = prefill.image_slot
+        used = batch.slots_used
+        longest = max([*batch.lengths, *(p.done for p in batch.prefilling)], default=0)
+        batch.kv.reserve(used + n, item.prompt_tokens + item.job.max_tokens, used=used, used_length=longest)
+        batch.prefilling.append(prefill)
+        self.admitted += 1
+        self.choices[item.request_id] = n
+        self.reserved[item.request_id] = need
+        self.kv.reserved += need
+
+    def _plan(self, budget: int) -> dict[str, list[tuple[Prefill, int]]]:
+        """The step's prompt chunks: ``budget`` tokens to the prefilling requests, oldest first; a prompt longer
+        than what is left takes it all and goes on at the next step -> model id -> [(request, chunk tokens)], each
+        list a prefix of its batch's prefilling requests, in order."""
+        plan: dict[str, list[tuple[Prefill, int]]] = {}
+        for p in sorted((p for b in self.batches.values() for p in b.prefilling), key=lambda p: p.seq):
+            if budget <= 0:
+                break
+            take = min(p.left, budget)
+            plan.setdefault(p.item.job.model, []).append((p, take))
+            budget -= take
+        return plan
+
+    def _prefill(self, model_id: str, batch: Batch, chunks: list[tuple[Prefill, int]]) -> list[tuple[str, Event]]:
+        """One chunk forward over ``chunks`` (the first requests of ``batch.prefilling``, in order): chunk b writes
+        its prompt's positions [done, done + c) into its request's n slots and attends to the slot's earlier
+        positions and itself, causally. The requests whose prompt is then whole sample their first token and
+        become decoding rows."""
+        model = batch.model
+        pad = model.base.tokenizer.pad_token_id or 0
+        width = max(c for _, c in chunks)
+        ids = torch.full((len(chunks), width), pad, dtype=torch.long, device=self.device)  # (P, C) left-padded
+        positions = torch.zeros_like(ids)  # (P, C) prompt positions; padding at 0 (it reads position 0 only)
+        slot, src, seq, pos, reads = [], [], [], [], []
+        first = len(batch.rows)  # the first request's first slot
+        for b, (p, c) in enumerate(chunks):
+            span = torch.arange(p.done, p.done + c)
+            ids[b, width - c:] = p.item.ids[0, p.done:p.done + c]
+            positions[b, width - c:] = span
+            reads.append(first)
+            for j in range(p.n):  # one write per (slot, chunk token): all n slots of the request
+                slot.append(torch.full((c,), first + j))
+                src.append(torch.full((c,), b))
+                seq.append(torch.arange(width - c, width))
+                pos.append(span)
+            first += p.n
+        read = max(p.done + c for p, c in chunks)
+        mask = torch.arange(read, device=self.device)[None, None] <= positions[:, :, None]  # (P, C, read) causal
+        position_ids = positions  # (P, C) the slot positions, which the mask reads
+        if model.base.qwen:  # M-RoPE (3, P, C): an image prompt's own positions, the text's on all three axes
+            position_ids = positions[None].expand(3, -1, -1).clone()
+            for b, (p, c) in enumerate(chunks):
+                if p.rope_positions is not None:
+                    position_ids[:, b, width - c:] = p.rope_positions[:, p.done:p.done + c]
+        cache = SlotCache(batch.kv, "chunk", pos=torch.cat(pos).to(self.device), rows=torch.cat(slot).to(self.device),
+                          src=torch.cat(src).to(self.device), seq=torch.cat(seq).to(self.device), read=read,
+                          reads=torch.tensor(reads, device=self.device))
+        done = [p for p, c in chunks if c == p.left]  # the prompts this chunk completes: a prefix of ``chunks``
+        out = model(ids, mask[:, None], position_ids=position_ids, visual=self._chunk_visual(batch, chunks),
+                    cache=cache, use_cache=True, return_gates=any(p.item.job.return_gates for p in done),
+                    logits_to_keep=1)
+        for p, c in chunks:
+            p.done += c
+            self.prompt_tokens[model_id] += c
+        if not done:
+            return []
+        src_rows = torch.tensor([b for b, p in enumerate(done) for _ in range(p.n)], device=self.device)  # (R,)
+        rows = [r for p in done for r in p.rows]
         params = BatchParams.of([r.params for r in rows], [r.generator for r in rows], self.vocab, self.device)
-        state = RowState.new([r.params for r in rows], [items[b].ids[0] for b in src.tolist()], self.vocab,
+        state = RowState.new([r.params for r in rows], [p.item.ids[0] for p in done for _ in range(p.n)], self.vocab,
                              self.device)
-        tokens, events = self._choose(model_id, rows, out.logits[:, -1].float()[src], params, state, gates)
-        batch.rows += rows
-        batch.lengths += [lengths[b] for b in src.tolist()]
-        batch.next_tokens = torch.cat([batch.next_tokens, tokens])
-        batch.state = batch.state.append(state)
-        batch.refresh()
+        gates = out.gates[:, -1][src_rows] if out.gates is not None else None  # (R, |T|, K)
+        tokens, events = self._choose(model_id, rows, out.logits[:, -1].float()[src_rows], params, state, gates)
+        batch.promote(len(done), tokens, state)
         batch.retire()
         return events
 
-    def _decode(self, model_id: str, batch: _Batch) -> list[tuple[str, Event]]:
+    def _chunk_visual(self, batch: Batch, chunks: list[tuple[Prefill, int]]) -> VisualState | None:
+        """The visual state of a chunk forward: for its rows with an image (in row order), the input embeddings of
+        the image tokens inside their chunk (a chunk may split an image's tokens: its embeddings are sliced by the
+        image tokens before the chunk), per-position tokens sliced the same way and concatenated along the
+        positions, (1, K, Σ, D) (deepstack adds them at the image positions in that order), and CLI's AGF keys and
+        values from the rows' image slots (read at every chunk)."""
+        has = [p.item.visual is not None for p, _ in chunks]
+        if not any(has):
+            return None
+        embeds, tokens, slots, stacks = [], [], [], []
+        for p, c in chunks:
+            visual = p.item.visual
+            if visual is None:
+                continue
+            a, b = p.image_before[p.done], p.image_before[p.done + c]  # the image tokens in this chunk: [a, b)
+            if b > a:
+                embeds.append(visual.image_embeds[a:b])  # (b - a, D)
+                if visual.tokens is not None and visual.tokens.shape[2] == visual.counts[0]:
+                    tokens.append(visual.tokens[:, :, a:b])  # (1, K, b - a, D)
+                if visual.deepstack_embeds is not None:  # Qwen3-VL's own DeepStack: per decoder layer (b - a, D)
+                    stacks.append([d[a:b] for d in visual.deepstack_embeds])
+            slots.append(p.image_slot)
+        kv, token_mask = [], None
+        if batch.model.config.method == "cli":
+            reading = torch.tensor(slots, device=self.device)
+            kv, token_mask = batch.images.gather(reading), batch.images.mask(reading)  # mask: padded Qwen images
+        return VisualState(image_embeds=torch.cat(embeds) if embeds else None,
+                           tokens=torch.cat(tokens, dim=2) if tokens else None, kv=kv, counts=[],
+                           rows=None if all(has) else torch.tensor(has, device=self.device), token_mask=token_mask,
+                           deepstack_embeds=[torch.cat(d) for d in zip(*stacks)] if stacks else None)
+
+    def _decode(self, model_id: str, batch: Batch) -> list[tuple[str, Event]]:
         b = len(batch.rows)
         pos = torch.tensor(batch.lengths, dtype=torch.long, device=self.device)  # (B,) each row's write position
         read = max(batch.lengths) + 1
@@ -441,15 +511,15 @@ class Engine:
         batch.retire()
         return events
 
-    def _new_row(self, item: Prepared, index: int) -> _Row:
+    def _new_row(self, item: Prepared, index: int) -> Row:
         p = item.job.sampling
         generator = None
         if not p.greedy and p.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(p.seed + index)
-        return _Row(request_id=item.request_id, index=index, job=item.job, generator=generator,
+        return Row(request_id=item.request_id, index=index, job=item.job, generator=generator,
                     text=IncrementalText(self.detok, item.job.stop))
 
-    def _choose(self, model_id: str, rows: list[_Row], logits: torch.Tensor, params: BatchParams, state: RowState,
+    def _choose(self, model_id: str, rows: list[Row], logits: torch.Tensor, params: BatchParams, state: RowState,
                 gates: torch.Tensor | None) -> tuple[torch.Tensor, list[tuple[str, Event]]]:
         """logits (R, V) float -> each row's token (R,) and its events (a Delta; an End after a request's last);
         ``state`` (row-aligned with ``rows``) is updated in place."""
@@ -474,12 +544,12 @@ class Engine:
                 left = self.choices.get(row.request_id, 0) - 1
                 if left > 0:
                     self.choices[row.request_id] = left
-                elif self.choices.pop(row.request_id, None) is not None:
+                elif self._forget(row.request_id):
                     events.append((row.request_id, End()))
         self.generated[model_id] += len(rows)
         return chosen, events
 
-    def _advance(self, row: _Row, token: int, entries: list[dict[str, Any]] | None, gates: Any, rows: int) -> Delta:
+    def _advance(self, row: Row, token: int, entries: list[dict[str, Any]] | None, gates: Any, rows: int) -> Delta:
         job = row.job
         row.tokens += 1
         if job.return_gates:
@@ -557,38 +627,7 @@ def split_rows(enc: dict[str, torch.Tensor], visual: VisualState | None) -> list
     return out
 
 
-def merge_visual(states: list[VisualState]) -> VisualState:
-    """Concatenate per-request VisualStates along the batch (the order of the rows and their image tokens)."""
-    if len(states) == 1:
-        return states[0]
-
-    def cat(tensors: list[Any]) -> Any:
-        return None if tensors[0] is None else torch.cat(tensors)
-
-    # a Qwen base's images have different token counts: AMP tokens (B, K, N, D) and AGF keys/values
-    # (B, H, K, N, dh) are padded along N to the longest, and the real ones marked (token_mask)
-    lengths = [s.tokens.shape[2] if s.tokens is not None else s.kv[0][0].shape[3] if s.kv else 0 for s in states]
-    width = max(lengths)
-
-    def padded(t: torch.Tensor, dim: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [0, width - t.shape[dim]])
-
-    kv = [(torch.cat([padded(s.kv[i][0], 3) for s in states]), torch.cat([padded(s.kv[i][1], 3) for s in states]))
-          for i in range(len(states[0].kv))]
-    tokens = None if states[0].tokens is None else torch.cat([padded(s.tokens, 2) for s in states])
-    token_mask = None
-    if len(set(lengths)) > 1:
-        token_mask = torch.arange(width)[None] < torch.tensor(lengths)[:, None]  # (B, N)
-    deepstack = None
-    if states[0].deepstack_embeds is not None:
-        deepstack = [torch.cat([s.deepstack_embeds[j] for s in states]) for j in range(len(states[0].deepstack_embeds))]
-    return VisualState(image_embeds=cat([s.image_embeds for s in states]), tokens=tokens, kv=kv,
-                       counts=[c for s in states for c in s.counts], grids=cat([s.grids for s in states]),
-                       rope_deltas=cat([s.rope_deltas for s in states]), token_mask=token_mask,
-                       deepstack_embeds=deepstack)
-
-
-def gate_summary(row: _Row, job: ChatJob, config: Any) -> dict[str, Any]:
+def gate_summary(row: Row, job: ChatJob, config: Any) -> dict[str, Any]:
     """(T, |T|, K) gates of one answer with their layer indices and token labels, as JSON-ready lists."""
     values = np.stack(row.gates) if row.gates else np.zeros((0, len(config.inject_layers), len(config.vision_layers)))
     return {"shape": list(values.shape), "inject_layers": list(config.inject_layers),

@@ -157,6 +157,7 @@ class OpenAIIngress:
         tally = self.metrics.tally
         return {"status": "ok", "batch_sizes": stats["batch_sizes"], "max_batch_size": stats["max_batch_size"],
                 "running_rows": stats["running_rows"], "queued_requests": stats["queued_requests"],
+                "kv_reserved_bytes": stats["kv_reserved_bytes"], "kv_total_bytes": stats["kv_total_bytes"],
                 "requests": tally["requests"], "rejected": tally["rejected"], "cancelled": tally["cancelled"],
                 "rejected_by_reason": {k.split(":", 1)[1]: v for k, v in sorted(tally.items())
                                        if k.startswith("rejected:")},

@@ -60,7 +60,8 @@ class VLMModel:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)  # deployments[] may override
         torch.set_num_threads(max(1, int(cpus)))
         models = {k: m.to(self.device) for k, m in load_models(config).items()}
-        self.engine = Engine(models, max_rows=config.max_batch_size, max_prompt_tokens=config.max_prompt_tokens)
+        self.engine = Engine(models, max_rows=config.max_batch_size, max_prompt_tokens=config.max_prompt_tokens,
+                             max_step_tokens=config.max_step_tokens, kv_cache_bytes=config.kv_cache_bytes)
         self.preparer = Preparer(self.engine, max_batch=config.max_batch_size)
         self.scheduler = Scheduler(self.engine, idle_wait_s=config.batch_wait_timeout_s, on_step=self._count)
         self.cancelled = 0  # requests whose client went away before their end
@@ -73,7 +74,9 @@ class VLMModel:
         return {"models": list(self.engine.models), "device": self.device, "max_batch_size": self.cfg.max_batch_size,
                 "batch_sizes": {str(k): v for k, v in sorted(snap["batch_sizes"].items())},
                 "generated_tokens": snap["generated"], "prompt_tokens": snap["prompt_tokens"],
-                "running_rows": snap["running_rows"], "queued_requests": self.scheduler.queued,
+                "running_rows": snap["running_rows"], "prefilling_requests": snap["prefilling_requests"],
+                "kv_reserved_bytes": snap["kv_reserved_bytes"], "kv_total_bytes": snap["kv_total_bytes"],
+                "queued_requests": self.scheduler.queued,
                 "cancelled_requests": self.cancelled, "cancelled_rows": snap["cancelled_rows"]}
 
     def _count(self) -> None:

@@ -4,9 +4,17 @@ rows leave before the next step.
 
   Preparer.prepare(job)         the requests waiting for the prepare thread go in one ``Engine.prepare_many``
                                 call (images of one model encoded as one batch), so a burst also prefills together
-  submit(prepared) -> queue     the request waits (FIFO) until its n rows fit in the engine's free rows
-  loop, while there is work:    [cancel + add the waiting that fit] (prefill: first tokens published at once)
-                                [step] (one token for every running row), on one engine thread
+  submit(prepared) -> queue     the request waits (FIFO) until its n rows fit in the engine's free rows and its
+                                KV reservation (n x (prompt + max_tokens) positions) in the unreserved KV budget
+  loop, while there is work:    [cancel] [add the waiting that fit] (admission: slots and KV bytes reserved)
+                                [step] (a token for every decoding row, then prompt chunks under the step's token
+                                budget; a request's first token comes at the step of its last chunk), all on one
+                                engine thread
+
+Admission is strictly first come, first served: while the oldest waiting request does not fit, nothing behind it
+is admitted, even a smaller request that would fit. A large request therefore waits only for running requests to
+end (at most their max_tokens each), never for a stream of small ones to pass it; the price is that small
+requests wait behind it (head-of-line blocking), as in vLLM's default FCFS policy.
   cancel(request_id)            a waiting request is dropped; a running one is freed before the next step
 
 Each queue receives the request's ``Delta`` events and one final ``End`` (``pipelines.serve_api``); a cancelled
@@ -107,14 +115,16 @@ class Scheduler:
             await asyncio.sleep(self.idle_wait_s)
         while self.waiting or self.cancelled or self.engine.rows:
             cancelled, self.cancelled = self.cancelled, set()
-            admit, free = [], self.engine.free_rows
-            while self.waiting and self.waiting[0].job.n <= free:
-                item = self.waiting.popleft()
-                admit.append(item)
-                free -= item.job.n
             try:
-                if admit or cancelled:
-                    self._publish(await loop.run_in_executor(self.thread, self._admit, admit, cancelled))
+                if cancelled:  # their rows and KV bytes are free for this round's admission
+                    await loop.run_in_executor(self.thread, self.engine.cancel, cancelled)
+                admit: list[Prepared] = []
+                while self.waiting and self.engine.fits([*admit, self.waiting[0]]):  # FIFO: the head first, always
+                    admit.append(self.waiting.popleft())
+                if self.waiting and not admit and not self.engine.rows:  # an idle engine cannot take it: never will
+                    self._refuse(self.waiting.popleft())
+                if admit:
+                    self._publish(await loop.run_in_executor(self.thread, self.engine.add, admit))
                 if self.engine.rows:
                     self._publish(await loop.run_in_executor(self.thread, self.engine.step))
             except Exception as err:  # noqa: BLE001 (the engine handles its own per-group failures)
@@ -126,9 +136,14 @@ class Scheduler:
             if self.on_step is not None:
                 self.on_step()
 
-    def _admit(self, admit: list[Prepared], cancelled: set[str]) -> list[tuple[str, Event]]:
-        self.engine.cancel(cancelled)
-        return self.engine.add(admit) if admit else []
+    def _refuse(self, item: Prepared) -> None:
+        """End a request that even an idle engine cannot admit (``Engine.prepare`` refuses these first)."""
+        try:
+            self.engine.admissible(item)
+            error = ApiError(400, f"request {item.request_id} does not fit in this replica's rows or KV budget")
+        except ApiError as err:
+            error = err
+        self._publish([(item.request_id, End(error=error))])
 
     def _publish(self, events: list[tuple[str, Event]]) -> None:
         for rid, event in events:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 
 import pytest
 import torch
@@ -58,12 +59,18 @@ def alone(engine, models, item) -> list[int]:
 
 
 def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[int, list[Delta]]]:
-    """Add each list of prepared requests at its step, step until all ended -> request id -> choice -> deltas."""
+    """Queue each list of prepared requests at its step, admit them first come first served as they fit (as the
+    scheduler does), step until all ended -> request id -> choice -> deltas."""
     out: dict[str, dict[int, list[Delta]]] = {}
     ends: dict[str, End] = {}
     total = sum(len(v) for v in arrivals.values())
+    waiting: deque = deque()
     for step in range(steps):
-        events = engine.add(arrivals[step]) if step in arrivals else []
+        waiting += arrivals.get(step, [])
+        admit = []
+        while waiting and engine.fits([*admit, waiting[0]]):
+            admit.append(waiting.popleft())
+        events = engine.add(admit) if admit else []
         if engine.rows:
             events += engine.step()
         for rid, event in events:
@@ -73,8 +80,8 @@ def run(engine, arrivals: dict[int, list], steps: int = 200) -> dict[str, dict[i
                 ends[rid] = event
             else:
                 out.setdefault(rid, {}).setdefault(event.index, []).append(event)
-        if len(ends) == total:
-            assert engine.rows == 0 and not engine.choices
+        if not waiting and step >= max(arrivals, default=0) and not engine.rows:  # (also requests added before)
+            assert len(ends) >= total and not engine.choices, sorted(ends)
             return out
     raise AssertionError(f"not done after {steps} steps: {sorted(ends)}")
 
@@ -186,9 +193,10 @@ def test_decode_steps_reuse_the_preallocated_kv_slots(engine):
     for _ in range(10):
         engine.step()
     assert batch.kv.keys[0].data_ptr() == storage
-    assert batch.lengths == [first.prompt_tokens + 20, second.prompt_tokens + 10]
+    # a request's first step writes its prompt and samples its first token; each later step writes one position
+    assert batch.lengths == [first.prompt_tokens + 19, second.prompt_tokens + 9]
     engine.cancel({"first"})  # the second row moves into slot 0
-    assert [r.request_id for r in batch.rows] == ["second"] and batch.lengths == [second.prompt_tokens + 10]
+    assert [r.request_id for r in batch.rows] == ["second"] and batch.lengths == [second.prompt_tokens + 9]
     engine.cancel({"second"})
 
 
@@ -297,3 +305,206 @@ def test_preparer_batches_requests_that_arrive_together(engine):
     assert calls == [5]  # one prepare_many call: the four images were encoded as one batch
     assert [r.request_id for r in results[:4]] == ["r0", "r1", "r2", "r3"]
     assert isinstance(results[4], ApiError) and results[4].code == "context_length_exceeded"
+
+
+# --- chunked prefill under the step token budget, admission by KV memory -------------------------------------------
+
+
+def chunked_engine(models, budget: int, max_rows: int = 4, **kwargs):
+    from pipelines.serve_engine import Engine
+
+    return Engine(models, max_rows=max_rows, max_prompt_tokens=256, max_step_tokens=budget, **kwargs)
+
+
+def decoded(engine, deltas: list[Delta]) -> list[list[int]]:
+    return token_bytes(deltas)
+
+
+def exact(engine, models, item, deltas: list[Delta]) -> None:
+    """The choice's tokens are the reference loop's, and each one's log-probability is the model's in one forward
+    over the prompt and the answer (the tiny model often repeats one token: the values catch a wrong KV slot)."""
+    eos = engine.detok.eos_token_id
+    tokens = [t for t in alone(engine, models, item) if t != eos]
+    assert decoded(engine, deltas) == [engine._token_bytes(t) for t in tokens], item.request_id
+    model = models[item.job.model]
+    ids = torch.cat([item.ids, torch.tensor([tokens], dtype=torch.long)], 1)
+    with torch.no_grad():
+        logits = model(ids, torch.ones_like(ids), visual=item.visual).logits[0, item.prompt_tokens - 1:-1].float()
+    logits[:, model.base.image_token_id] = float("-inf")
+    want = torch.log_softmax(logits, -1)[torch.arange(len(tokens)), torch.tensor(tokens)]
+    got = [entry["logprob"] for d in deltas for entry in d.logprobs or []]
+    assert got == pytest.approx(want.tolist(), abs=1e-4), item.request_id
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_chunked_prefill_equals_whole_prefill_and_the_reference(models, with_image):
+    """A prompt longer than the step budget, prefilled over several steps (an image's tokens split between
+    chunks), gives the greedy tokens of the same request prefilled whole and of the reference loop; so does a
+    request with n = 2 prefilled in the same chunk forward as another (its slots read by a gather)."""
+    image = random_images(1, seed=21)[0] if with_image else None
+    long = job("tuned", "Please describe every single detail of this in a long answer " * 2, image, max_tokens=10)
+    pair = job("tuned", "Two answers", image, n=2, max_tokens=6)
+    after = job("tuned", "And one more", max_tokens=6)
+    answers = {}
+    for budget in (512, 8):
+        engine = chunked_engine(models, budget)
+        items = [engine.prepare(long, "long"), engine.prepare(pair, "pair"), engine.prepare(after, "after")]
+        if budget == 8:
+            prompt = items[0].ids[0]
+            assert prompt.shape[0] > 4 * budget  # several chunks
+            if with_image:  # a chunk boundary falls inside the image's tokens
+                at = (prompt == engine.image_token_id).nonzero()[:, 0]
+                assert any(int(at[0]) < b <= int(at[-1]) for b in range(0, prompt.shape[0], budget))
+        got = run(engine, {0: items})
+        assert max(engine.step_tokens) <= budget
+        answers[budget] = {rid: {i: decoded(engine, d) for i, d in got[rid].items()} for rid in got}
+        for item in items:
+            for i in range(item.job.n):
+                exact(engine, models, item, got[item.request_id][i])
+        if budget == 8:  # the long prompt really was prefilled over several steps: its first token came late
+            assert sum(engine.step_tokens.values()) > items[0].prompt_tokens // budget
+    assert answers[8] == answers[512]
+
+
+def test_chunked_prefill_splits_deepstack_image_tokens(models):
+    """deepstack adds its per-position tokens at the image positions: a chunk that holds part of the image gets
+    the matching slice of them."""
+    from cli_module.config import CLIConfig
+    from cli_module.model import FusedVLM
+
+    deep = FusedVLM(models["base"].base, CLIConfig(method="deepstack", vision_layers=[0, 1], inject_layers=[0, 1]))
+    perturb(deep, seed=1)
+    engine = chunked_engine({"deep": deep.eval()}, 8)
+    item = engine.prepare(job("deep", "What is in it?", random_images(1, seed=24)[0], max_tokens=6), "deep")
+    at = (item.ids[0] == engine.image_token_id).nonzero()[:, 0]
+    assert any(int(at[0]) < b <= int(at[-1]) for b in range(0, item.prompt_tokens, 8))  # split by a chunk
+    exact(engine, {"deep": deep}, item, run(engine, {0: [item]})["deep"][0])
+
+
+def test_running_rows_decode_every_step_while_a_long_prompt_prefills(models):
+    budget = 12
+    engine = chunked_engine(models, budget)
+    image = random_images(1, seed=22)[0]
+    runners = [engine.prepare(job("tuned", f"Keep going {i}", max_tokens=60, min_tokens=60), f"r{i}") for i in range(2)]
+    long = engine.prepare(job("tuned", "A very long question about this picture, " * 4, image, max_tokens=5), "long")
+    engine.add(runners)
+    while len(engine.batches["tuned"].rows) < 2:  # their prompts take a few steps too
+        engine.step()
+    engine.add([long])
+    steps, per_step = 0, []
+    first_token = None
+    while first_token is None:
+        events = engine.step()
+        steps += 1
+        per_step.append(sorted(rid for rid, e in events if isinstance(e, Delta) and rid != "long"))
+        if any(rid == "long" for rid, _ in events):
+            first_token = [e for rid, e in events if rid == "long"][0]
+    chunk = budget - len(runners)  # each step: 2 decode tokens, the rest of the budget on the long prompt
+    assert steps == -(-long.prompt_tokens // chunk) > 3  # its first token after its last chunk, not before
+    assert per_step == [["r0", "r1"]] * steps  # every running row got a token at every one of those steps
+    assert max(engine.step_tokens) <= budget
+    assert engine.step_tokens[budget] >= steps - 1  # the budget was used in full while the prompt was prefilled
+    rest = run(engine, {})
+    exact(engine, models, long, [first_token, *rest["long"][0]])
+
+
+def test_cancel_during_chunked_prefill_frees_its_slot(models):
+    """A request cancelled between its chunks leaves: its slots, image slot and KV bytes are free; a decoding row
+    leaving while another prompt is half written moves that prompt's slot down; every remaining answer is exact."""
+    engine = chunked_engine(models, 8, max_rows=6)
+    image = random_images(1, seed=23)[0]
+    runner = engine.prepare(job("tuned", "Go on", image, max_tokens=30, min_tokens=30), "runner")
+    other = engine.prepare(job("tuned", "Go on too", max_tokens=40, min_tokens=40), "other")
+    long = engine.prepare(job("tuned", "This prompt is long enough for many chunks " * 3, image, n=2), "long")
+    behind = engine.prepare(job("tuned", "Behind it, a question of some length", image, max_tokens=8), "behind")
+    batch = engine._batch("tuned")
+    events = engine.add([runner, other])
+    while len(batch.rows) < 2:
+        events += engine.step()
+    engine.add([long, behind])
+    for _ in range(2):
+        events += engine.step()
+    assert [p.item.request_id for p in batch.prefilling] == ["long", "behind"] and 0 < batch.prefilling[0].done
+    assert engine.rows == 5 and engine.kv.reserved == sum(engine._need(i) for i in (runner, other, long, behind))
+    engine.cancel({"long"})  # mid-prefill
+    assert engine.rows == 3 and [p.item.request_id for p in batch.prefilling] == ["behind"]
+    assert engine.kv.reserved == sum(engine._need(i) for i in (runner, other, behind)) and "long" not in engine.choices
+    assert sum(batch.images.refs) == 2  # runner's and behind's images; long's slot (2 references) released
+    for _ in range(2):
+        events += engine.step()
+    assert 0 < batch.prefilling[0].done < behind.prompt_tokens  # behind's prompt is half written
+    engine.cancel({"runner"})  # a decoding row leaves: "other" moves to slot 0, behind's slot moves down
+    assert [r.request_id for r in batch.rows] == ["other"]
+    got: dict[str, list[Delta]] = {}
+    for rid, e in events:
+        if isinstance(e, Delta):
+            got.setdefault(rid, []).append(e)
+    for rid, deltas in run(engine, {}).items():
+        got.setdefault(rid, []).extend(deltas[0])
+    assert "long" not in got
+    for item in (other, behind):
+        exact(engine, models, item, got[item.request_id])
+    assert engine.kv.reserved == 0 and engine.rows == 0 and sum(batch.images.refs) == 0
+
+
+def test_admission_waits_for_kv_memory_first_come_first_served(models):
+    """With room for one long request's KV bytes, the next waits until it ends (rows are free all along); a
+    large request at the head of the queue is not overtaken by a small one that would fit."""
+    from pipelines.kv_budget import bytes_per_token
+    from pipelines.serve_scheduler import Scheduler
+
+    per = bytes_per_token(models["base"])
+    probe = chunked_engine(models, 64).prepare(job("base", "Keep going"), "probe")
+    budget = per * (probe.prompt_tokens + 40 + probe.prompt_tokens + 10)  # "first" plus a small one, not two big
+    engine = chunked_engine(models, 64, max_rows=8, kv_cache_bytes=budget)
+    first = engine.prepare(job("base", "Keep going", max_tokens=40, min_tokens=40), "first")
+    large = engine.prepare(job("base", "Keep going", max_tokens=40, min_tokens=40), "large")
+    small = engine.prepare(job("base", "Keep going", max_tokens=10, min_tokens=10), "small")
+    assert engine.fits([first, small]) and not engine.fits([first, large])
+
+    async def scenario() -> dict[str, list]:
+        scheduler = Scheduler(engine)
+        async def consume(rid: str, queue) -> None:
+            while not isinstance(event := await queue.get(), End):
+                times.setdefault(rid, []).append(event.time)
+                reserved.setdefault(rid, engine.snapshot()["kv_reserved_bytes"])
+            assert event.error is None, event.error
+
+        times: dict[str, list[float]] = {}  # request -> the times of its deltas
+        reserved: dict[str, int] = {}  # request -> KV bytes reserved when its first token was read
+        streams = {item.request_id: scheduler.submit(item) for item in (first, large, small)}
+        await asyncio.gather(*(consume(rid, q) for rid, q in streams.items()))
+        return times, reserved
+
+    times, reserved = asyncio.run(scenario())
+    assert times["large"][0] > times["first"][-1]  # admitted once "first" ended, though 7 rows were free
+    assert times["small"][0] >= times["large"][0]  # the small one, which fitted, did not overtake the large one
+    assert reserved["first"] == engine._need(first) <= budget
+    snap = engine.snapshot()
+    assert snap["kv_reserved_bytes"] == 0 and snap["kv_total_bytes"] == budget
+
+
+def test_a_request_over_the_whole_kv_budget_is_refused(models):
+    from pipelines.kv_budget import bytes_per_token
+    from pipelines.serve_scheduler import Scheduler
+
+    per = bytes_per_token(models["base"])
+    engine = chunked_engine(models, 64, kv_cache_bytes=per * 100)
+    assert engine.prepare(job("base", "Hi", max_tokens=40), "fits").prompt_tokens + 40 <= 100
+    with pytest.raises(ApiError, match=r"needs \d+ bytes of KV cache \(n=2 x \(prompt \d+ \+ max_tokens 60\) "
+                                       r"tokens x \d+ bytes per token\), over this replica's KV budget of "
+                                       rf"{per * 100} bytes \(kv_cache_bytes\); lower max_tokens to \d+ or less, "
+                                       r"or raise kv_cache_bytes") as err:
+        engine.prepare(job("base", "Hi", max_tokens=60, n=2), "big")
+    assert err.value.status == 400 and err.value.code == "kv_cache_exceeded" and err.value.param == "max_tokens"
+    # one that got past prepare (a config changed meanwhile) ends with the same error instead of waiting forever
+    item = chunked_engine(models, 64).prepare(job("base", "Hi", max_tokens=60, n=2), "late")
+
+    async def scenario() -> End:
+        queue = Scheduler(engine).submit(item)
+        return await queue.get()
+
+    end = asyncio.run(scenario())
+    assert isinstance(end, End) and end.error is not None and "kv_cache_bytes" in end.error.message
+    with pytest.raises(ValueError, match="max_step_tokens=4 is below max_rows=8"):
+        chunked_engine(models, 4, max_rows=8)

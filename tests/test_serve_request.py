@@ -196,3 +196,17 @@ def test_request_fields():
     assert ServeConfig(max_prompt_tokens=10).prompt_char_limit == 160
     with pytest.raises(ApiError, match="nests too deeply"):
         parse_json(b"[" * 100_000)
+
+
+def test_step_budget_and_kv_settings():
+    cfg = ServeConfig.from_dict({"max_step_tokens": 64, "kv_cache_bytes": 2**30, "max_batch_size": 8})
+    assert (cfg.max_step_tokens, cfg.kv_cache_bytes) == (64, 2**30)
+    assert ServeConfig().max_step_tokens == 512 and ServeConfig().kv_cache_bytes is None
+    with pytest.raises(ValueError, match="max_step_tokens=4 is below max_batch_size=8"):
+        ServeConfig(max_step_tokens=4, max_batch_size=8)
+    with pytest.raises(ValueError, match="kv_cache_bytes must be > 0 or null"):
+        ServeConfig(kv_cache_bytes=0)
+    with pytest.raises(ValueError, match="max_step_tokens must be > 0"):
+        ServeConfig(max_step_tokens=0)
+    with pytest.raises(ValueError, match="kv_cache_bytes"):
+        ServeConfig.from_dict({"kv_cache_bytes": "lots"})
