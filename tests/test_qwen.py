@@ -211,19 +211,24 @@ def test_published_shapes_parameter_counts(name, total, trainable):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["cli", "shipped", "deepstack"])
-def test_engine_answers_equal_the_uncached_loop(folders, family, method):
+@pytest.mark.parametrize("method, budget", [("cli", None), ("shipped", None), ("deepstack", None), ("cli", 5),
+                                            ("shipped", 5)])
+def test_engine_answers_equal_the_uncached_loop(folders, family, method, budget):
     """The decoding engine (serving, captioning and evaluation decode through it): two prompts whose images take
     different token counts, padded AGF image slots, M-RoPE positions with each row's delta; its greedy answers equal
-    full forwards without any cache, token for token."""
-    from pipelines.generation import Sampling, complete
+    full forwards without any cache, token for token. With a step budget of 5 tokens (serving's chunked prefill)
+    the prompts and their images are written 5 tokens a step: the M-RoPE positions and DeepStack inputs are sliced."""
+    from pipelines.generation import OFFLINE, Sampling, complete
+    from pipelines.serve_engine import Engine
 
     base = load_base(str(folders[family]))
     extra = {"method": method, **({"vision_layers": [1, 2], "inject_layers": [0, 2]} if method == "deepstack" else {})}
     model = FusedVLM(base, CLIConfig(**{**CLI, **extra}))
     perturb(model, std=1.0)
     inputs, visual, _ = batch(model)
-    done = complete(model, inputs, visual, Sampling(max_new_tokens=6))
+    engine = None if budget is None else Engine({OFFLINE: model}, max_rows=2, max_prompt_tokens=1 << 30,
+                                                max_step_tokens=budget)
+    done = complete(model, inputs, visual, Sampling(max_new_tokens=6), engine=engine)
     want = greedy(model, inputs["input_ids"], inputs["attention_mask"], visual=visual, max_new_tokens=6,
                   use_cache=False, eos_token_id=base.tokenizer.eos_token_id)
     tok = base.tokenizer
