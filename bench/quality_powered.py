@@ -80,8 +80,9 @@ BASES = {  # base -> (vision layers K, injection layers T, pool, attention width
 def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: int, lr: float, seed: int,
           extra: list[str], precision: str, workers: int, threads: int, evals: int, gpu: bool = False,
           base_path: str | None = None) -> dict:
-    """One run (reused when finished) -> its summary with ``dir``; ``base`` names the settings in BASES,
-    ``base_path`` the model to load (default: that preset; a derived base for stage 2)."""
+    """One run (reused when finished, resumed from its newest checkpoint when it was interrupted: a checkpoint
+    every quarter of its steps) -> its summary with ``dir``; ``base`` names the settings in BASES, ``base_path``
+    the model to load (default: that preset; a derived base for stage 2)."""
     from jobs.train import run_train
     from jobs.train_config import load_config, recipe_overrides
 
@@ -91,6 +92,7 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
         return {**summary, "dir": str(work / name), "adapter": summary["adapter"] and str(work / name / "adapter"),
                 "base": str(work / name / "model") if summary["adapter"] is None else summary.get("base")}
     layers, inject, pool, attn, _ = BASES[base]
+    resume = resume_overrides(work / name)
     overrides = [*recipe_overrides(base=base_path or base, output_dir=work / name, data_dir=data_dir, features=cache,
                                    steps=steps, lr=lr, micro_batch=8 // workers, vision_layers=layers,
                                    inject_layers=inject, pool=pool, attn_dim=attn, heads=4 if attn % 4 == 0 else 2,
@@ -98,10 +100,18 @@ def train(work: Path, base: str, name: str, data_dir: Path, cache: Path, steps: 
                  f"trainer.cpus_per_worker={threads}", f"deepspeed.precision={precision}",
                  f"trainer.eval_every={max(1, steps // evals)}", "trainer.max_failures=2",
                  f"data.eval={data_dir / 'val-sub.jsonl'}",
-                 f"trainer.use_gpu={'true' if gpu else 'false'}", *extra]
+                 f"trainer.use_gpu={'true' if gpu else 'false'}",
+                 f"trainer.checkpoint_every={max(1, steps // 4)}", *resume, *extra]  # a checkpoint every quarter
     if pool == 1 or base == "tiny":
         overrides = [o for o in overrides if not o.startswith("cli.pool=")] + ["cli.pool=1"]
     return {**run_train(load_config(None, overrides)), "dir": str(work / name)}
+
+
+def resume_overrides(run: Path) -> list[str]:
+    """An interrupted run (its run.json written, no summary.json) resumes from its newest checkpoint under the
+    same Ray Train run name, instead of starting again: [] for a run never started."""
+    started = run / "run.json"
+    return [f"trainer.run_name={json.loads(started.read_text())['run_name']}"] if started.is_file() else []
 
 
 def method_overrides(method: str, base: str, args: argparse.Namespace | None = None) -> list[str]:

@@ -208,3 +208,11 @@ def test_llm_lora_control_matches_clis_parameters_and_instruct_continued_trains_
         "method=instruct", "optim.lr=0.0002", "optim.lm_lr_scale=0.25"]
     with pytest.raises(ValueError, match="no llm_lora rank matches CLI's"):
         quality_powered.matched_lora_rank("tiny", tolerance=0.0)
+
+
+def test_an_interrupted_run_resumes_under_its_run_name(tmp_path: Path) -> None:
+    run = tmp_path / "stage1-instruct-mix"
+    assert quality_powered.resume_overrides(run) == []  # never started: a fresh run
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"run_name": "crosslayer-train-x", "storage_path": str(run / "runs")}))
+    assert quality_powered.resume_overrides(run) == ["trainer.run_name=crosslayer-train-x"]
