@@ -1,0 +1,143 @@
+"""The pipelines on Qwen2.5-VL and Qwen3-VL bases (tiny random folders in the hub layout): a feature cache whose rows
+have their own token counts, read back as the pixel path computes them, refused for another base or method;
+``--max-pixels`` as the processor's ``max_pixels``; training, evaluation and captioning from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb, random_images
+from hub_checkpoints import save_tiny_checkpoint
+
+from cli_module.config import CLIConfig
+from cli_module.loading import load_base
+from cli_module.model import FusedVLM
+from cli_module.prompting import chat_prompt
+from jobs.cli import main
+from pipelines.feature_cache import (
+    CacheLookup,
+    check_serves,
+    load_cache_table,
+    read_cache_info,
+    table_to_numpy,
+)
+
+FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+CLI = dict(vision_layers=[1, 2, 3], inject_layers=[0, 2], attn_dim=16, heads=4, lora_rank=4)
+SIZES = [(60, 40), (120, 100), (90, 90), (40, 120)]  # images of different token counts
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen-folders")
+    return {f: str(save_tiny_checkpoint(root / f, f)) for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen-images")
+    for i, size in enumerate(SIZES):
+        random_images(1, 10 + i, size)[0].save(folder / f"img{i}.png")
+    (folder / "broken.png").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def caches(ray_local, folders, image_folder, tmp_path_factory):
+    out = {}
+    for family, folder in folders.items():
+        out[family] = str(tmp_path_factory.mktemp(f"cache-{family}"))
+        assert main(["features", str(image_folder), "--out", out[family], "--base", folder, "--layers", "1", "2", "3",
+                     "--batch-size", "3"]) == 0
+    return out
+
+
+def pixel_features(model, paths):
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    proc = model.base.image_processor(images=images, return_tensors="pt")
+    return model.encode_images(proc["pixel_values"], image_grid_thw=proc["image_grid_thw"]), images
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_rows_have_their_own_token_counts_and_grids(caches, folders, family):
+    info = read_cache_info(caches[family])
+    assert info["rows"] == len(SIZES) and info["errors"] == 1
+    base = load_base(folders[family], weights=False)
+    shipped = list(base.vision_config.deepstack_visual_indexes) if family == "qwen3_vl" else []
+    assert info["key"].get("deepstack", []) == shipped  # the blocks Qwen3-VL's own DeepStack reads
+    batch = table_to_numpy(load_cache_table(caches[family]))
+    grids, tokens = np.stack(list(batch["image_grid_thw"])), batch["tokens"]
+    assert (grids.prod(-1) // 4 == tokens).all() and len(set(tokens.tolist())) >= 3  # a count per image
+    width = base.feature_dim
+    for i, n in enumerate(tokens):
+        assert batch["select"][i].size == n * width and batch["layers"][i].size == 3 * n * width
+        if family == "qwen3_vl":
+            assert batch["deepstack"][i].size == len(base.vision_config.deepstack_visual_indexes) * n * width
+    assert ("deepstack" in batch) == (family == "qwen3_vl")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_rows_give_the_pixel_paths_features_and_logits(caches, folders, image_folder, family):
+    """A batch of cache rows of different counts (padded) = the encoder on the same images, to float16 storage;
+    the logits of a trained plug-in from either agree."""
+    model = FusedVLM(load_base(folders[family]), CLIConfig(**CLI))
+    perturb(model)
+    table = load_cache_table(caches[family])
+    sources = table["source"].to_pylist()
+    lookup = CacheLookup(caches[family], model.base, model.vision_layers, 1, deepstack=model.base_deepstack)
+    cached = lookup.features(table["image_id"].to_pylist())
+    fresh, images = pixel_features(model, sources)
+    assert torch.equal(cached.grids, fresh.grids.to(cached.grids.dtype))
+    assert cached.select_features.shape == fresh.select_features.shape  # padded to the longest
+    torch.testing.assert_close(cached.select_features, fresh.select_features, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(cached.layers, fresh.layers, atol=2e-3, rtol=2e-3)
+    if family == "qwen3_vl":
+        torch.testing.assert_close(cached.deepstack, fresh.deepstack, atol=2e-3, rtol=2e-3)
+    prompts = [chat_prompt(model.base.tokenizer, "what is this?", family=family)] * len(images)
+    inputs, visual = model.prepare_inputs(prompts, features=cached)
+    inputs_px, visual_px = model.prepare_inputs(prompts, images=images)
+    assert torch.equal(inputs["input_ids"], inputs_px["input_ids"])
+    torch.testing.assert_close(model(**inputs, visual=visual).logits, model(**inputs_px, visual=visual_px).logits,
+                               atol=5e-3, rtol=5e-3)
+
+
+def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, folders, tmp_path):
+    qwen3 = load_base(folders["qwen3_vl"], weights=False)
+    with pytest.raises(ValueError, match=r"does not match this model: base: cache has .*qwen2_5_vl"):
+        check_serves(caches["qwen2_5_vl"], qwen3, [1, 2, 3], 1)
+    # a Qwen3-VL cache without the DeepStack blocks: fine for one_to_one, refused for a method that keeps it on
+    import shutil
+
+    stripped = tmp_path / "no-deepstack"
+    shutil.copytree(caches["qwen3_vl"], stripped)
+    info = json.loads((stripped / "cache.json").read_text())
+    info["key"].pop("deepstack")
+    (stripped / "cache.json").write_text(json.dumps(info))
+    check_serves(str(stripped), qwen3, [1, 2, 3], 1, deepstack=False)
+    with pytest.raises(ValueError, match=r"deepstack: cache has blocks \[\], this model keeps Qwen3-VL's own "
+                                         r"DeepStack on and needs blocks \[\d+(, \d+)*\]"):
+        check_serves(str(stripped), qwen3, [1, 2, 3], 1, deepstack=True)
+
+
+def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, folders, image_folder, tmp_path):
+    """--max-pixels below the processor's own: every image is resized into it (none refused), the counts shrink,
+    the bound is in the cache's key, and a model still reads the cache."""
+    folder = folders["qwen2_5_vl"]
+    base = load_base(folder, weights=False)
+    bound = 2 * (4 * 28) ** 2 // 3  # between min_pixels (56^2) and the processor's max (112^2)
+    out = str(tmp_path / "bounded")
+    assert main(["features", str(image_folder), "--out", out, "--base", folder, "--layers", "1", "2", "3",
+                 "--max-pixels", str(bound)]) == 0
+    info = read_cache_info(out)
+    assert info["rows"] == len(SIZES) and info["key"]["image_processor"]["size"]["longest_edge"] == bound
+    grids = np.stack(list(table_to_numpy(load_cache_table(out))["image_grid_thw"]))
+    assert (grids[:, 1:].prod(-1) * 14**2 <= bound).all()
+    ref = base.image_processor(images=[random_images(1, 10 + i, s)[0] for i, s in enumerate(SIZES)],
+                               size={"shortest_edge": 56**2, "longest_edge": bound}, return_tensors="np")["image_grid_thw"]
+    assert sorted(map(tuple, grids.tolist())) == sorted(map(tuple, np.asarray(ref).tolist()))
+    check_serves(out, base, [1, 2, 3], 1)
