@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.feature_cache import decode_column
+from pipelines.feature_cache import batch_to_features
 
 from .train_data import SPLITS, CacheView, rank_of
 
@@ -47,9 +47,11 @@ class Batch:
 
         f, features = self.features, None
         if f is not None:
-            features = VisionFeatures(select_features=f.select_features.to(device),
-                                      layers=f.layers.to(device) if f.layers is not None else None,
-                                      rows=f.rows.to(device) if f.rows is not None else None)
+            def on(x: Any) -> Any:
+                return x.to(device) if x is not None else None
+
+            features = VisionFeatures(select_features=f.select_features.to(device), layers=on(f.layers),
+                                      rows=on(f.rows), grids=on(f.grids), deepstack=on(f.deepstack))
         return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                      labels=self.labels.to(device), features=features, tokens=self.tokens)
 
@@ -180,13 +182,10 @@ class FeatureReader:
 
     def features(self, locations: np.ndarray) -> Any:
         """VisionFeatures (float32 torch) of the images at ``locations``."""
-        from cli_module.model import VisionFeatures
-
         picked = self.read(locations)
-        layers = None
-        if self.view.layer_index is not None:
-            layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B, K, N', Dv)
-        return VisionFeatures(select_features=decode_column(picked, "select", self.view.dtype), layers=layers)
+        index = self.view.layer_index if self.view.layer_index is not None else []
+        return batch_to_features(picked, self.view.dtype, index)  # (B, N, Dv), (B, K, N', Dv); a Qwen cache's
+        #                                                           rows padded to the longest, with their grids
 
 
 def decode_pixels(sources: list[str], processor: Any) -> np.ndarray:

@@ -47,7 +47,7 @@ from .feature_cache import (
     encode_rows,
 )
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from .pixels import bounded, is_dynamic, model_inputs, preprocess
+from .pixels import for_job, model_inputs, preprocess
 
 BATCH_CPU, BATCH_GPU = 16, 128  # default images per encoder call (and per shard) on each device
 
@@ -210,7 +210,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     sources = list_sources(job.src, job.image_root)
     storage.check_writable(job.out)
     base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
-    processor = bounded(base.image_processor, job.max_pixels)  # a Qwen processor's max_pixels <= --max-pixels
+    processor, _ = for_job(base.image_processor, job.max_pixels)  # a Qwen processor's max_pixels <= --max-pixels
     key = cache_key_for(base, job.vision_layers, job.pool, job.dtype, max_pixels=job.max_pixels)
     cache_json = storage.join(job.out, CACHE_FILE)
     if storage.exists(cache_json):
@@ -247,7 +247,7 @@ def features_dataset(job: FeatureJob, compute: Compute, sources: list[str], proc
     import ray
 
     ds = ray.data.from_items([{"source": s} for s in sources])
-    cap = max(job.max_pixels, DEFAULT_MAX_PIXELS) if is_dynamic(processor) else job.max_pixels  # Qwen: resized
+    _, cap = for_job(processor, job.max_pixels)  # a Qwen base resizes to its bound instead of refusing
     ds = ds.map_batches(decode_batch, batch_size=compute.batch_size, batch_format="numpy",
                         num_cpus=job.cpus_per_decode, fn_kwargs={"processor": processor, "max_pixels": cap})
     ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})

@@ -44,6 +44,17 @@ def bounded(processor: Any, max_pixels: int | None) -> Any:
     return out
 
 
+def for_job(processor: Any, max_pixels: int) -> tuple[Any, int]:
+    """A batch job's ``--max-pixels`` -> (the processor to preprocess with, the decode cap). A fixed-crop base
+    refuses larger images (the decompression-bomb cap); a Qwen base resizes them down to it, as its processor's
+    ``max_pixels`` does (the cap then stays at least the default bomb guard)."""
+    from .images import DEFAULT_MAX_PIXELS
+
+    if not is_dynamic(processor):
+        return processor, max_pixels
+    return bounded(processor, max_pixels), max(max_pixels, DEFAULT_MAX_PIXELS)
+
+
 def preprocess(processor: Any, images: list[Any]) -> dict[str, np.ndarray]:
     """PIL images (None for a row without one) -> {"pixels", "image_grid_thw"} in the processor's layout (above);
     fixed crops are LLaVA-OneVision's whole-image crop, as every job feeds the model."""
