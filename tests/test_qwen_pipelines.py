@@ -141,3 +141,116 @@ def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, fold
                                size={"shortest_edge": 56**2, "longest_edge": bound}, return_tensors="np")["image_grid_thw"]
     assert sorted(map(tuple, grids.tolist())) == sorted(map(tuple, np.asarray(ref).tolist()))
     check_serves(out, base, [1, 2, 3], 1)
+
+
+# --- training, evaluation and captioning from the cache --------------------------------------------------------
+
+COLOURS = ["red", "green", "blue", "yellow"]
+
+
+def conversations(n: int) -> list[dict]:
+    return [{"id": f"q{i}", "image": f"img{i % len(SIZES)}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is this image?"},
+        {"from": "gpt", "value": COLOURS[i % len(COLOURS)]}]} for i in range(n)]
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(caches, folders, image_folder, tmp_path_factory):
+    """A few CLI steps per family through Ray Train + DeepSpeed (2 workers, ZeRO-2) from the Qwen cache."""
+    import yaml
+
+    from jobs.train import run_train
+    from jobs.train_config import load_config
+
+    out = {}
+    for family in FAMILIES:
+        root = tmp_path_factory.mktemp(f"train-{family}")
+        config = {"base": folders[family], "method": "cli", "output_dir": str(root / "out"),
+                  "cli": {**CLI, "lora_alpha": 8},
+                  "data": {"train": write_jsonl(root / "train.jsonl", conversations(8)),
+                           "eval": write_jsonl(root / "eval.jsonl", conversations(2)),
+                           "features": caches[family], "image_root": str(image_folder)},
+                  "trainer": {"num_workers": 2, "max_steps": 3, "micro_batch_size": 2, "log_every": 1,
+                              "eval_every": 3, "checkpoint_every": 3, "max_failures": 0, "poll_interval_s": 0.25},
+                  "optim": {"lr": 1e-2, "warmup_steps": 1}, "deepspeed": {"zero_stage": 2, "precision": "fp32"}}
+        (root / "train.yaml").write_text(yaml.safe_dump(config))
+        out[family] = (root, run_train(load_config(root / "train.yaml", [])))
+    return out
+
+
+def test_per_image_token_counts_in_the_training_examples(caches, folders, image_folder, tmp_path):
+    """Each example's image run is its own image's count from the cache; max_length applies after expanding."""
+    from jobs.train_config import TrainConfig
+    from jobs.train_data import expand_image, prepare_data
+
+    base = load_base(folders["qwen2_5_vl"], weights=False)
+    cfg = TrainConfig.from_dict({"base": folders["qwen2_5_vl"], "cli": CLI, "output_dir": str(tmp_path / "o"),
+                                 "data": {"train": write_jsonl(tmp_path / "t.jsonl", conversations(8)),
+                                          "features": caches["qwen2_5_vl"], "image_root": str(image_folder),
+                                          "eval_fraction": 0, "token_cache": False},
+                                 "trainer": {"num_workers": 1, "micro_batch_size": 2}})
+    prepared = prepare_data(cfg, base, [1, 2, 3])
+    table = table_to_numpy(load_cache_table(caches["qwen2_5_vl"]))
+    counts = dict(zip(table["image_id"], table["tokens"].tolist()))
+    runs = [sum(t == base.image_token_id for t in e.input_ids) for e in prepared.train]
+    assert prepared.cache.per_image and runs == [counts[e.image_id] for e in prepared.train]
+    assert len(set(runs)) >= 3
+    assert expand_image([5, 9, 6, 7], [-100, -100, 6, 7], 9, 3, 5) == ([5, 9, 9, 9, 6], [-100] * 4 + [6], True)
+    assert "would cut its image tokens" in expand_image([5, 9, 6, 7], [-100, -100, 6, 7], 9, 5, 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_from_the_qwen_cache_through_ray_train_and_deepspeed(trained, folders, family):
+    from cli_module.adapter import load_adapter
+
+    root, summary = trained[family]
+    rows = [json.loads(x) for x in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert summary["steps"] == 3 and len(losses) == 3 and all(np.isfinite(losses))
+    assert [r["step"] for r in rows if "eval_loss" in r][-1] == 3
+    model = load_adapter(root / "out" / "adapter", base=load_base(folders[family]))
+    assert model.config.method == "cli" and float(model.agf[0].out_proj.weight.abs().max()) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_from_the_cache_equals_eval_from_pixels(trained, caches, image_folder, tmp_path, family):
+    """Generation and likelihood scoring of the trained adapter: the cache's answers are the pixel path's."""
+    from jobs.evaluate import EvalJob, run_eval
+
+    root, _ = trained[family]
+    data = write_jsonl(tmp_path / "questions.jsonl", conversations(4))
+    reports = {}
+    for name, cache in (("cached", caches[family]), ("pixels", None)):
+        reports[name] = run_eval(EvalJob(data=data, image_root=str(image_folder), features=cache,
+                                         adapter=str(root / "out" / "adapter"), scoring="both",
+                                         out=str(tmp_path / f"{name}.json"), max_new_tokens=3, batch_size=4))
+        assert reports[name]["n"] == 4 and reports[name]["method"] == "cli"
+    answers = {n: [json.loads(x) for x in (tmp_path / f"{n}.answers.jsonl").read_text().splitlines()]
+               for n in reports}
+    assert [r["text"] for r in answers["cached"]] == [r["text"] for r in answers["pixels"]]
+    choice = {n: [json.loads(x) for x in (tmp_path / f"{n}.answers.choice.jsonl").read_text().splitlines()]
+              for n in reports}
+    for a, b in zip(choice["cached"], choice["pixels"]):
+        assert a["text"] == b["text"]
+        assert a["metadata"]["logprobs"] == pytest.approx(b["metadata"]["logprobs"], abs=1e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_caption_from_the_cache_and_from_pixels(trained, caches, image_folder, tmp_path, family):
+    from jobs.caption import read_captions
+
+    root, _ = trained[family]
+    got = {}
+    for name, extra in (("cached", ["--features", caches[family]]), ("pixels", [])):
+        assert main(["caption", str(image_folder), "--out", str(tmp_path / name), "--adapter",
+                     str(root / "out" / "adapter"), "--max-new-tokens", "4", "--batch-size", "3", *extra]) == 0
+        got[name] = {r["source"]: r for r in read_captions(str(tmp_path / name))}
+    assert len(got["cached"]) == len(SIZES) + 1  # one row per input, the broken file's with its error
+    for source, row in got["pixels"].items():
+        assert (row["error"] is None) == (not source.endswith("broken.png"))
+        assert got["cached"][source]["caption"] == row["caption"] and row["completion_tokens"] > 0 or row["error"]
