@@ -253,4 +253,5 @@ def test_caption_from_the_cache_and_from_pixels(trained, caches, image_folder, t
     assert len(got["cached"]) == len(SIZES) + 1  # one row per input, the broken file's with its error
     for source, row in got["pixels"].items():
         assert (row["error"] is None) == (not source.endswith("broken.png"))
-        assert got["cached"][source]["caption"] == row["caption"] and row["completion_tokens"] > 0 or row["error"]
+        if row["error"] is None:
+            assert got["cached"][source]["caption"] == row["caption"] and row["completion_tokens"] > 0
