@@ -255,3 +255,47 @@ def test_caption_from_the_cache_and_from_pixels(trained, caches, image_folder, t
         assert (row["error"] is None) == (not source.endswith("broken.png"))
         if row["error"] is None:
             assert got["cached"][source]["caption"] == row["caption"] and row["completion_tokens"] > 0
+
+
+def test_serve_answers_over_http_as_the_model_does_here(trained, folders):
+    """Ray Serve + HTTP (the OpenAI API) on both families' trained adapters: two requests with images of different
+    token counts, answered together, each as greedy decoding of the same adapter in this process."""
+    import base64
+    import io
+
+    from conftest import free_port
+    from ray import serve
+    from reference_decode import greedy
+    from test_serve import http, user
+
+    from cli_module.adapter import load_adapter
+    from pipelines.serve import app_builder
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        apps = [serve.RunTarget(app_builder({"adapters": [f"{family}={trained[family][0] / 'out' / 'adapter'}"],
+                                             "num_cpus": 0.4, "ingress_num_cpus": 0.1, "api_key_env": None}),
+                                name=family, route_prefix=f"/{family}") for family in FAMILIES]
+        serve.run_many(apps)
+        for family in FAMILIES:
+            model = load_adapter(trained[family][0] / "out" / "adapter", base=load_base(folders[family]))
+            tok = model.base.tokenizer
+            for i, size in enumerate(SIZES[:2]):
+                image = random_images(1, 30 + i, size)[0]
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+                status, body = http(f"http://127.0.0.1:{port}/{family}/v1/chat/completions",
+                                    {"model": family, "messages": user("What colour is this image?", url),
+                                     "max_tokens": 5, "temperature": 0})
+                assert status == 200, body
+                enc, visual = model.prepare_inputs([chat_prompt(tok, "What colour is this image?", family=family)],
+                                                   [image])
+                ids = greedy(model, enc["input_ids"], enc["attention_mask"], visual=visual, max_new_tokens=5,
+                             eos_token_id=tok.eos_token_id)[0].tolist()
+                ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+                assert body["usage"]["prompt_tokens"] == int(enc["attention_mask"].sum())  # the image's own count
+                assert body["choices"][0]["message"]["content"] == tok.decode(ids, skip_special_tokens=True)
+    finally:
+        serve.shutdown()
