@@ -124,7 +124,7 @@ def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, fol
         check_serves(str(stripped), qwen3, [1, 2, 3], 1, deepstack=True)
 
 
-def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, folders, image_folder, tmp_path):
+def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, folders, image_folder, tmp_path, capsys):
     """--max-pixels below the processor's own: every image is resized into it (none refused), the counts shrink,
     the bound is in the cache's key, and a model still reads the cache."""
     folder = folders["qwen2_5_vl"]
@@ -141,6 +141,11 @@ def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, fold
                                size={"shortest_edge": 56**2, "longest_edge": bound}, return_tensors="np")["image_grid_thw"]
     assert sorted(map(tuple, grids.tolist())) == sorted(map(tuple, np.asarray(ref).tolist()))
     check_serves(out, base, [1, 2, 3], 1)
+    # --estimate sizes a Qwen cache at the bound: an image at the processor's max_pixels, (112 / 28)^2 = 16 tokens
+    capsys.readouterr()
+    assert main(["features", "--estimate", "--images", "10", "--base", folder, "--layers", "1", "2", "3"]) == 0
+    shapes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shapes"]
+    assert shapes == {"select": [16, base.feature_dim], "layers": [3, 16, base.feature_dim]}
 
 
 # --- training, evaluation and captioning from the cache --------------------------------------------------------
@@ -159,16 +164,30 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+FAMILY_PARAMS = [pytest.param("qwen2_5_vl"), pytest.param("qwen3_vl", marks=pytest.mark.slow)]  # the second: a repeat
+
+
+class Trained(dict):
+    """family -> (run folder, summary), each family trained on first use."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def __missing__(self, family: str):
+        self[family] = self.run(family)
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def trained(caches, folders, image_folder, tmp_path_factory):
-    """A few CLI steps per family through Ray Train + DeepSpeed (2 workers, ZeRO-2) from the Qwen cache."""
+    """A few CLI steps of a family through Ray Train + DeepSpeed (2 workers, ZeRO-2) from its Qwen cache."""
     import yaml
 
     from jobs.train import run_train
     from jobs.train_config import load_config
 
-    out = {}
-    for family in FAMILIES:
+    def run(family: str):
         root = tmp_path_factory.mktemp(f"train-{family}")
         config = {"base": folders[family], "method": "cli", "output_dir": str(root / "out"),
                   "cli": {**CLI, "lora_alpha": 8},
@@ -179,8 +198,9 @@ def trained(caches, folders, image_folder, tmp_path_factory):
                               "eval_every": 3, "checkpoint_every": 3, "max_failures": 0, "poll_interval_s": 0.25},
                   "optim": {"lr": 1e-2, "warmup_steps": 1}, "deepspeed": {"zero_stage": 2, "precision": "fp32"}}
         (root / "train.yaml").write_text(yaml.safe_dump(config))
-        out[family] = (root, run_train(load_config(root / "train.yaml", [])))
-    return out
+        return root, run_train(load_config(root / "train.yaml", []))
+
+    return Trained(run)
 
 
 def test_per_image_token_counts_in_the_training_examples(caches, folders, image_folder, tmp_path):
@@ -204,7 +224,7 @@ def test_per_image_token_counts_in_the_training_examples(caches, folders, image_
     assert "would cut its image tokens" in expand_image([5, 9, 6, 7], [-100, -100, 6, 7], 9, 5, 5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_train_from_the_qwen_cache_through_ray_train_and_deepspeed(trained, folders, family):
     from cli_module.adapter import load_adapter
 
@@ -217,7 +237,7 @@ def test_train_from_the_qwen_cache_through_ray_train_and_deepspeed(trained, fold
     assert model.config.method == "cli" and float(model.agf[0].out_proj.weight.detach().abs().max()) > 0
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_eval_from_the_cache_equals_eval_from_pixels(trained, caches, image_folder, tmp_path, family):
     """Generation and likelihood scoring of the trained adapter: the cache's answers are the pixel path's."""
     from jobs.evaluate import EvalJob, run_eval
@@ -240,7 +260,7 @@ def test_eval_from_the_cache_equals_eval_from_pixels(trained, caches, image_fold
         assert a["metadata"]["logprobs"] == pytest.approx(b["metadata"]["logprobs"], abs=1e-2)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_caption_from_the_cache_and_from_pixels(trained, caches, image_folder, tmp_path, family):
     from jobs.caption import read_captions
 
@@ -257,9 +277,10 @@ def test_caption_from_the_cache_and_from_pixels(trained, caches, image_folder, t
             assert got["cached"][source]["caption"] == row["caption"] and row["completion_tokens"] > 0
 
 
+@pytest.mark.slow  # Ray Serve's start and a replica per family: ~40 s beyond the training runs
 def test_serve_answers_over_http_as_the_model_does_here(trained, folders):
-    """Ray Serve + HTTP (the OpenAI API) on both families' trained adapters: two requests with images of different
-    token counts, answered together, each as greedy decoding of the same adapter in this process."""
+    """Ray Serve + HTTP (the OpenAI API) on both families' trained adapters: requests with images of different
+    token counts, each answered as greedy decoding of the same adapter in this process."""
     import base64
     import io
 
