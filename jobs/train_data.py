@@ -102,9 +102,9 @@ def encoder_view(base: Any) -> CacheView:
     """No cache: the workers run the frozen encoder on each micro-batch's decoded images (one whole-image crop)."""
     from cli_module.model import crop_tokens
 
-    if base.qwen:
-        raise ValueError("training a Qwen base needs a feature cache (data.features): its images' token counts "
-                         "come from the cache; build one with `crosslayer features SRC --out DIR --base BASE`")
+    if base.qwen:  # each image's count from its size under the processor's resize (``image_counts``)
+        return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None, image_tokens=1,
+                         per_image=True)
     return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None,
                      image_tokens=base.image_tokens(crop_tokens(base)))
 
@@ -307,10 +307,22 @@ def expand_image(ids: list[int], labels: list[int], image_token_id: int, count: 
     return ids[:max_length], labels[:max_length], True
 
 
+def image_count(source: str, processor: Any) -> int:
+    """A Qwen image's token count without a cache: the image decoded as the workers decode it, its size through
+    the processor's resize (``pipelines.pixels.image_tokens``)."""
+    from pipelines.images import decode_image
+    from pipelines.pixels import image_tokens
+
+    image = decode_image(storage.read_bytes(source))
+    return image_tokens(processor, *image.size)
+
+
 def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None, image_root: str | None,
-           image_token_id: int = -1, max_length: int = 0) -> tuple[list[Example], list[tuple[str, str]], int]:
+           image_token_id: int = -1, max_length: int = 0, processor: Any = None,
+           ) -> tuple[list[Example], list[tuple[str, str]], int]:
     """Token rows -> (usable examples in file order, [(reason, detail)] of unusable rows, rows truncated). A
-    per-image cache's examples get their image's token count here (``expand_image``, ``max_length`` applied)."""
+    per-image view's examples get their image's token count here (``expand_image``, ``max_length`` applied): from
+    the cache's ``tokens``, or without a cache from the image and ``processor`` (``image_count``)."""
     root = image_root or (uri.rsplit("/", 1)[0] if "/" in uri else ".")
     examples, bad, truncated = [], [], 0
     for row in tokens.to_pylist():
@@ -338,8 +350,13 @@ def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None
         elif source is not None:
             image_id = hashlib.sha256(source.encode()).hexdigest()[:32]  # encoded on the fly: any stable id
         input_ids, labels, cut = row["input_ids"], row["labels"], bool(row["truncated"])
-        if view.per_image and location is not None:
-            expanded = expand_image(input_ids, labels, image_token_id, index.tokens[image_id], max_length)
+        if view.per_image and (location is not None or source is not None):
+            try:
+                count = index.tokens[image_id] if location is not None else image_count(source, processor)
+            except Exception as err:  # noqa: BLE001 (an unreadable image is a bad row, as the cache would record)
+                bad.append(("unreadable image", f"{where}: {source}: {type(err).__name__}: {err}"[:500]))
+                continue
+            expanded = expand_image(input_ids, labels, image_token_id, count, max_length)
             if isinstance(expanded, str):
                 bad.append((CUT, f"{where}: {expanded}"))
                 continue
@@ -375,7 +392,7 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
             continue
         tokens, reused[uri] = tokenise(uri, spec, cache_dir, d.tokenize_chunk)
         splits[split], split_bad, split_truncated = locate(uri, tokens, view, index, d.image_root,
-                                                           base.image_token_id, max_length)
+                                                           base.image_token_id, max_length, base.image_processor)
         bad, truncated, rows_read[split] = bad + split_bad, truncated + split_truncated, tokens.num_rows
     train, evals = splits["train"], splits["eval"]
     fatal = [(reason, detail) for reason, detail in bad if reason != CUT]  # cut rows are dropped and counted

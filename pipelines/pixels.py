@@ -44,6 +44,17 @@ def bounded(processor: Any, max_pixels: int | None) -> Any:
     return out
 
 
+def image_tokens(processor: Any, width: int, height: int) -> int:
+    """Input positions of a (width x height) image under a dynamic-resolution processor: its resize (a multiple of
+    patch x merge within [min_pixels, max_pixels]) in merge units, t * h * w / merge^2 with t = 1 for an image."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    patch, merge = int(processor.patch_size), int(processor.merge_size)
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=int(processor.size["shortest_edge"]),
+                        max_pixels=int(processor.size["longest_edge"]))
+    return (h // patch) * (w // patch) // merge**2
+
+
 def for_job(processor: Any, max_pixels: int) -> tuple[Any, int]:
     """A batch job's ``--max-pixels`` -> (the processor to preprocess with, the decode cap). A fixed-crop base
     refuses larger images (the decompression-bomb cap); a Qwen base resizes them down to it, as its processor's

@@ -187,13 +187,14 @@ def trained(caches, folders, image_folder, tmp_path_factory):
     from jobs.train import run_train
     from jobs.train_config import load_config
 
-    def run(family: str):
+    def run(key: str | tuple[str, str]):
+        family, features = (key, caches[key]) if isinstance(key, str) else (key[0], None)  # (family, "fly"): none
         root = tmp_path_factory.mktemp(f"train-{family}")
         config = {"base": folders[family], "method": "cli", "output_dir": str(root / "out"),
                   "cli": {**CLI, "lora_alpha": 8},
                   "data": {"train": write_jsonl(root / "train.jsonl", conversations(8)),
                            "eval": write_jsonl(root / "eval.jsonl", conversations(2)),
-                           "features": caches[family], "image_root": str(image_folder)},
+                           "features": features, "image_root": str(image_folder)},
                   "trainer": {"num_workers": 2, "max_steps": 3, "micro_batch_size": 2, "log_every": 1,
                               "eval_every": 3, "checkpoint_every": 3, "max_failures": 0, "poll_interval_s": 0.25},
                   "optim": {"lr": 1e-2, "warmup_steps": 1}, "deepspeed": {"zero_stage": 2, "precision": "fp32"}}
@@ -220,8 +221,38 @@ def test_per_image_token_counts_in_the_training_examples(caches, folders, image_
     runs = [sum(t == base.image_token_id for t in e.input_ids) for e in prepared.train]
     assert prepared.cache.per_image and runs == [counts[e.image_id] for e in prepared.train]
     assert len(set(runs)) >= 3
+    # without a cache (images encoded on the fly) each count comes from the image's size under the processor
+    cfg.data.features = None
+    fly = prepare_data(cfg, base, [1, 2, 3])
+    assert not fly.cache.uri and fly.cache.per_image
+    assert [e.input_ids for e in fly.train] == [e.input_ids for e in prepared.train]
     assert expand_image([5, 9, 6, 7], [-100, -100, 6, 7], 9, 3, 5) == ([5, 9, 9, 9, 6], [-100] * 4 + [6], True)
     assert "would cut its image tokens" in expand_image([5, 9, 6, 7], [-100, -100, 6, 7], 9, 5, 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_training_batch_on_the_fly_equals_one_from_the_cache(caches, folders, image_folder, tmp_path, family):
+    """The workers' two feature paths on one micro-batch of images of different counts: cache rows (padded, with
+    their grids) and the encoder on decoded patches give the same loss."""
+    from jobs.train_config import TrainConfig
+    from jobs.train_data import prepare_data
+    from jobs.train_stream import local_loader
+
+    model = FusedVLM(load_base(folders[family]), CLIConfig(**CLI))
+    perturb(model)
+    data = {"train": write_jsonl(tmp_path / "t.jsonl", conversations(4)), "image_root": str(image_folder),
+            "eval_fraction": 0, "token_cache": False}
+    losses = []
+    for features in (caches[family], None):
+        cfg = TrainConfig.from_dict({"base": folders[family], "cli": CLI, "output_dir": str(tmp_path / "o"),
+                                     "data": {**data, "features": features},
+                                     "trainer": {"num_workers": 1, "micro_batch_size": 4}})
+        prepared = prepare_data(cfg, model.base, [1, 2, 3])
+        batch = local_loader(prepared, "train", model.base.tokenizer.pad_token_id, model).batch(np.arange(4))
+        assert batch.features.grids is not None and len(set(batch.features.grids.prod(-1).tolist())) == 4
+        losses.append(float(model(batch.input_ids, batch.attention_mask, features=batch.features,
+                                  labels=batch.labels).loss))
+    assert losses[0] == pytest.approx(losses[1], abs=2e-3)
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
@@ -235,6 +266,15 @@ def test_train_from_the_qwen_cache_through_ray_train_and_deepspeed(trained, fold
     assert [r["step"] for r in rows if "eval_loss" in r][-1] == 3
     model = load_adapter(root / "out" / "adapter", base=load_base(folders[family]))
     assert model.config.method == "cli" and float(model.agf[0].out_proj.weight.detach().abs().max()) > 0
+
+
+@pytest.mark.slow  # one more training run, its images decoded by Ray Data and encoded by the workers
+def test_train_on_the_fly_through_ray_train(trained, folders):
+    root, summary = trained["qwen2_5_vl", "fly"]
+    assert summary["steps"] == 3
+    losses = [json.loads(x)["loss"] for x in (root / "out" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(x)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
 
 
 @pytest.mark.parametrize("family", FAMILY_PARAMS)
