@@ -142,9 +142,9 @@ def _decode_rows(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
     for i, flat in enumerate(batch[name]):
         n = int(batch["tokens"][i])
         d = np.asarray(batch["select"][i]).size // n  # every tensor column of a row has select's token width
-        one = {name: np.asarray(flat).reshape(1, -1, n, d)}
+        one = {name: np.array(flat).reshape(1, -1, n, d)}  # a writable copy (Arrow's buffers are read-only)
         if dtype == "int8":
-            one[f"{name}_scale"] = np.asarray(batch[f"{name}_scale"][i]).reshape(1, -1, n)
+            one[f"{name}_scale"] = np.array(batch[f"{name}_scale"][i]).reshape(1, -1, n)
         rows.append(decode_column(one, name, dtype)[0])  # (J, N_i, D)
     width = max(r.shape[-2] for r in rows)
     out = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows])  # (B, J, max N_i, D)

@@ -63,6 +63,33 @@ def pixel_features(model, paths):
     return model.encode_images(proc["pixel_values"], image_grid_thw=proc["image_grid_thw"]), images
 
 
+@pytest.mark.parametrize("dtype, atol", [("float16", 2e-3), ("bfloat16", 2e-2), ("int8", 3e-2)])
+def test_rows_of_their_own_shapes_round_trip_in_every_storage_dtype(dtype, atol):
+    """encode_rows -> Parquet -> decode_column: each row back at its own count, zero-padded to the longest."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.feature_cache import decode_column, encode_rows
+
+    gen = torch.Generator().manual_seed(0)
+    counts, width = [3, 7, 5], 8
+    rows = [torch.randn(2, n, width, generator=gen) for n in counts]  # (K, N_i, D)
+    columns = {"tokens": pa.array(counts, type=pa.int32())}
+    columns.update(encode_rows("select", [r[0] for r in rows], dtype))
+    columns.update(encode_rows("layers", rows, dtype))
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    batch = table_to_numpy(pq.read_table(io.BytesIO(sink.getvalue())))
+    select, layers = decode_column(batch, "select", dtype), decode_column(batch, "layers", dtype)
+    assert select.shape == (3, 7, width) and layers.shape == (3, 2, 7, width)
+    for i, (r, n) in enumerate(zip(rows, counts)):
+        torch.testing.assert_close(layers[i, :, :n], r, atol=atol, rtol=atol)
+        torch.testing.assert_close(select[i, :n], r[0], atol=atol, rtol=atol)
+        assert not layers[i, :, n:].any() and not select[i, n:].any()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_rows_have_their_own_token_counts_and_grids(caches, folders, family):
     info = read_cache_info(caches[family])
