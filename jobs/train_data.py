@@ -87,7 +87,7 @@ def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int, deepst
         raise ValueError(f"feature cache {uri} holds no shards; build it with `crosslayer features`")
     fs, path = storage.resolve(shards[0])
     schema = pq.ParquetFile(fs.open_input_file(path)).schema_arrow
-    per_image = "tokens" in schema.names  # a Qwen cache: rows of their own token counts
+    per_image = "tokens" in schema.names  # a Qwen cache: rows of their own token counts (feature_cache's format)
     names = ["select"] + (["layers"] if vision_layers else []) + (["deepstack"] if per_image and deepstack else [])
     columns = [c for n in names for c in ([n, f"{n}_scale"] if dtype == "int8" else [n])]
     if per_image:

@@ -167,6 +167,15 @@ def cached_ids(cache: str) -> set[str]:
     return ids
 
 
+def per_image_shapes(cache: str) -> bool:
+    """Whether the cache's rows have their own token counts (a Qwen base's), from its first shard's schema."""
+    shards = shard_uris(cache)
+    if not shards:
+        return False
+    fs, path = storage.resolve(shards[0])
+    return "tokens" in pq.ParquetFile(fs.open_input_file(path)).schema_arrow.names
+
+
 def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any]:
     """cache.json of a cache; with ``expect``, refuse a cache made differently, naming each field."""
     uri = storage.join(cache, CACHE_FILE)

@@ -149,6 +149,11 @@ def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, fol
     with pytest.raises(ValueError, match=r"deepstack: cache has blocks \[\], this model keeps Qwen3-VL's own "
                                          r"DeepStack on and needs blocks \[\d+(, \d+)*\]"):
         check_serves(str(stripped), qwen3, [1, 2, 3], 1, deepstack=True)
+    # the probe reads one shape per cache: it refuses a Qwen cache by name rather than misreading it
+    from jobs.probe import ProbeJob, run_probe
+
+    with pytest.raises(ValueError, match="rows have their own token counts"):
+        run_probe(ProbeJob(cache=caches["qwen2_5_vl"]))
 
 
 def test_max_pixels_bounds_the_token_count_as_the_processor_does(ray_local, folders, image_folder, tmp_path, capsys):
