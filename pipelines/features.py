@@ -210,6 +210,9 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     sources = list_sources(job.src, job.image_root)
     storage.check_writable(job.out)
     base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
+    if base.qwen and job.pool != 1:
+        raise ValueError(f"--pool {job.pool}: a Qwen base's token grid varies per image (its 2x2 merger already "
+                         f"merges patches); use --pool 1")
     processor, _ = for_job(base.image_processor, job.max_pixels)  # a Qwen processor's max_pixels <= --max-pixels
     key = cache_key_for(base, job.vision_layers, job.pool, job.dtype, max_pixels=job.max_pixels)
     cache_json = storage.join(job.out, CACHE_FILE)

@@ -133,7 +133,7 @@ def test_cached_rows_give_the_pixel_paths_features_and_logits(caches, folders, i
                                atol=5e-3, rtol=5e-3)
 
 
-def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, folders, tmp_path):
+def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, folders, image_folder, tmp_path, capsys):
     qwen3 = load_base(folders["qwen3_vl"], weights=False)
     with pytest.raises(ValueError, match=r"does not match this model: base: cache has .*qwen2_5_vl"):
         check_serves(caches["qwen2_5_vl"], qwen3, [1, 2, 3], 1)
@@ -149,6 +149,10 @@ def test_cache_refuses_another_base_or_a_method_that_needs_deepstack(caches, fol
     with pytest.raises(ValueError, match=r"deepstack: cache has blocks \[\], this model keeps Qwen3-VL's own "
                                          r"DeepStack on and needs blocks \[\d+(, \d+)*\]"):
         check_serves(str(stripped), qwen3, [1, 2, 3], 1, deepstack=True)
+    capsys.readouterr()
+    assert main(["features", str(image_folder), "--out", str(tmp_path / "pooled"), "--base", folders["qwen3_vl"],
+                 "--layers", "1", "--pool", "2"]) == 2
+    assert "--pool 2: a Qwen base's token grid varies per image" in capsys.readouterr().err
     # the probe reads one shape per cache: it refuses a Qwen cache by name rather than misreading it
     from jobs.probe import ProbeJob, run_probe
 
