@@ -41,6 +41,7 @@ from pipelines.generation import (
     sampling_from_args,
 )
 from pipelines.images import DEFAULT_MAX_PIXELS
+from pipelines.pixels import for_job, model_inputs
 
 BATCH_CPU, BATCH_GPU = 8, 64  # default images per model call on each device
 
@@ -103,16 +104,16 @@ class Captioner:
         self.prompt = chat_prompt(self.model.base.tokenizer, job.prompt, family=self.model.base.kind)
         self.cache = None  # refuses a cache made for other layers or pooling
         if job.features:
-            self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool)
+            self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers, self.model.config.pool,
+                                     deepstack=self.model.base_deepstack)
 
     def _features(self, batch: dict[str, np.ndarray], good: list[int]):
-        import torch
 
         ids = [batch["image_id"][i] for i in good]
         if self.cache is not None and all(i in self.cache for i in ids):
             return self.cache.features(ids)
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-        return self.model.encode_images(pixels)
+        pixels, grids = model_inputs(batch["pixels"][good], batch["image_grid_thw"][good])  # crops, or Qwen's patches
+        return self.model.encode_images(pixels, image_grid_thw=grids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -184,7 +185,7 @@ def run_caption(job: CaptionJob) -> dict:
     todo = [s for s in sources if s not in done]
     model, _ = load_model(job.adapter, job.base, weights=False)  # fail fast on a bad adapter; the processor
     if job.features:  # refuse a cache made for other layers or pooling before any work
-        check_serves(job.features, model.base, model.vision_layers, model.config.pool)
+        check_serves(job.features, model.base, model.vision_layers, model.config.pool, model.base_deepstack)
     processor = model.base.image_processor
     del model
     compute = resolve_compute(job.compute_spec(), cluster_resources(), BATCH_CPU, BATCH_GPU)
@@ -205,8 +206,9 @@ def caption_dataset(job: CaptionJob, compute: Compute, todo: list[str], processo
     import ray
 
     ds = ray.data.from_items([{"source": s} for s in todo])
+    processor, cap = for_job(processor, job.max_pixels)  # a Qwen base resizes to --max-pixels instead of refusing
     ds = ds.map_batches(decode_batch, batch_size=compute.batch_size, batch_format="numpy",
-                        fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+                        fn_kwargs={"processor": processor, "max_pixels": cap})
     return ds.map_batches(Captioner, batch_format="numpy", **compute.map_kwargs(),
                           fn_constructor_kwargs={"job": job, "compute": compute})
 

@@ -103,8 +103,9 @@ def _gather(cache: Any, index: torch.Tensor, config: Any) -> Any:
 
 
 def _rows_of(visual: Any, index: torch.Tensor) -> Any:
-    """The visual state with row r holding prompt ``index[r]``'s image (AGF keys/values, AMP tokens); the input
-    image embeddings are not needed after the prefill."""
+    """The visual state with row r holding prompt ``index[r]``'s image (AGF keys/values, AMP tokens; a Qwen
+    image's grid, M-RoPE delta and key mask); the input image embeddings (and Qwen3-VL's DeepStack inputs, added
+    at image positions) are not needed after the prefill."""
     if visual is None:
         return None
     if visual.rows is not None:
@@ -113,4 +114,9 @@ def _rows_of(visual: Any, index: torch.Tensor) -> Any:
 
     return replace(visual, image_embeds=None, tokens=None if visual.tokens is None else visual.tokens[index],
                    kv=[(k[index], v[index]) for k, v in visual.kv],
-                   counts=[visual.counts[i] for i in index.tolist()])
+                   counts=[visual.counts[i] for i in index.tolist()],
+                   grids=None if visual.grids is None else visual.grids[index.to(visual.grids.device)],
+                   rope_deltas=None if visual.rope_deltas is None else visual.rope_deltas[index.to(
+                       visual.rope_deltas.device)],
+                   token_mask=None if visual.token_mask is None else visual.token_mask[index],
+                   deepstack_embeds=None)

@@ -140,9 +140,10 @@ def check_images_exist(items: list[EvalItem]) -> None:
 
 
 def decode_images(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
-    """CPU task: decode and preprocess each question's image (whole-image crop, as every job feeds the model);
-    text questions get zero pixels. An unreadable image stops the evaluation, naming the question."""
-    from cli_module.model import whole_image_crop
+    """CPU task: decode and preprocess each question's image (whole-image crop, as every job feeds the model, or a
+    Qwen base's patches + ``image_grid_thw``: ``pipelines.pixels``); text questions get zero pixels. An unreadable
+    image stops the evaluation, naming the question."""
+    from pipelines.pixels import preprocess
 
     images = []
     for k in range(len(batch["key"])):
@@ -155,13 +156,7 @@ def decode_images(batch: dict[str, np.ndarray], processor: Any, max_pixels: int)
         except Exception as exc:
             raise ValueError(f"question {row['question_id']}: cannot read its image {row['image'] or '(inline)'}: "
                              f"{type(exc).__name__}: {exc}") from exc
-    good = [i for i, im in enumerate(images) if im is not None]
-    pixels = np.zeros((len(images), 3, 1, 1), dtype=np.float32)
-    if good:
-        done = whole_image_crop(processor(images=[images[i] for i in good], return_tensors="np")["pixel_values"])
-        pixels = np.zeros((len(images), *done.shape[1:]), dtype=np.float32)
-        pixels[good] = done
-    return {**batch, "pixels": pixels}
+    return {**batch, **preprocess(processor, images)}
 
 
 # --- the answer actors -----------------------------------------------------------------------------------------
@@ -188,7 +183,7 @@ class Answerer:
         self.cache = None
         if job.features:
             self.cache = CacheLookup(job.features, self.model.base, self.model.vision_layers,
-                                     self.model.config.pool)
+                                     self.model.config.pool, deepstack=self.model.base_deepstack)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -221,11 +216,13 @@ class Answerer:
                 "gates": np.array(gates, dtype=object)}
 
     def _features(self, batch: dict[str, np.ndarray], group: list[int]):
-        import torch
 
         if self.cache is not None:
             return self.cache.features([str(batch["image_id"][i]) for i in group])
-        return self.model.encode_images(torch.from_numpy(np.ascontiguousarray(batch["pixels"][group])))
+        from pipelines.pixels import model_inputs
+
+        pixels, grids = model_inputs(batch["pixels"][group], batch["image_grid_thw"][group])  # or Qwen's patches
+        return self.model.encode_images(pixels, image_grid_thw=grids)
 
     def _prompts(self, batch: dict[str, np.ndarray], group: list[int], instruct: bool) -> list[list[dict]]:
         out = []
@@ -292,7 +289,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     model.zero_gates(job.zero_gates)  # checks the layers before any actor starts
     image_ids = [""] * len(items)
     if job.features:
-        check_serves(job.features, model.base, model.vision_layers, model.config.pool)
+        check_serves(job.features, model.base, model.vision_layers, model.config.pool, model.base_deepstack)
         table = load_cache_table(job.features).select(["image_id", "source"])
         ids = table["image_id"].to_pylist()
         image_ids = join_to_cache(items, dict(zip(table["source"].to_pylist(), ids)), set(ids))
@@ -336,8 +333,11 @@ def eval_dataset(job: EvalJob, compute: Compute, items: list[EvalItem], cands: l
              "image_id": image_ids[k], "candidates": json.dumps(cands[k])} for k, it in enumerate(items)]
     ds = ray.data.from_items(rows)
     if not job.features and any(it.image or it.image_b64 for it in items):
+        from pipelines.pixels import for_job
+
+        processor, cap = for_job(processor, job.max_pixels)  # a Qwen base resizes to --max-pixels, not refuses
         ds = ds.map_batches(decode_images, batch_size=compute.batch_size, batch_format="numpy", num_cpus=0.5,
-                            fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+                            fn_kwargs={"processor": processor, "max_pixels": cap})
     return ds.map_batches(Answerer, batch_format="numpy", **compute.map_kwargs(),
                           fn_constructor_kwargs={"job": job, "compute": compute})
 

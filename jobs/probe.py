@@ -267,9 +267,12 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
 def run_probe(job: ProbeJob) -> dict[str, Any]:
     import ray
 
-    from pipelines.feature_cache import read_cache, read_cache_info, table_to_numpy
+    from pipelines.feature_cache import per_image_shapes, read_cache, read_cache_info, table_to_numpy
 
     info = read_cache_info(job.cache)
+    if per_image_shapes(job.cache):
+        raise ValueError(f"{job.cache}: its rows have their own token counts (a Qwen base's cache); the probe reads "
+                         f"caches of one shape per image (LLaVA-style bases) and does not support these yet")
     key = info["key"]
     layers, select, pool, dtype = list(key["layers"]), int(key["select_layer"]), int(key["pool"]), key["dtype"]
     ds = read_cache(job.cache)

@@ -57,7 +57,9 @@ class CacheView:
     dtype: str | None  # storage dtype: float16, bfloat16 or int8
     columns: list[str]  # feature columns to read (select[, layers][, *_scale])
     layer_index: list[int] | None  # positions of the model's feature layers in the cache's `layers`; None = unused
-    image_tokens: int  # placeholder tokens per image: select's N (+1 for OneVision's image_newline)
+    image_tokens: int  # placeholder tokens per image: select's N (+1 for OneVision's image_newline); 1 per_image
+    per_image: bool = False  # a Qwen cache: each image its own count, the tokens' one placeholder expanded to it
+    #                          from the cache's `tokens` column when the example is located
 
 
 @dataclass
@@ -75,28 +77,34 @@ class PreparedData:
 
 # --- the cache against the model ---------------------------------------------------------------------
 
-def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int) -> CacheView:
-    """Refuse a cache built for another base / encoder settings or lacking the layers the model reads."""
-    info, layer_index = check_serves(uri, base, vision_layers, pool)
+def check_cache(uri: str, base: Any, vision_layers: list[int], pool: int, deepstack: bool = False) -> CacheView:
+    """Refuse a cache built for another base / encoder settings or lacking the layers the model reads (or, with
+    ``deepstack``, the blocks Qwen3-VL's own DeepStack reads)."""
+    info, layer_index = check_serves(uri, base, vision_layers, pool, deepstack)
     dtype = info["key"]["dtype"]
     shards = shard_uris(uri)
     if not shards:
         raise ValueError(f"feature cache {uri} holds no shards; build it with `crosslayer features`")
     fs, path = storage.resolve(shards[0])
     schema = pq.ParquetFile(fs.open_input_file(path)).schema_arrow
-    select_shape = list(schema.field("select").type.shape)  # (N, Dv)
-    columns = ["select"] + (["select_scale"] if dtype == "int8" else [])
-    if vision_layers:
-        columns += ["layers"] + (["layers_scale"] if dtype == "int8" else [])
+    per_image = "tokens" in schema.names  # a Qwen cache: rows of their own token counts (feature_cache's format)
+    names = ["select"] + (["layers"] if vision_layers else []) + (["deepstack"] if per_image and deepstack else [])
+    columns = [c for n in names for c in ([n, f"{n}_scale"] if dtype == "int8" else [n])]
+    if per_image:
+        columns += ["tokens", "image_grid_thw"]
     return CacheView(uri=uri, shards=shards, dtype=dtype, columns=columns,
                      layer_index=layer_index if vision_layers else None,
-                     image_tokens=base.image_tokens(int(select_shape[0])))
+                     image_tokens=1 if per_image else base.image_tokens(int(schema.field("select").type.shape[0])),
+                     per_image=per_image)
 
 
 def encoder_view(base: Any) -> CacheView:
     """No cache: the workers run the frozen encoder on each micro-batch's decoded images (one whole-image crop)."""
     from cli_module.model import crop_tokens
 
+    if base.qwen:  # each image's count from its size under the processor's resize (``image_counts``)
+        return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None, image_tokens=1,
+                         per_image=True)
     return CacheView(uri=None, shards=[], dtype=None, columns=[], layer_index=None,
                      image_tokens=base.image_tokens(crop_tokens(base)))
 
@@ -105,21 +113,27 @@ def encoder_view(base: Any) -> CacheView:
 class CacheIndex:
     by_source: dict[str, str]  # normalised source -> image_id
     where: dict[str, tuple[int, int, int]]  # image_id -> (shard, row group, row)
+    tokens: dict[str, int] = field(default_factory=dict)  # image_id -> its token count (a per-image cache)
 
 
 def cache_index(view: CacheView) -> CacheIndex:
     """Where every cached image lives, reading only the ``image_id`` and ``source`` columns and the footers."""
     by_source: dict[str, str] = {}
     where: dict[str, tuple[int, int, int]] = {}
+    tokens: dict[str, int] = {}
+    names = ["image_id", "source"] + (["tokens"] if view.per_image else [])
     for s, uri in enumerate(view.shards):
         fs, path = storage.resolve(uri)
         meta = pq.ParquetFile(fs.open_input_file(path))
         for g in range(meta.num_row_groups):
-            table = meta.read_row_group(g, columns=["image_id", "source"])
-            for r, (image_id, source) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist())):
+            table = meta.read_row_group(g, columns=names)
+            counts = table["tokens"].to_pylist() if view.per_image else [0] * table.num_rows
+            for r, (image_id, source, n) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(),
+                                                          counts)):
                 by_source.setdefault(_normalise(source), image_id)
                 where.setdefault(image_id, (s, g, r))
-    return CacheIndex(by_source=by_source, where=where)
+                tokens.setdefault(image_id, n)
+    return CacheIndex(by_source=by_source, where=where, tokens=tokens if view.per_image else {})
 
 
 def _normalise(path: str) -> str:
@@ -278,9 +292,37 @@ def tokenise(uri: str, spec: TokenSpec, cache_dir: str | None, chunk: int) -> tu
 
 # --- the run's examples -----------------------------------------------------------------------------------
 
+def expand_image(ids: list[int], labels: list[int], image_token_id: int, count: int, max_length: int,
+                 ) -> tuple[list[int], list[int], bool] | str:
+    """A sequence holding one image placeholder -> the same with ``count`` (labels -100), cut to ``max_length``:
+    (ids, labels, cut?), or why it cannot be used (the cut would take its image tokens or every answer)."""
+    at = ids.index(image_token_id)
+    ids = ids[:at] + [image_token_id] * count + ids[at + 1:]
+    labels = labels[:at] + [-100] * count + labels[at + 1:]
+    if len(ids) <= max_length:
+        return ids, labels, False
+    if at + count > max_length or all(x == -100 for x in labels[1:max_length]):
+        what = "its image tokens" if at + count > max_length else "every answer"
+        return f"{len(ids)} tokens > {max_length} would cut {what} ({count} image tokens)"
+    return ids[:max_length], labels[:max_length], True
+
+
+def image_count(source: str, processor: Any) -> int:
+    """A Qwen image's token count without a cache: the image decoded as the workers decode it, its size through
+    the processor's resize (``pipelines.pixels.image_tokens``)."""
+    from pipelines.images import decode_image
+    from pipelines.pixels import image_tokens
+
+    image = decode_image(storage.read_bytes(source))
+    return image_tokens(processor, *image.size)
+
+
 def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None, image_root: str | None,
+           image_token_id: int = -1, max_length: int = 0, processor: Any = None,
            ) -> tuple[list[Example], list[tuple[str, str]], int]:
-    """Token rows -> (usable examples in file order, [(reason, detail)] of unusable rows, rows truncated)."""
+    """Token rows -> (usable examples in file order, [(reason, detail)] of unusable rows, rows truncated). A
+    per-image view's examples get their image's token count here (``expand_image``, ``max_length`` applied): from
+    the cache's ``tokens``, or without a cache from the image and ``processor`` (``image_count``)."""
     root = image_root or (uri.rsplit("/", 1)[0] if "/" in uri else ".")
     examples, bad, truncated = [], [], 0
     for row in tokens.to_pylist():
@@ -307,9 +349,21 @@ def locate(uri: str, tokens: pa.Table, view: CacheView, index: CacheIndex | None
             location, source = index.where[image_id], None  # read from the cache: the path is not needed
         elif source is not None:
             image_id = hashlib.sha256(source.encode()).hexdigest()[:32]  # encoded on the fly: any stable id
-        truncated += bool(row["truncated"])
-        examples.append(Example(idx=len(examples), image_id=image_id, input_ids=row["input_ids"],
-                                labels=row["labels"], location=location, source=source))
+        input_ids, labels, cut = row["input_ids"], row["labels"], bool(row["truncated"])
+        if view.per_image and (location is not None or source is not None):
+            try:
+                count = index.tokens[image_id] if location is not None else image_count(source, processor)
+            except Exception as err:  # noqa: BLE001 (an unreadable image is a bad row, as the cache would record)
+                bad.append(("unreadable image", f"{where}: {source}: {type(err).__name__}: {err}"[:500]))
+                continue
+            expanded = expand_image(input_ids, labels, image_token_id, count, max_length)
+            if isinstance(expanded, str):
+                bad.append((CUT, f"{where}: {expanded}"))
+                continue
+            input_ids, labels, cut = expanded[0], expanded[1], cut or expanded[2]
+        truncated += cut
+        examples.append(Example(idx=len(examples), image_id=image_id, input_ids=input_ids,
+                                labels=labels, location=location, source=source))
     return examples, bad, truncated
 
 
@@ -318,7 +372,11 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
     d = cfg.data
     if not d.train:
         raise ValueError("data.train is not set: give a LLaVA-format JSON / JSONL (data.train=path/to/train.jsonl)")
-    view = check_cache(d.features, base, vision_layers, cfg.cli.pool) if d.features else encoder_view(base)
+    from cli_module.methods import method_class
+
+    deepstack = base.kind == "qwen3_vl" and method_class(cfg.cli.method).base_deepstack  # its own DeepStack kept
+    view = (check_cache(d.features, base, vision_layers, cfg.cli.pool, deepstack) if d.features
+            else encoder_view(base))
     model_max = int(getattr(base.text_config, "max_position_embeddings", 2048))
     max_length = d.max_length or min(2048, model_max)
     if max_length > model_max:
@@ -333,7 +391,8 @@ def prepare_data(cfg: Any, base: Any, vision_layers: list[int]) -> PreparedData:
             splits[split], rows_read[split] = [], 0
             continue
         tokens, reused[uri] = tokenise(uri, spec, cache_dir, d.tokenize_chunk)
-        splits[split], split_bad, split_truncated = locate(uri, tokens, view, index, d.image_root)
+        splits[split], split_bad, split_truncated = locate(uri, tokens, view, index, d.image_root,
+                                                           base.image_token_id, max_length, base.image_processor)
         bad, truncated, rows_read[split] = bad + split_bad, truncated + split_truncated, tokens.num_rows
     train, evals = splits["train"], splits["eval"]
     fatal = [(reason, detail) for reason, detail in bad if reason != CUT]  # cut rows are dropped and counted

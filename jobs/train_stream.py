@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.feature_cache import decode_column
+from pipelines.feature_cache import batch_to_features
 
 from .train_data import SPLITS, CacheView, rank_of
 
@@ -47,9 +47,11 @@ class Batch:
 
         f, features = self.features, None
         if f is not None:
-            features = VisionFeatures(select_features=f.select_features.to(device),
-                                      layers=f.layers.to(device) if f.layers is not None else None,
-                                      rows=f.rows.to(device) if f.rows is not None else None)
+            def on(x: Any) -> Any:
+                return x.to(device) if x is not None else None
+
+            features = VisionFeatures(select_features=f.select_features.to(device), layers=on(f.layers),
+                                      rows=on(f.rows), grids=on(f.grids), deepstack=on(f.deepstack))
         return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                      labels=self.labels.to(device), features=features, tokens=self.tokens)
 
@@ -180,20 +182,18 @@ class FeatureReader:
 
     def features(self, locations: np.ndarray) -> Any:
         """VisionFeatures (float32 torch) of the images at ``locations``."""
-        from cli_module.model import VisionFeatures
-
         picked = self.read(locations)
-        layers = None
-        if self.view.layer_index is not None:
-            layers = decode_column(picked, "layers", self.view.dtype)[:, self.view.layer_index]  # (B, K, N', Dv)
-        return VisionFeatures(select_features=decode_column(picked, "select", self.view.dtype), layers=layers)
+        index = self.view.layer_index if self.view.layer_index is not None else []
+        return batch_to_features(picked, self.view.dtype, index)  # (B, N, Dv), (B, K, N', Dv); a Qwen cache's
+        #                                                           rows padded to the longest, with their grids
 
 
-def decode_pixels(sources: list[str], processor: Any) -> np.ndarray:
-    """Read and preprocess images with the base's processor -> (B, C, H, W) whole-image crops; an unreadable image
-    ends the run naming it (no cache records it as the feature cache would)."""
-    from cli_module.model import whole_image_crop
+def decode_pixels(sources: list[str], processor: Any) -> dict[str, np.ndarray]:
+    """Read and preprocess images with the base's processor -> ``pipelines.pixels``' rows: (B, C, H, W) whole-image
+    crops, or a Qwen base's patches per image with ``image_grid_thw`` (B, 3); an unreadable image ends the run
+    naming it (no cache records it as the feature cache would)."""
     from pipelines.images import decode_image
+    from pipelines.pixels import preprocess
 
     images = []
     for src in sources:
@@ -202,12 +202,12 @@ def decode_pixels(sources: list[str], processor: Any) -> np.ndarray:
         except Exception as err:  # noqa: BLE001 (any unreadable image ends the run, naming it)
             raise RuntimeError(f"image {src} cannot be read ({type(err).__name__}: {err}); fix or drop its row, or "
                                f"train from a feature cache (which records and skips bad images)") from err
-    return np.ascontiguousarray(whole_image_crop(processor(images=images, return_tensors="np")["pixel_values"]))
+    return preprocess(processor, images)
 
 
 def _decode_rows(batch: dict[str, np.ndarray], processor: Any) -> dict[str, np.ndarray]:
-    """Ray Data map: a batch of ``source`` rows -> the same rows with their ``pixels``."""
-    return {"source": batch["source"], "pixels": decode_pixels([str(x) for x in batch["source"]], processor)}
+    """Ray Data map: a batch of ``source`` rows -> the same rows with their ``pixels`` and ``image_grid_thw``."""
+    return {"source": batch["source"], **decode_pixels([str(x) for x in batch["source"]], processor)}
 
 
 class PixelStream:
@@ -231,15 +231,16 @@ class PixelStream:
                                                         num_cpus=0.5, fn_kwargs={"processor": processor})
             self.rows = iter(ds.iter_rows())
 
-    def take(self, sources: list[str]) -> np.ndarray:
-        out = []
-        for src in sources:
+    def take(self, sources: list[str]) -> dict[str, np.ndarray]:
+        pixels, grids = np.empty(len(sources), dtype=object), []
+        for j, src in enumerate(sources):
             row = next(self.rows, None)
             if row is None or str(row["source"]) != src:
                 raise RuntimeError(f"decoded image stream out of step: expected {src}, got "
                                    f"{None if row is None else row['source']}")
-            out.append(row["pixels"])
-        return np.stack(out)
+            pixels[j] = row["pixels"]
+            grids.append(row["image_grid_thw"])
+        return {"pixels": pixels, "image_grid_thw": np.stack(grids)}
 
 
 class ImageFeatures:
@@ -249,13 +250,14 @@ class ImageFeatures:
     def __init__(self, model: Any):
         self.model = model
 
-    def pixels(self, sources: list[str]) -> np.ndarray:
+    def pixels(self, sources: list[str]) -> dict[str, np.ndarray]:
         return decode_pixels(sources, self.model.base.image_processor)
 
-    def encode(self, pixels: np.ndarray) -> Any:
-        import torch
+    def encode(self, decoded: dict[str, np.ndarray]) -> Any:
+        from pipelines.pixels import model_inputs
 
-        return self.model.encode_images(torch.from_numpy(np.ascontiguousarray(pixels)))
+        pixels, grids = model_inputs(decoded["pixels"], decoded["image_grid_thw"])  # crops, or Qwen's patches + grids
+        return self.model.encode_images(pixels, image_grid_thw=grids)
 
 
 def _tensor_numpy(column: pa.ChunkedArray) -> np.ndarray:

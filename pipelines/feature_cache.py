@@ -6,6 +6,13 @@ counts). Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv
 feeds the LLM's input) and ``layers`` (K, N', Dv: the vision layers K, pooled) as Arrow fixed-shape tensors in
 float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token). ``pipelines.features`` writes
 caches; features, training, evaluation and captioning read them through this module.
+
+A Qwen base's images have a token count each (dynamic resolution), so its rows have their own shapes: ``tokens``
+(N_i, int32), ``image_grid_thw`` ((3,) int32 fixed-shape tensor: t, h, w in patches; N_i = t * h * w / merge^2)
+and the tensor columns as Arrow large lists holding each row's values flattened in row-major order: ``select``
+(N_i, Dv'), ``layers`` (K, N_i, Dv'), ``*_scale`` (.., N_i) for int8, and for Qwen3-VL ``deepstack`` (J, N_i, Dv'):
+the ViT blocks its own DeepStack reads (the key's ``deepstack``), which every method but ``one_to_one`` needs.
+Dv' = merge^2 * Dv (a merge unit). Readers pad a batch's rows to the longest and pass the grids on.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +47,15 @@ class CacheKey:
     layers: list[int]  # the vision layers K stored in the `layers` column, non-negative (file field name)
     pool: int  # pooling applied to `layers`
     dtype: Dtype  # storage dtype
+    deepstack: list[int] = field(default_factory=list)  # Qwen3-VL: the ViT blocks (0-based) its own DeepStack
+    #                                                     reads, stored in the `deepstack` column; [] = none
+
+    def to_json(self) -> dict[str, Any]:
+        """cache.json's ``key``; an empty ``deepstack`` is left out (caches without it keep their format)."""
+        out = asdict(self)
+        if not out["deepstack"]:
+            del out["deepstack"]
+        return out
 
     def diff(self, other: CacheKey) -> list[str]:
         mine, theirs = asdict(self), asdict(other)
@@ -60,13 +76,19 @@ def image_processor_settings(proc: Any) -> dict[str, Any]:
     return out
 
 
-def cache_key_for(base: Any, vision_layers: list[int], pool: int, dtype: Dtype) -> CacheKey:
-    """The key of a cache of ``vision_layers`` (hidden_states indices, negative from the end) for ``base``."""
+def cache_key_for(base: Any, vision_layers: list[int], pool: int, dtype: Dtype,
+                  max_pixels: int | None = None) -> CacheKey:
+    """The key of a cache of ``vision_layers`` (hidden_states indices, negative from the end) for ``base``;
+    ``max_pixels`` bounds a Qwen processor's pixels (``pipelines.pixels.bounded``), hence its token counts."""
+    from .pixels import bounded
+
     depth = base.num_vision_layers
     name, revision = base.encoder_identity  # a derived base shares its source's encoder, hence its caches
-    return CacheKey(base=name, revision=revision, image_processor=image_processor_settings(base.image_processor),
+    deepstack = list(base.vision_config.deepstack_visual_indexes) if base.kind == "qwen3_vl" else []
+    return CacheKey(base=name, revision=revision,
+                    image_processor=image_processor_settings(bounded(base.image_processor, max_pixels)),
                     select_layer=resolve_vision_layers([base.select_layer], depth)[0],
-                    layers=resolve_vision_layers(vision_layers, depth), pool=pool, dtype=dtype)
+                    layers=resolve_vision_layers(vision_layers, depth), pool=pool, dtype=dtype, deepstack=deepstack)
 
 
 # --- tensor columns ------------------------------------------------------------------------------
@@ -86,16 +108,47 @@ def encode_column(name: str, x: Any, dtype: Dtype) -> dict[str, pa.Array]:
             f"{name}_scale": pa.FixedShapeTensorArray.from_numpy_ndarray(scale.numpy().astype(np.float32))}
 
 
+def encode_rows(name: str, rows: list[Any], dtype: Dtype) -> dict[str, pa.Array]:
+    """Tensors of their own shapes, one per row (..., N_i, D) -> Arrow large-list column(s) of each row's values,
+    flattened row-major, in the storage dtype (int8: ``*_scale`` per token, (..., N_i) flattened)."""
+    out: dict[str, list[np.ndarray]] = {}
+    for x in rows:
+        for column, values in encode_column(name, x[None], dtype).items():
+            out.setdefault(column, []).append(values.to_numpy_ndarray().reshape(-1))
+    return {column: pa.array(values, type=pa.large_list(pa.from_numpy_dtype(values[0].dtype)))
+            for column, values in out.items()}
+
+
 def decode_column(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
-    """Inverse of ``encode_column`` on a numpy batch -> float32 torch tensor (B, ...)."""
+    """Inverse of ``encode_column`` on a numpy batch -> float32 torch tensor (B, ...); rows of their own shapes
+    (``encode_rows``, a batch with ``tokens``) are zero-padded to the longest: (B, ..., max N_i, D)."""
     import torch
 
+    if batch[name].dtype == object:
+        return _decode_rows(batch, name, dtype)
     x = np.ascontiguousarray(batch[name])
     if dtype == "float16":
         return torch.from_numpy(x.astype(np.float32))
     if dtype == "bfloat16":
         return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(x.astype(np.float32)) * torch.from_numpy(np.ascontiguousarray(batch[f"{name}_scale"])).unsqueeze(-1)
+
+
+def _decode_rows(batch: dict[str, np.ndarray], name: str, dtype: Dtype) -> Any:
+    import torch
+    from torch.nn import functional as F
+
+    rows = []
+    for i, flat in enumerate(batch[name]):
+        n = int(batch["tokens"][i])
+        d = np.asarray(batch["select"][i]).size // n  # every tensor column of a row has select's token width
+        one = {name: np.array(flat).reshape(1, -1, n, d)}  # a writable copy (Arrow's buffers are read-only)
+        if dtype == "int8":
+            one[f"{name}_scale"] = np.array(batch[f"{name}_scale"][i]).reshape(1, -1, n)
+        rows.append(decode_column(one, name, dtype)[0])  # (J, N_i, D)
+    width = max(r.shape[-2] for r in rows)
+    out = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[-2])) for r in rows])  # (B, J, max N_i, D)
+    return out[:, 0] if name == "select" else out
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -114,6 +167,15 @@ def cached_ids(cache: str) -> set[str]:
     return ids
 
 
+def per_image_shapes(cache: str) -> bool:
+    """Whether the cache's rows have their own token counts (a Qwen base's), from its first shard's schema."""
+    shards = shard_uris(cache)
+    if not shards:
+        return False
+    fs, path = storage.resolve(shards[0])
+    return "tokens" in pq.ParquetFile(fs.open_input_file(path)).schema_arrow.names
+
+
 def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any]:
     """cache.json of a cache; with ``expect``, refuse a cache made differently, naming each field."""
     uri = storage.join(cache, CACHE_FILE)
@@ -128,14 +190,23 @@ def read_cache_info(cache: str, expect: CacheKey | None = None) -> dict[str, Any
     return info
 
 
-def check_serves(cache: str, base: Any, vision_layers: list[int], pool: int) -> tuple[dict[str, Any], list[int]]:
+def check_serves(cache: str, base: Any, vision_layers: list[int], pool: int,
+                 deepstack: bool = False) -> tuple[dict[str, Any], list[int]]:
     """Check that a cache can feed a model whose plug-in reads hidden_states ``vision_layers`` pooled by ``pool``:
     same base, revision, image processor and select layer; its layers include those (same pooling when any are
-    needed). Returns cache.json and the positions of ``vision_layers`` in the cache's ``layers`` column."""
+    needed); with ``deepstack`` (a Qwen3-VL model that keeps its own DeepStack on), the blocks DeepStack reads.
+    A Qwen cache's pixel bound (``--max-pixels``) is the cache's own choice: any token count feeds the model.
+    Returns cache.json and the positions of ``vision_layers`` in the cache's ``layers`` column."""
+    from .pixels import max_pixels_of
+
     info = read_cache_info(cache)
     have = CacheKey(**info["key"])
-    want = cache_key_for(base, vision_layers, pool if vision_layers else have.pool, have.dtype)
-    problems = [d for d in have.diff(want) if not d.startswith(("layers:", "pool:"))]
+    bound = have.image_processor.get("size", {}).get("longest_edge") if max_pixels_of(base.image_processor) else None
+    want = cache_key_for(base, vision_layers, pool if vision_layers else have.pool, have.dtype, max_pixels=bound)
+    problems = [d for d in have.diff(want) if not d.startswith(("layers:", "pool:", "deepstack:"))]
+    if deepstack and have.deepstack != want.deepstack:
+        problems.append(f"deepstack: cache has blocks {have.deepstack}, this model keeps Qwen3-VL's own DeepStack "
+                        f"on and needs blocks {want.deepstack} (method one_to_one turns it off)")
     missing = [k for k in want.layers if k not in have.layers]
     if missing:
         problems.append(f"layers: cache has {have.layers}, the model needs {want.layers} (missing {missing})")
@@ -152,8 +223,8 @@ class CacheLookup:
     """A cache held in memory with its rows by image id, checked against the model it feeds (evaluation and
     captioning read caches that fit in RAM; training streams its own rows)."""
 
-    def __init__(self, cache: str, base: Any, vision_layers: list[int], pool: int):
-        info, self.index = check_serves(cache, base, vision_layers, pool)
+    def __init__(self, cache: str, base: Any, vision_layers: list[int], pool: int, deepstack: bool = False):
+        info, self.index = check_serves(cache, base, vision_layers, pool, deepstack)
         self.dtype: Dtype = info["key"]["dtype"]
         self.columns = table_to_numpy(load_cache_table(cache))
         self.rows = {image_id: r for r, image_id in enumerate(self.columns["image_id"])}
@@ -193,14 +264,22 @@ def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
 
 def batch_to_features(batch: dict[str, np.ndarray], dtype: Dtype, index: list[int] | None = None):
     """A numpy batch of cache rows -> VisionFeatures for the fused model's features path; ``index`` picks
-    (and orders) the model's layers out of the cache's (from ``check_serves``; None keeps them all)."""
+    (and orders) the model's layers out of the cache's (from ``check_serves``; None keeps them all). Rows of a
+    Qwen cache come padded to the longest, with their grids and (when read) the DeepStack blocks."""
+    import torch
+
     from cli_module.model import VisionFeatures
 
     layers = None
-    if index is None or index:
+    if (index is None or index) and "layers" in batch:
         layers = decode_column(batch, "layers", dtype)
         layers = layers if index is None else layers[:, index]
-    return VisionFeatures(select_features=decode_column(batch, "select", dtype), layers=layers)
+    grids = deepstack = None
+    if "image_grid_thw" in batch:
+        grids = torch.from_numpy(np.asarray(np.stack(list(batch["image_grid_thw"])), dtype=np.int64))  # (B, 3)
+        deepstack = decode_column(batch, "deepstack", dtype) if "deepstack" in batch else None  # (B, J, N, D)
+    return VisionFeatures(select_features=decode_column(batch, "select", dtype), layers=layers, grids=grids,
+                          deepstack=deepstack)
 
 
 # --- sizing ------------------------------------------------------------------------------------------------
@@ -211,17 +290,26 @@ DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "int8": 1}
 def estimate(base: Any, vision_layers: list[int], pool: int, dtype: Dtype, images: int,
              batch_size: int = 16) -> dict[str, Any]:
     """The size of a cache without running the encoder: the encoder runs on the meta device (shapes only) for one
-    whole-image crop, as the cache stores it. Bytes are the tensors' (int8 adds a float32 scale per token) plus
+    whole-image crop, as the cache stores it (a Qwen base: an image at its processor's max_pixels, the most). Bytes are the tensors' (int8 adds a float32 scale per token) plus
     ~100 bytes of id and path per image; Parquet's compression saves little on float features."""
 
     from cli_module.model import blank_crop, encode_images
 
-    pixels = blank_crop(base)  # on the meta device for a base loaded with weights=False: no compute
-    feats = encode_images(base, pixels, resolve_vision_layers(vision_layers, base.num_vision_layers), pool)
     per = DTYPE_BYTES[dtype]
-    shapes = {"select": tuple(feats.select_features.shape[1:])}
-    if feats.layers is not None:
-        shapes["layers"] = tuple(feats.layers.shape[1:])
+    if base.qwen:  # tokens vary per image: the bound, an image at the processor's max_pixels
+        from .pixels import max_pixels_of
+
+        unit = base.vision_config.patch_size * base.vision_config.spatial_merge_size
+        n, d = max_pixels_of(base.image_processor) // unit**2, base.feature_dim
+        shapes = {"select": (n, d), "layers": (len(vision_layers), n, d)}
+        if base.kind == "qwen3_vl":
+            shapes["deepstack"] = (len(base.vision_config.deepstack_visual_indexes), n, d)
+    else:
+        pixels = blank_crop(base)  # on the meta device for a base loaded with weights=False: no compute
+        feats = encode_images(base, pixels, resolve_vision_layers(vision_layers, base.num_vision_layers), pool)
+        shapes = {"select": tuple(feats.select_features.shape[1:])}
+        if feats.layers is not None:
+            shapes["layers"] = tuple(feats.layers.shape[1:])
     tensor_bytes = 0
     for shape in shapes.values():
         numel = int(np.prod(shape))

@@ -6,7 +6,10 @@
   one shard atomically) ──> DEST/part-*.parquet + DEST/errors.parquet + DEST/cache.json
 
 Rows: ``image_id`` (sha256 of the bytes), ``source``, ``select`` (N, Dv) and ``layers`` (K, N', Dv) as Arrow
-fixed-shape tensors in float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token).
+fixed-shape tensors in float16 / bfloat16 (stored as its uint16 bits) / int8 (+ ``*_scale`` per token). A Qwen
+base's rows have a token count each, their ``image_grid_thw`` and (Qwen3-VL) the DeepStack blocks
+(``pipelines.feature_cache``); ``--max-pixels`` bounds its processor's pixels, hence the count, as the processor's
+``max_pixels`` does (larger images are resized down, not refused).
 A rerun encodes only images whose id is not in a shard yet; bad files become rows of ``errors.parquet``.
 The format (key, column codecs, readers) lives in ``pipelines.feature_cache``; the actors' device, compute dtype
 (``--compute-dtype``; ``--dtype`` is the storage dtype), count and batch size in ``pipelines.compute``.
@@ -22,7 +25,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,8 +44,10 @@ from .feature_cache import (
     cache_key_for,
     cached_ids,
     encode_column,
+    encode_rows,
 )
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from .pixels import for_job, model_inputs, preprocess
 
 BATCH_CPU, BATCH_GPU = 16, 128  # default images per encoder call (and per shard) on each device
 
@@ -62,7 +67,8 @@ class FeatureJob:
     cpus_per_actor: float = 1.0  # CPUs Ray reserves per encoder actor (keep <= 1 on a 2-core machine)
     threads: int = 0  # torch threads per encoder actor on cpu; 0 = ceil(cpus_per_actor)
     cpus_per_decode: float = 0.5  # CPUs reserved per decode task (fractional, so decoding fits beside the actors)
-    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images with more pixels are refused (decompression bombs); a Qwen base
+    #                                       resizes them down to it instead (its processor's max_pixels, if lower)
     image_root: str | None = None  # folder / s3:// prefix a manifest's relative image paths are under
     device: str = "auto"  # encoder device; auto: cuda when the Ray cluster has GPUs, else cpu
     compute_dtype: str = "auto"  # encoder dtype; auto: bfloat16 on cuda, float32 on cpu (stored as `dtype`)
@@ -111,8 +117,9 @@ def list_sources(src: str, image_root: str | None = None) -> list[str]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) -> dict[str, np.ndarray]:
-    """Read, hash, validate, decode and preprocess each source with the base's own image processor;
-    bad files keep a row with `error` set (and zero pixels)."""
+    """Read, hash, validate, decode and preprocess each source with the base's own image processor
+    (``pipelines.pixels``: fixed crops, or a Qwen base's patches + ``image_grid_thw``); bad files keep a row with
+    `error` set (and zero pixels)."""
     ids, errors, images = [], [], []
     for src in batch["source"]:
         image, err, image_id = None, None, None
@@ -125,17 +132,8 @@ def decode_batch(batch: dict[str, np.ndarray], processor: Any, max_pixels: int) 
         ids.append(image_id or "")
         errors.append(err or "")
         images.append(image)
-    good = [im for im in images if im is not None]
-    pixels = processor(images=good, return_tensors="np")["pixel_values"] if good else None
-    if pixels is not None:
-        from cli_module.model import whole_image_crop
-
-        pixels = whole_image_crop(pixels)  # LLaVA-OneVision: the whole-image crop, as every job feeds the model
-    shape = pixels.shape[1:] if pixels is not None else (3, 1, 1)
-    out = np.zeros((len(images), *shape), dtype=np.float32)
-    if pixels is not None:
-        out[[i for i, im in enumerate(images) if im is not None]] = pixels
-    return {"source": batch["source"], "image_id": np.array(ids), "error": np.array(errors), "pixels": out}
+    return {"source": batch["source"], "image_id": np.array(ids), "error": np.array(errors),
+            **preprocess(processor, images)}
 
 
 class Encoder:
@@ -160,6 +158,7 @@ class Encoder:
         self.compute_dtype, self.device = str(weight.dtype).removeprefix("torch."), weight.device.type
         self.vision_layers = resolve_vision_layers(vision_layers, self.base.num_vision_layers)
         self.pool, self.dtype, self.out = pool, dtype, out
+        self.deepstack = self.base.kind == "qwen3_vl"  # its own DeepStack's blocks, for every method but one_to_one
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -169,15 +168,29 @@ class Encoder:
         good = [i for i, e in enumerate(batch["error"]) if not e]
         written = np.zeros(len(batch["source"]), dtype=np.int64)
         if good:
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))  # (B, C, H, W)
+            grids = np.asarray(batch["image_grid_thw"])[good] if "image_grid_thw" in batch else None
+            pixels, grid_thw = model_inputs(batch["pixels"][good], grids)  # (B, C, H, W) or (sum P_i, C'), (B, 3)
             with torch.no_grad():
-                feats = encode_images(self.base, pixels, self.vision_layers, self.pool)
-            feats.select_features = feats.select_features.cpu()
-            feats.layers = feats.layers.cpu() if feats.layers is not None else None
+                feats = encode_images(self.base, pixels, self.vision_layers, self.pool, image_grid_thw=grid_thw,
+                                      deepstack=self.deepstack)
             columns = {"image_id": pa.array([batch["image_id"][i] for i in good]),
                        "source": pa.array([str(batch["source"][i]) for i in good])}
-            columns.update(encode_column("select", feats.select_features, self.dtype))
-            columns.update(encode_column("layers", feats.layers, self.dtype))
+            if feats.grids is None:
+                columns.update(encode_column("select", feats.select_features.cpu(), self.dtype))
+                columns.update(encode_column("layers", feats.layers.cpu(), self.dtype))
+            else:  # a Qwen base: each row its own token count, the padding dropped
+                from cli_module.qwen import merge_size, token_counts
+
+                counts = token_counts(feats.grids.cpu(), merge_size(self.base))
+                columns["tokens"] = pa.array(counts, type=pa.int32())
+                columns["image_grid_thw"] = pa.FixedShapeTensorArray.from_numpy_ndarray(
+                    feats.grids.cpu().numpy().astype(np.int32))
+                named = {"select": feats.select_features[:, None], "layers": feats.layers, "deepstack": feats.deepstack}
+                for name, x in named.items():  # (B, J, N, D) padded -> per row (J, N_i, D)
+                    if x is not None:
+                        rows = [r[:, :n].cpu() for r, n in zip(x, counts)]
+                        columns.update(encode_rows(name, [r[0] for r in rows] if name == "select" else rows,
+                                                   self.dtype))
             sink = io.BytesIO()
             pq.write_table(pa.table(columns), sink, row_group_size=1)  # one image per row group: streamed reads
             storage.write_atomic(storage.join(self.out, f"part-{uuid.uuid4().hex}.parquet"), sink.getvalue())
@@ -197,7 +210,11 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     sources = list_sources(job.src, job.image_root)
     storage.check_writable(job.out)
     base = load_base(job.base, weights=False)  # configs and processor only: the key, the layer range check
-    key = cache_key_for(base, job.vision_layers, job.pool, job.dtype)
+    if base.qwen and job.pool != 1:
+        raise ValueError(f"--pool {job.pool}: a Qwen base's token grid varies per image (its 2x2 merger already "
+                         f"merges patches); use --pool 1")
+    processor, _ = for_job(base.image_processor, job.max_pixels)  # a Qwen processor's max_pixels <= --max-pixels
+    key = cache_key_for(base, job.vision_layers, job.pool, job.dtype, max_pixels=job.max_pixels)
     cache_json = storage.join(job.out, CACHE_FILE)
     if storage.exists(cache_json):
         old = CacheKey(**storage.read_json(cache_json)["key"])
@@ -207,7 +224,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
     storage.remove_temporaries(job.out)
     done_ids = cached_ids(job.out)
     compute = resolve_compute(job.compute_spec(), cluster_resources(), BATCH_CPU, BATCH_GPU)
-    rows = features_dataset(job, compute, sources, base.image_processor, done_ids).take_all()
+    rows = features_dataset(job, compute, sources, processor, done_ids).take_all()
     skipped = len(sources) - len(rows)
     failed = [{"source": str(r["source"]), "image_id": str(r["image_id"]) or None, "reason": str(r["error"])}
               for r in rows if r["error"]]
@@ -217,7 +234,7 @@ def run_features(job: FeatureJob) -> dict[str, Any]:
                                                                   ("reason", pa.string())])), sink)
     storage.write_atomic(storage.join(job.out, ERRORS_FILE), sink.getvalue())
     total = len(cached_ids(job.out))
-    storage.write_json(cache_json, {"key": asdict(key), "rows": total, "errors": len(failed),
+    storage.write_json(cache_json, {"key": key.to_json(), "rows": total, "errors": len(failed),
                                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     seconds = time.time() - t0
     return {"images": len(sources), "done": done, "skipped": skipped, "failed": len(failed), "rows": total,
@@ -233,8 +250,9 @@ def features_dataset(job: FeatureJob, compute: Compute, sources: list[str], proc
     import ray
 
     ds = ray.data.from_items([{"source": s} for s in sources])
+    _, cap = for_job(processor, job.max_pixels)  # a Qwen base resizes to its bound instead of refusing
     ds = ds.map_batches(decode_batch, batch_size=compute.batch_size, batch_format="numpy",
-                        num_cpus=job.cpus_per_decode, fn_kwargs={"processor": processor, "max_pixels": job.max_pixels})
+                        num_cpus=job.cpus_per_decode, fn_kwargs={"processor": processor, "max_pixels": cap})
     ds = ds.map_batches(_drop_cached, batch_format="numpy", fn_kwargs={"done": ray.put(done_ids)})
     return ds.map_batches(Encoder, batch_format="numpy", **compute.map_kwargs(),
                           fn_constructor_kwargs={"base_name": job.base, "vision_layers": job.vision_layers,
@@ -267,7 +285,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_compute_arguments(p, BATCH_CPU, BATCH_GPU, dtype_flag="--compute-dtype")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per encoder actor")
     p.add_argument("--threads", type=int, default=0, help="torch threads per encoder actor (0: from --cpus-per-actor)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="images with more pixels are refused; a Qwen base resizes them down to it instead, as its "
+                        "processor's max_pixels does (bounding each image's token count)")
     p.add_argument("--image-root", help="folder or s3:// prefix a manifest's relative image paths are under "
                                         "(LLaVA's 665K mix: the folder holding coco/, gqa/, ...)")
     p.add_argument("--estimate", action="store_true", help="print the cache's size (bytes per image, total, shards) "
