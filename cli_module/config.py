@@ -65,10 +65,11 @@ class CLIConfig:
         self.llm_lora_targets = [str(t) for t in self.llm_lora_targets]
         if self.llm_lora_alpha <= 0:
             raise ValueError(f"llm_lora_alpha must be > 0, got {self.llm_lora_alpha}")
-        lora_set = {"llm_lora_rank": self.llm_lora_rank != 8, "llm_lora_alpha": self.llm_lora_alpha != 16.0,
-                    "llm_lora_targets": tuple(self.llm_lora_targets) != LLM_LORA_TARGETS}
-        if self.method != "llm_lora" and any(lora_set.values()):
-            raise ValueError(f"{[k for k, v in lora_set.items() if v]} set, but they configure method 'llm_lora' and "
+        lora_set = [  # llm_lora fields moved off their declared defaults
+            f.name for f in dataclasses.fields(self) if f.name.startswith("llm_lora_") and getattr(self, f.name)
+                    != (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)]
+        if self.method != "llm_lora" and lora_set:
+            raise ValueError(f"{lora_set} set, but they configure method 'llm_lora' and "
                              f"this config's method is {self.method!r}; set method=llm_lora or leave them unset")
         from .methods import method_class  # the method's own checks (methods import this module)
 
