@@ -444,6 +444,7 @@ def main() -> int:
                     help="LLaVA's stage 2 (projector + LLM, method instruct) after the projector-only stage 1; 0: none")
     ap.add_argument("--instruct-lr", type=float, default=2e-4, help="its projector's learning rate")
     ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
+    ap.add_argument("--instruct-evals", type=int, default=10, help="validation points on the instruct stage's curve")
     ap.add_argument("--instruct-captions", action="store_true",
                     help="instruct on the training captions and questions mixed (LLaVA's stage-2 data holds "
                          "descriptions too), not on the questions alone")
@@ -526,10 +527,12 @@ def main() -> int:
     one_base = None  # what stage 2 loads: the derived base after instruct, else the preset with stage 1's P
     if args.instruct_steps:
         mix = [f"data.train={instruct_mix(data, captions)}"] if args.instruct_captions else []
+        # every quarter's checkpoint kept (each holds its model/): the reading curve scores them (--reading-curve)
         stage1 = train(work, args.base, "stage1-instruct-mix" if mix else "stage1-instruct", data, cache,
                        args.instruct_steps, args.instruct_lr, 0,
-                       ["method=instruct", f"init_projector={stage1['adapter']}",
-                        f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix], **common)
+                       ["method=instruct", f"init_projector={stage1['adapter']}", "trainer.num_to_keep=4",
+                        f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
+                       **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
         one_base = stage1["base"]
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
     stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
