@@ -216,3 +216,28 @@ def test_an_interrupted_run_resumes_under_its_run_name(tmp_path: Path) -> None:
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"run_name": "crosslayer-train-x", "storage_path": str(run / "runs")}))
     assert quality_powered.resume_overrides(run) == ["trainer.run_name=crosslayer-train-x"]
+
+
+def test_reading_curve_scores_the_kept_checkpoints_by_step_against_the_most_frequent_answer(tmp_path: Path) -> None:
+    """The instruct stage's kept checkpoints are found by the step in their name (only those holding a complete
+    derived base), and the curve reads each one's accuracy minus the most frequent answer's, per group of types."""
+    from cli_module.derived import DERIVED_FILE
+
+    run = tmp_path / "stage1-instruct-mix"
+    for step, complete in ((500, True), (250, True), (750, False)):  # 750: its model/ not (yet) written
+        model = run / "runs" / "crosslayer-train-x" / f"checkpoint_{step:06d}" / "model"
+        model.mkdir(parents=True)
+        if complete:
+            (model / DERIVED_FILE).write_text("{}")
+    assert [s for s, _ in quality_powered.kept_checkpoints(run)] == [250, 500]
+    records = [{"type": t} for t in ["arrow"] * 20 + ["color"] * 20]
+    guess = np.r_[np.zeros(20), np.ones(10), np.zeros(10)]  # the most frequent answer: right on half the colours
+    curve = {500: np.r_[np.ones(20), np.ones(20)], 250: np.r_[np.zeros(20), np.ones(10), np.zeros(10)]}
+    rows = quality_powered.reading_rows(curve, guess, records, quality_powered.type_groups(["arrow", "color"]),
+                                        {250: 0.9, 500: 0.5})
+    assert [r.split(" | ")[0] for r in rows[2:]] == ["| 250", "| 500"]  # by step
+    step500 = rows[3].split(" | ")
+    assert step500[1] == "0.500" and step500[2:4] == ["1.000", str(paired_difference(curve[500][None], guess[None]))]
+    control = np.arange(40) >= 20
+    assert step500[4:6] == ["1.000", str(paired_difference(curve[500][None, control], guess[None, control]))]  # +0.5 on colours
+    assert rows[2].split(" | ")[3].startswith("0.000")  # step 250 is the prior: no difference
