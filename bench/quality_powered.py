@@ -348,6 +348,24 @@ def reading_rows(curve: dict[int, np.ndarray], guess: np.ndarray, records: list[
     return rows
 
 
+def probe_gain_rows(probe: dict, gain: dict[str, object], layers: list[int]) -> list[str]:
+    """Per question type: what the linear probe says CLI's vision layers hold beyond the select layer (the best of
+    ``layers`` minus the select layer, from ``bench/layer_probe.py``'s results), against what CLI realised over
+    one-to-one on the same type (``gain``: type -> paired difference with its interval)."""
+    select = str(probe["select_layer"])
+    rows = ["| type | probe: select layer | probe: best of CLI's layers | probe gap | CLI - one-to-one [95% CI] |",
+            "|---|---|---|---|---|"]
+    for t, diff in gain.items():
+        if t not in probe["types"]:
+            rows.append(f"| {t} | - | - | - | {diff} |")
+            continue
+        acc = {int(k): v["accuracy"] for k, v in probe["types"][t]["layers"].items()}
+        best = max((v for v in layers if v in acc), key=lambda v: acc[v])
+        rows.append(f"| {t} | {acc[int(select)]:.3f} | {acc[best]:.3f} (layer {best}) | "
+                    f"{acc[best] - acc[int(select)]:+.3f} | {diff} |")
+    return rows
+
+
 # The stage-1 runs, in the order the one-to-one base is looked for: the last stage of stage 1 that was scored.
 STAGE1 = ("stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
 
@@ -476,6 +494,9 @@ def main() -> int:
     ap.add_argument("--reading-curve", action="store_true",
                     help="also score one-to-one (choice) at each kept checkpoint of the instruct stage (every quarter): "
                          "the curve of how soon the base reads the image (with --report-only: nothing trained)")
+    ap.add_argument("--probe", default=None, metavar="FILE",
+                    help="bench/layer_probe.py's results on this set's types: a table of the probe gap of CLI's "
+                         "layers over the select layer against CLI's realised gain, per type")
     ap.add_argument("--instruct-captions", action="store_true",
                     help="instruct on the training captions and questions mixed (LLaVA's stage-2 data holds "
                          "descriptions too), not on the questions alone")
@@ -695,6 +716,11 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
             tables["goal"].append(f"- {method} - one-to-one (choice accuracy, paired): {goal}; goal >= +0.080 with "
                                   f"the interval above 0: {'met' if met else 'missed'}.")
         tables["per_type"] = per_type_table(scores, records, types, bases["cli"])
+        if args.probe:
+            cli_runs, cli_bases = np.stack(scores["cli"]["choice"]), np.stack(bases["cli"])
+            gain = {t: paired_difference(cli_runs[:, of_type[t]], cli_bases[:, of_type[t]]) for t in types}
+            tables["probe_gain"] = probe_gain_rows(json.loads(Path(args.probe).read_text()), gain,
+                                                   BASES[args.base][0])
         if len(groups) > 1:
             tables["groups"], out["groups"] = group_table(scores, bases, records, groups)
         for method in [m for m in runs if m == "cli" or m in VARIANTS]:

@@ -241,3 +241,14 @@ def test_reading_curve_scores_the_kept_checkpoints_by_step_against_the_most_freq
     control = np.arange(40) >= 20
     assert step500[4:6] == ["1.000", str(paired_difference(curve[500][None, control], guess[None, control]))]  # +0.5 on colours
     assert rows[2].split(" | ")[3].startswith("0.000")  # step 250 is the prior: no difference
+
+
+def test_probe_gain_rows_set_the_probe_gap_of_clis_layers_beside_the_realised_gain() -> None:
+    """The gap is the best of CLI's vision layers minus the select layer (a layer CLI does not read is left out)."""
+    probe = {"select_layer": 12, "types": {"arrow": {"layers": {"3": {"accuracy": 0.7}, "5": {"accuracy": 0.9},
+                                                                "12": {"accuracy": 0.4}}}}}
+    gain = {"arrow": paired_difference(np.ones((1, 10)), np.zeros((1, 10))),
+            "color": paired_difference(np.zeros((1, 10)), np.zeros((1, 10)))}
+    rows = quality_powered.probe_gain_rows(probe, gain, [3, 6, 9, 12])
+    assert rows[2] == f"| arrow | 0.400 | 0.700 (layer 3) | +0.300 | {gain['arrow']} |"  # layer 5 is not CLI's
+    assert rows[3].startswith("| color | - | - | - |")  # a type the probe did not measure
