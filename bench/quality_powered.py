@@ -325,7 +325,8 @@ def kept_checkpoints(run: Path) -> list[tuple[int, Path]]:
     (the folder is named by the step it was taken at: ``checkpoint_000250``)."""
     from cli_module.derived import DERIVED_FILE
 
-    found = [(int(c.name.rpartition("_")[2]), c / "model") for c in (run / "runs").glob("*/checkpoint_*")]
+    found = [(int(c.name.rpartition("_")[2]), c / "model") for c in (run / "runs").glob("*/checkpoint_*")
+             if c.name.rpartition("_")[2].isdigit()]  # not Ray's checkpoint_manager_snapshot.json
     return sorted((step, model) for step, model in found if (model / DERIVED_FILE).is_file())
 
 

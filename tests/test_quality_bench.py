@@ -229,6 +229,7 @@ def test_reading_curve_scores_the_kept_checkpoints_by_step_against_the_most_freq
         model.mkdir(parents=True)
         if complete:
             (model / DERIVED_FILE).write_text("{}")
+    (run / "runs" / "crosslayer-train-x" / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray's own file
     assert [s for s, _ in quality_powered.kept_checkpoints(run)] == [250, 500]
     records = [{"type": t} for t in ["arrow"] * 20 + ["color"] * 20]
     guess = np.r_[np.zeros(20), np.ones(10), np.zeros(10)]  # the most frequent answer: right on half the colours
