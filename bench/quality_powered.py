@@ -368,7 +368,7 @@ def probe_gain_rows(probe: dict, gain: dict[str, object], layers: list[int]) -> 
 
 
 # The stage-1 runs, in the order the one-to-one base is looked for: the last stage of stage 1 that was scored.
-STAGE1 = ("stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
+STAGE1 = ("stage1-instruct-more", "stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
 
 
 def bits(correct: np.ndarray) -> str:
@@ -491,6 +491,10 @@ def main() -> int:
                     help="LLaVA's stage 2 (projector + LLM, method instruct) after the projector-only stage 1; 0: none")
     ap.add_argument("--instruct-lr", type=float, default=2e-4, help="its projector's learning rate")
     ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
+    ap.add_argument("--instruct-more-steps", type=int, default=0,
+                    help="train the instruct stage longer: this many more steps from its base, on the same data, "
+                         "with a schedule of their own (warmup, then decay from --instruct-more-lr); 0: none")
+    ap.add_argument("--instruct-more-lr", type=float, default=5e-5, help="their projector's learning rate")
     ap.add_argument("--instruct-evals", type=int, default=10, help="validation points on the instruct stage's curve")
     ap.add_argument("--reading-curve", action="store_true",
                     help="also score one-to-one (choice) at each kept checkpoint of the instruct stage (every quarter): "
@@ -586,7 +590,14 @@ def main() -> int:
                        ["method=instruct", f"init_projector={stage1['adapter']}", "trainer.num_to_keep=4",
                         f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
                        **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
-        one_base = stage1["base"]
+        one_base, instruct_runs = stage1["base"], [(stage1, 0)]  # (run, steps before it)
+        if args.instruct_more_steps:  # the instruct stage trained longer: a second schedule from its base
+            stage1 = train(work, args.base, "stage1-instruct-more", data, cache, args.instruct_more_steps,
+                           args.instruct_more_lr, 0, ["method=instruct", "trainer.num_to_keep=4",
+                                                      f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
+                           base_path=one_base, **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
+            one_base = stage1["base"]
+            instruct_runs.append((stage1, args.instruct_steps))
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
     stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
 
@@ -612,19 +623,23 @@ def main() -> int:
 
     one_report = score("one_to_one", stage1, 0)
     curve: dict[int, np.ndarray] = {}  # instruct step -> (questions,) one-to-one's choice 0/1 at that checkpoint
+    curve_loss: dict[int, float] = {}  # instruct step -> validation loss
     if args.reading_curve:
         if not args.instruct_steps:
             raise ValueError("--reading-curve scores the instruct stage's checkpoints, and --instruct-steps is 0")
-        for step, model in kept_checkpoints(Path(stage1["dir"])):
-            if step == stage1["steps"]:  # the last checkpoint is the base itself, scored above
-                curve[step] = correctness(one_report, records, "choice")
-                continue
-            dest = Path(stage1["dir"]) / "reading-curve" / f"step{step}.json"
-            scored = json.loads(dest.read_text()) if dest.is_file() else run_eval(EvalJob(
-                data=str(data / "test-sub.jsonl"), features=str(cache), base=str(model), scoring="choice",
-                out=str(dest), dtype=args.eval_dtype, concurrency=0 if args.gpu else os.cpu_count() or 1))
-            curve[step] = correct_of(dest.parent / Path(scored["answers_files"]["choice"]).name, records)
-            print(f"[quality] reading curve: step {step} scored ({time.time() - t0:.0f} s)", flush=True)
+        for run, before in instruct_runs:  # the instruct stage, then the steps it was trained longer
+            curve_loss.update({before + r["step"]: r["eval_loss"] for r in metrics_rows(Path(run["dir"]))
+                               if "eval_loss" in r})
+            for step, model in kept_checkpoints(Path(run["dir"])):
+                if step == run["steps"]:  # the last checkpoint is the run's own model, scored as a base
+                    curve[before + step] = correctness(evaluate(run, "one_to_one", -1), records, "choice")
+                    continue
+                dest = Path(run["dir"]) / "reading-curve" / f"step{step}.json"
+                scored = json.loads(dest.read_text()) if dest.is_file() else run_eval(EvalJob(
+                    data=str(data / "test-sub.jsonl"), features=str(cache), base=str(model), scoring="choice",
+                    out=str(dest), dtype=args.eval_dtype, concurrency=0 if args.gpu else os.cpu_count() or 1))
+                curve[before + step] = correct_of(dest.parent / Path(scored["answers_files"]["choice"]).name, records)
+                print(f"[quality] reading curve: step {before + step} scored ({time.time() - t0:.0f} s)", flush=True)
     # Seed-major, each run scored as soon as it is trained: an interrupted benchmark (or --report-only while it
     # runs) has whole seeds of every method rather than every seed of a few methods.
     for seed in args.seeds:
@@ -642,7 +657,7 @@ def main() -> int:
             score(method, summary, seed)
             print(f"[quality] {name} trained and scored ({time.time() - t0:.0f} s)", flush=True)
     ray.shutdown()
-    out = report(args, scores, runs, records, data, work, curve)
+    out = report(args, scores, runs, records, data, work, curve, curve_loss)
     if not args.report_only:
         out["seconds"] = round(time.time() - t0)
         Path(args.results).write_text(json.dumps(out, indent=2) + "\n")
@@ -652,7 +667,7 @@ def main() -> int:
 
 def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray]]],
            runs: dict[str, list[tuple[int, dict]]], records: list[dict], data: Path, work: Path,
-           curve: dict[int, np.ndarray] | None = None) -> dict:
+           curve: dict[int, np.ndarray] | None = None, curve_loss: dict[int, float] | None = None) -> dict:
     """The tables (stage 1 against the answer prior, the instruct stage's reading curve when scored, methods with
     intervals, the goal, per type, gates, curves) from the runs' 0/1 correctness: printed as Markdown and written
     to ``args.results`` (JSON)."""
@@ -704,9 +719,7 @@ def report(args: argparse.Namespace, scores: dict[str, dict[str, list[np.ndarray
         table.append(f"| {method} | {runs_text} | {ci_c} | {gen_text} | {diff_text} | {verdict_text} |")
     tables = {"stage1": stage1_rows, "methods": table}
     if curve:
-        stage1_dir = Path(runs["one_to_one"][0][1]["dir"])
-        val_loss = {r["step"]: r["eval_loss"] for r in metrics_rows(stage1_dir) if "eval_loss" in r}
-        tables["reading"] = reading_rows(curve, guess, records, groups, val_loss)
+        tables["reading"] = reading_rows(curve, guess, records, groups, curve_loss or {})
         out["reading_curve"] = {str(step): bits(c) for step, c in sorted(curve.items())}
     if cli is not None:
         tables["goal"] = []
