@@ -9,7 +9,9 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    stage 1 that learned only answer priors shows. (``--instruct-steps 0``: the projector-only stage 1 of the first
    runs.) ``--instruct-captions`` instructs on the captions and questions mixed, as LLaVA's stage-2 data mixes
    descriptions in: the first base here that reads the image (bench/RESULTS.md, run 4); ``--stage1-steps 0``
-   skips the question-only projector stage.
+   skips the question-only projector stage. ``--instruct-more-steps`` trains the instruct stage longer under a
+   schedule of its own (from its base, same data), and ``--reading-curve`` scores one-to-one at every quarter's
+   checkpoint of both: how soon the base reads the image.
 2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) on that base (its LLM
    frozen again), the same steps and data, each seed in ``--seeds``; validation loss curves are kept.
 3. Every model answers the test questions twice (``crosslayer eval --scoring both``): generated answers by
