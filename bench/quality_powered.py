@@ -370,7 +370,8 @@ def probe_gain_rows(probe: dict, gain: dict[str, object], layers: list[int]) -> 
 
 
 # The stage-1 runs, in the order the one-to-one base is looked for: the last stage of stage 1 that was scored.
-STAGE1 = ("stage1-instruct-more", "stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
+MORE = ("stage1-instruct-more", "stage1-instruct-more2", "stage1-instruct-more3")  # --instruct-more-steps' runs
+STAGE1 = (*reversed(MORE), "stage1-instruct-mix", "stage1-instruct", "stage1", "stage1-captions")
 
 
 def bits(correct: np.ndarray) -> str:
@@ -493,9 +494,10 @@ def main() -> int:
                     help="LLaVA's stage 2 (projector + LLM, method instruct) after the projector-only stage 1; 0: none")
     ap.add_argument("--instruct-lr", type=float, default=2e-4, help="its projector's learning rate")
     ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
-    ap.add_argument("--instruct-more-steps", type=int, default=0,
-                    help="train the instruct stage longer: this many more steps from its base, on the same data, "
-                         "with a schedule of their own (warmup, then decay from --instruct-more-lr); 0: none")
+    ap.add_argument("--instruct-more-steps", type=int, nargs="*", default=[],
+                    help="train the instruct stage longer: runs of this many steps, each from the base the one "
+                         "before left, on the same data, with a schedule of its own (warmup, then decay from "
+                         "--instruct-more-lr); at most three")
     ap.add_argument("--instruct-more-lr", type=float, default=5e-5, help="their projector's learning rate")
     ap.add_argument("--instruct-evals", type=int, default=10, help="validation points on the instruct stage's curve")
     ap.add_argument("--reading-curve", action="store_true",
@@ -554,6 +556,11 @@ def main() -> int:
     if made != set(types or TYPES):
         raise ValueError(f"{data} holds question types {sorted(made)}, not the {sorted(types or TYPES)} asked for; "
                          f"use another --work (a resumed benchmark keeps its data) or the types it was made with")
+    if len(args.instruct_more_steps) > len(MORE) or min(args.instruct_more_steps, default=1) < 1:
+        raise ValueError(f"--instruct-more-steps {args.instruct_more_steps}: give at most {len(MORE)} runs of >= 1 "
+                         f"step (one longer run instead of many short ones)")
+    if args.instruct_more_steps and not args.instruct_steps:
+        raise ValueError("--instruct-more-steps trains the instruct stage longer, and --instruct-steps is 0")
     if "instruct_continued" in args.methods and not args.instruct_steps:
         raise ValueError("instruct_continued continues the instruct stage, and --instruct-steps is 0; give it steps "
                          "or leave instruct_continued out (the frozen-LLM regime's control is llm_lora)")
@@ -593,13 +600,15 @@ def main() -> int:
                         f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
                        **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
         one_base, instruct_runs = stage1["base"], [(stage1, 0)]  # (run, steps before it)
-        if args.instruct_more_steps:  # the instruct stage trained longer: a second schedule from its base
-            stage1 = train(work, args.base, "stage1-instruct-more", data, cache, args.instruct_more_steps,
+        before = args.instruct_steps
+        for i, more in enumerate(args.instruct_more_steps):  # trained longer: schedules of their own, each from
+            stage1 = train(work, args.base, MORE[i], data, cache, more,  # the base the one before left
                            args.instruct_more_lr, 0, ["method=instruct", "trainer.num_to_keep=4",
                                                       f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
                            base_path=one_base, **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
             one_base = stage1["base"]
-            instruct_runs.append((stage1, args.instruct_steps))
+            instruct_runs.append((stage1, before))
+            before += more
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
     stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
 
