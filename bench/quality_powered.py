@@ -559,6 +559,9 @@ def main() -> int:
     if len(args.instruct_more_steps) > len(MORE) or min(args.instruct_more_steps, default=1) < 1:
         raise ValueError(f"--instruct-more-steps {args.instruct_more_steps}: give at most {len(MORE)} runs of >= 1 "
                          f"step (one longer run instead of many short ones)")
+    if args.probe and not Path(args.probe).is_file():  # before hours of training, not at the report
+        raise FileNotFoundError(f"--probe {args.probe}: no such file; give bench/layer_probe.py --types' results "
+                                f"(bench/headroom-probe-results.json) or leave --probe out")
     if args.instruct_more_steps and not args.instruct_steps:
         raise ValueError("--instruct-more-steps trains the instruct stage longer, and --instruct-steps is 0")
     if "instruct_continued" in args.methods and not args.instruct_steps:
