@@ -615,16 +615,18 @@ def main() -> int:
     print(f"[quality] stage 1 done ({time.time() - t0:.0f} s)", flush=True)
     stage2_from = [] if one_base else [f"init_projector={stage1['adapter']}"]
 
-    def evaluate(summary: dict, method: str, seed: int) -> dict:
-        done = Path(summary["dir"]) / "eval.json"
+    def answer(done: Path, scoring: str, features: Path, adapter: str | None, base: str | None) -> dict:
+        """The test questions answered by one model (reused when ``done`` is on disk)."""
         if done.is_file():
             return {**json.loads(done.read_text()), "eval_json": str(done)}
-        scoring = "both" if seed in args.generate_seeds else "choice"
-        adapter = summary["adapter"]  # None: the derived base as it is (one-to-one after instruct)
-        return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(cache_of(method)), adapter=adapter,
-                                base=None if adapter else summary["base"],
+        return run_eval(EvalJob(data=str(data / "test-sub.jsonl"), features=str(features), adapter=adapter, base=base,
                                 scoring=scoring, out=str(done), dtype=args.eval_dtype,
                                 concurrency=0 if args.gpu else os.cpu_count() or 1))  # CPU: one 1-thread actor a core
+
+    def evaluate(summary: dict, method: str, seed: int) -> dict:
+        adapter = summary["adapter"]  # None: the derived base as it is (one-to-one after instruct)
+        return answer(Path(summary["dir"]) / "eval.json", "both" if seed in args.generate_seeds else "choice",
+                      cache_of(method), adapter, None if adapter else summary["base"])
 
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
     runs: dict[str, list[tuple[int, dict]]] = {"one_to_one": [(0, stage1)]}
@@ -648,11 +650,9 @@ def main() -> int:
                 if step == run["steps"]:  # the last checkpoint is the run's own model, scored as a base
                     curve[before + step] = correctness(evaluate(run, "one_to_one", -1), records, "choice")
                     continue
-                dest = Path(run["dir"]) / "reading-curve" / f"step{step}.json"
-                scored = json.loads(dest.read_text()) if dest.is_file() else run_eval(EvalJob(
-                    data=str(data / "test-sub.jsonl"), features=str(cache), base=str(model), scoring="choice",
-                    out=str(dest), dtype=args.eval_dtype, concurrency=0 if args.gpu else os.cpu_count() or 1))
-                curve[before + step] = correct_of(dest.parent / Path(scored["answers_files"]["choice"]).name, records)
+                scored = answer(Path(run["dir"]) / "reading-curve" / f"step{step}.json", "choice", cache, None,
+                                str(model))
+                curve[before + step] = correctness(scored, records, "choice")
                 print(f"[quality] reading curve: step {before + step} scored ({time.time() - t0:.0f} s)", flush=True)
     # Seed-major, each run scored as soon as it is trained: an interrupted benchmark (or --report-only while it
     # runs) has whole seeds of every method rather than every seed of a few methods.
