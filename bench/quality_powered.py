@@ -10,7 +10,7 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    runs.) ``--instruct-captions`` instructs on the captions and questions mixed, as LLaVA's stage-2 data mixes
    descriptions in: the first base here that reads the image (bench/RESULTS.md, run 4); ``--stage1-steps 0``
    skips the question-only projector stage. ``--instruct-more-steps`` trains the instruct stage longer under a
-   schedule of its own (from its base, same data), and ``--reading-curve`` scores one-to-one at every quarter's
+   schedule of its own (from its base, the same data in an order of its own), and ``--reading-curve`` scores one-to-one at every quarter's
    checkpoint of both: how soon the base reads the image.
 2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) on that base (its LLM
    frozen again), the same steps and data, each seed in ``--seeds``; validation loss curves are kept.
@@ -605,9 +605,11 @@ def main() -> int:
         one_base, instruct_runs = stage1["base"], [(stage1, 0)]  # (run, steps before it)
         before = args.instruct_steps
         for i, more in enumerate(args.instruct_more_steps):  # trained longer: schedules of their own, each from
-            stage1 = train(work, args.base, MORE[i], data, cache, more,  # the base the one before left
-                           args.instruct_more_lr, 0, ["method=instruct", "trainer.num_to_keep=4",
-                                                      f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
+            # the base the one before left; data seed i, so each run reads the mix in an order of its own (the
+            # first read it in the instruct stage's order)
+            stage1 = train(work, args.base, MORE[i], data, cache, more, args.instruct_more_lr, i,
+                           ["method=instruct", "trainer.num_to_keep=4",
+                            f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
                            base_path=one_base, **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
             one_base = stage1["base"]
             instruct_runs.append((stage1, before))
