@@ -10,8 +10,9 @@ Protocol, on one `crosslayer data synth` set (all seven question types):
    runs.) ``--instruct-captions`` instructs on the captions and questions mixed, as LLaVA's stage-2 data mixes
    descriptions in: the first base here that reads the image (bench/RESULTS.md, run 4); ``--stage1-steps 0``
    skips the question-only projector stage. ``--instruct-more-steps`` trains the instruct stage longer under a
-   schedule of its own (from its base, the same data in an order of its own), and ``--reading-curve`` scores one-to-one at every quarter's
-   checkpoint of both: how soon the base reads the image.
+   schedule of its own (from its base, the same data in an order of its own; ``--instruct-more-turns`` asks
+   several questions of each training image in one conversation, as LLaVA-Instruct does), and
+   ``--reading-curve`` scores one-to-one at every quarter's checkpoint of both: how soon the base reads the image.
 2. Stage 2: every method (cli, agf_only, amp_only, deepstack, input_fusion, projector_ft) on that base (its LLM
    frozen again), the same steps and data, each seed in ``--seeds``; validation loss curves are kept.
 3. Every model answers the test questions twice (``crosslayer eval --scoring both``): generated answers by
@@ -162,10 +163,44 @@ def caption_conversations(data: Path) -> Path:
     return out
 
 
-def instruct_mix(data: Path, captions: Path) -> Path:
-    """The training questions and the training images' caption conversations in one file, shuffled (seed 0)."""
-    out = data / "instruct-mix.jsonl"
-    rows = [*(data / "train.jsonl").read_text().splitlines(), *captions.read_text().splitlines()]
+def multi_turn_questions(data: Path, turns: int) -> Path:
+    """train.jsonl -> one LLaVA-Instruct-style conversation per training image: its own question first, then
+    ``turns - 1`` more about the same scene, each of another type of the set (drawn without replacement, seeded
+    by the image's row), answered from scenes.jsonl as ``data synth`` answers. Only the training images' scenes are
+    read; each answer is a labelled assistant turn."""
+    from pipelines.synth import answer_from_scene, make_question
+
+    rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()]
+    types = sorted({r["type"] for r in rows})
+    if not 1 <= turns <= len(types):
+        raise ValueError(f"{turns} turns: a conversation asks each of the set's {len(types)} types at most once; "
+                         f"give 1 to {len(types)}")
+    scenes = {r["image"]: r["scene"] for r in map(json.loads, (data / "scenes.jsonl").read_text().splitlines())}
+    out = data / f"train-turns{turns}.jsonl"
+    conversations = []
+    for i, row in enumerate(rows):
+        rng = np.random.default_rng([1, i])
+        conv = list(row["conversations"])
+        for qtype in rng.permutation([t for t in types if t != row["type"]]):
+            if len(conv) == 2 * turns:
+                break
+            try:  # a type this scene cannot ask (no striped object for a stripes question): the next type
+                question, params = make_question(rng, scenes[row["image"]], str(qtype))
+            except ValueError:
+                continue
+            conv += [{"from": "human", "value": question},
+                     {"from": "gpt", "value": answer_from_scene(scenes[row["image"]], str(qtype), params)}]
+        conversations.append({"id": f"{row['id']}-turns{turns}", "image": row["image"], "conversations": conv})
+    out.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    return out
+
+
+def instruct_mix(data: Path, captions: Path, turns: int = 1) -> Path:
+    """The training questions (``turns`` > 1: asked ``turns`` to an image, ``multi_turn_questions``) and the
+    training images' caption conversations in one file, shuffled (seed 0)."""
+    out = data / ("instruct-mix.jsonl" if turns == 1 else f"instruct-mix-turns{turns}.jsonl")
+    questions = data / "train.jsonl" if turns == 1 else multi_turn_questions(data, turns)
+    rows = [*questions.read_text().splitlines(), *captions.read_text().splitlines()]
     order = np.random.default_rng(0).permutation(len(rows))
     out.write_text("".join(rows[i] + "\n" for i in order))
     return out
@@ -499,6 +534,10 @@ def main() -> int:
                          "before left, on the same data, with a schedule of its own (warmup, then decay from "
                          "--instruct-more-lr); at most three")
     ap.add_argument("--instruct-more-lr", type=float, default=5e-5, help="their projector's learning rate")
+    ap.add_argument("--instruct-more-turns", type=int, nargs="*", default=[],
+                    help="per --instruct-more-steps run, questions asked of each training image in one conversation "
+                         "(1: the mix as the instruct stage read it; N: its question and N - 1 more of other types, "
+                         "as LLaVA-Instruct asks several questions of an image); default 1 for every run")
     ap.add_argument("--instruct-evals", type=int, default=10, help="validation points on the instruct stage's curve")
     ap.add_argument("--reading-curve", action="store_true",
                     help="also score one-to-one (choice) at each kept checkpoint of the instruct stage (every quarter): "
@@ -559,6 +598,13 @@ def main() -> int:
     if len(args.instruct_more_steps) > len(MORE) or min(args.instruct_more_steps, default=1) < 1:
         raise ValueError(f"--instruct-more-steps {args.instruct_more_steps}: give at most {len(MORE)} runs of >= 1 "
                          f"step (one longer run instead of many short ones)")
+    if args.instruct_more_turns and len(args.instruct_more_turns) != len(args.instruct_more_steps):
+        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: give one count per --instruct-more-steps "
+                         f"run ({len(args.instruct_more_steps)}), or leave it out (1 each)")
+    if min(args.instruct_more_turns, default=1) < 1 or (max(args.instruct_more_turns, default=1) > 1
+                                                        and not args.instruct_captions):
+        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: counts of >= 1, and more than 1 only "
+                         f"with --instruct-captions (the turns are part of its mix)")
     if args.probe and not Path(args.probe).is_file():  # before hours of training, not at the report
         raise FileNotFoundError(f"--probe {args.probe}: no such file; give bench/layer_probe.py --types' results "
                                 f"(bench/headroom-probe-results.json) or leave --probe out")
@@ -604,12 +650,14 @@ def main() -> int:
                        **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
         one_base, instruct_runs = stage1["base"], [(stage1, 0)]  # (run, steps before it)
         before = args.instruct_steps
+        turns = args.instruct_more_turns or [1] * len(args.instruct_more_steps)
         for i, more in enumerate(args.instruct_more_steps):  # trained longer: schedules of their own, each from
             # the base the one before left; data seed i, so each run reads the mix in an order of its own (the
             # first read it in the instruct stage's order)
+            more_mix = [f"data.train={instruct_mix(data, captions, turns[i])}"] if turns[i] > 1 else mix
             stage1 = train(work, args.base, MORE[i], data, cache, more, args.instruct_more_lr, i,
                            ["method=instruct", "trainer.num_to_keep=4",
-                            f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *mix],
+                            f"optim.lm_lr_scale={args.instruct_lm_lr_scale}", *more_mix],
                            base_path=one_base, **{**common, "evals": max(args.evals_per_run, args.instruct_evals)})
             one_base = stage1["base"]
             instruct_runs.append((stage1, before))
