@@ -511,6 +511,28 @@ def export(work: Path, dest: Path, command: str) -> int:
     return 0
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a combination of options the benchmark would not honour, before any data or training."""
+    if len(args.instruct_more_steps) > len(MORE) or min(args.instruct_more_steps, default=1) < 1:
+        raise ValueError(f"--instruct-more-steps {args.instruct_more_steps}: give at most {len(MORE)} runs of >= 1 "
+                         f"step (one longer run instead of many short ones)")
+    if args.instruct_more_turns and len(args.instruct_more_turns) != len(args.instruct_more_steps):
+        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: give one count per --instruct-more-steps "
+                         f"run ({len(args.instruct_more_steps)}), or leave it out (1 each)")
+    if min(args.instruct_more_turns, default=1) < 1 or (max(args.instruct_more_turns, default=1) > 1
+                                                        and not args.instruct_captions):
+        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: counts of >= 1, and more than 1 only "
+                         f"with --instruct-captions (the turns are part of its mix)")
+    if args.probe and not Path(args.probe).is_file():  # before hours of training, not at the report
+        raise FileNotFoundError(f"--probe {args.probe}: no such file; give bench/layer_probe.py --types' results "
+                                f"(bench/headroom-probe-results.json) or leave --probe out")
+    if args.instruct_more_steps and not args.instruct_steps:
+        raise ValueError("--instruct-more-steps trains the instruct stage longer, and --instruct-steps is 0")
+    if "instruct_continued" in args.methods and not args.instruct_steps:
+        raise ValueError("instruct_continued continues the instruct stage, and --instruct-steps is 0; give it steps "
+                         "or leave instruct_continued out (the frozen-LLM regime's control is llm_lora)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=list(BASES), default="small")
@@ -574,6 +596,7 @@ def main() -> int:
 
     if args.export:
         return export(Path(args.work), Path(args.export), " ".join(["python", *sys.argv]))
+    check_args(args)
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -595,24 +618,6 @@ def main() -> int:
     if made != set(types or TYPES):
         raise ValueError(f"{data} holds question types {sorted(made)}, not the {sorted(types or TYPES)} asked for; "
                          f"use another --work (a resumed benchmark keeps its data) or the types it was made with")
-    if len(args.instruct_more_steps) > len(MORE) or min(args.instruct_more_steps, default=1) < 1:
-        raise ValueError(f"--instruct-more-steps {args.instruct_more_steps}: give at most {len(MORE)} runs of >= 1 "
-                         f"step (one longer run instead of many short ones)")
-    if args.instruct_more_turns and len(args.instruct_more_turns) != len(args.instruct_more_steps):
-        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: give one count per --instruct-more-steps "
-                         f"run ({len(args.instruct_more_steps)}), or leave it out (1 each)")
-    if min(args.instruct_more_turns, default=1) < 1 or (max(args.instruct_more_turns, default=1) > 1
-                                                        and not args.instruct_captions):
-        raise ValueError(f"--instruct-more-turns {args.instruct_more_turns}: counts of >= 1, and more than 1 only "
-                         f"with --instruct-captions (the turns are part of its mix)")
-    if args.probe and not Path(args.probe).is_file():  # before hours of training, not at the report
-        raise FileNotFoundError(f"--probe {args.probe}: no such file; give bench/layer_probe.py --types' results "
-                                f"(bench/headroom-probe-results.json) or leave --probe out")
-    if args.instruct_more_steps and not args.instruct_steps:
-        raise ValueError("--instruct-more-steps trains the instruct stage longer, and --instruct-steps is 0")
-    if "instruct_continued" in args.methods and not args.instruct_steps:
-        raise ValueError("instruct_continued continues the instruct stage, and --instruct-steps is 0; give it steps "
-                         "or leave instruct_continued out (the frozen-LLM regime's control is llm_lora)")
     if "llm_lora" in args.methods:
         args.llm_lora_rank, counts = matched_lora_rank(args.base)
         print(f"[quality] llm_lora rank {args.llm_lora_rank}: trainable parameters {counts}", flush=True)

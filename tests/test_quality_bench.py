@@ -21,6 +21,7 @@ from bench.quality_powered import (
     caption_conversations,
     instruct_mix,
     keep_base_answers,
+    multi_turn_questions,
 )
 from jobs.intervals import accuracy_interval, paired_difference
 from pipelines.synth import SynthConfig, synthesize
@@ -253,3 +254,69 @@ def test_probe_gain_rows_set_the_probe_gap_of_clis_layers_beside_the_realised_ga
     rows = quality_powered.probe_gain_rows(probe, gain, [3, 6, 9, 12])
     assert rows[2] == f"| arrow | 0.400 | 0.700 (layer 3) | +0.300 | {gain['arrow']} |"  # layer 5 is not CLI's
     assert rows[3].startswith("| color | - | - | - |")  # a type the probe did not measure
+
+
+QUESTIONS = {"color": r"What color is the \w+\?", "shape": r"What shape is the \w+ object\?",
+             "texture": r"Is the \w+ striped or plain\?", "stripes": r"What is the stripe orientation of the \w+\?",
+             "count": r"How many small dots are there\?", "position": r"Which quadrant holds the \w+\?",
+             "relation": r"What is (to the left of|to the right of|above|below) the \w+ \w+\?"}
+
+
+def type_of(question: str) -> str:
+    """The control type a ``data synth`` question asks (its template)."""
+    question = question.removeprefix("<image>\n")
+    return next(t for t, pattern in QUESTIONS.items() if re.fullmatch(pattern, question))
+
+
+def test_multi_turn_questions_ask_several_types_of_each_training_image(synth: Path) -> None:
+    from pipelines.synth import VOCABULARY
+
+    train = [json.loads(x) for x in lines(synth / "train.jsonl")]
+    rows = [json.loads(x) for x in lines(multi_turn_questions(synth, 4))]
+    assert [r["image"] for r in rows] == [r["image"] for r in train]  # training images only, one conversation each
+    for row, first in zip(rows, train):
+        conv = row["conversations"]
+        assert conv[:2] == first["conversations"]  # its own question first, as train.jsonl asks it
+        assert len(conv) == 8 and [t["from"] for t in conv] == ["human", "gpt"] * 4
+        asked = [t["value"] for t in conv[0::2]]
+        assert all("<image>" not in q for q in asked[1:])  # one image, at the start
+        types = [type_of(q) for q in asked]
+        assert types[0] == first["type"] and len(set(types)) == 4  # four different types, not one four times
+        assert all(t["value"] in VOCABULARY for t in conv[1::2])
+    assert lines(multi_turn_questions(synth, 4)) == [json.dumps(r) for r in rows]  # seeded: the same every time
+    with pytest.raises(ValueError, match="give 1 to 7"):
+        multi_turn_questions(synth, 8)
+    mixed = [json.loads(x) for x in lines(instruct_mix(synth, caption_conversations(synth), 4))]
+    assert sum(len(r["conversations"]) == 8 for r in mixed) == len(train) and len(mixed) == 2 * len(train)
+
+
+def test_multi_turn_answers_are_the_scenes_answers(synth: Path) -> None:
+    """Each follow-up answer is what the scene says: the colour asked of a shape is that shape's colour."""
+    scenes = {json.loads(x)["image"]: json.loads(x)["scene"] for x in lines(synth / "scenes.jsonl")}
+    checked = 0
+    for row in map(json.loads, lines(multi_turn_questions(synth, 7))):
+        objects = scenes[row["image"]]["objects"]
+        conv = row["conversations"]
+        for q, a in zip(conv[2::2], conv[3::2]):
+            if m := re.fullmatch(r"What color is the (\w+)\?", q["value"]):
+                assert a["value"] == next(o["color"] for o in objects if o["shape"] == m[1])
+                checked += 1
+            if m := re.fullmatch(r"Which quadrant holds the (\w+)\?", q["value"]):
+                assert a["value"] == next(o["quadrant"] for o in objects if o["shape"] == m[1])
+                checked += 1
+    assert checked > 10
+
+
+def test_check_args_refuses_turns_it_would_not_honour() -> None:
+    args = argparse.Namespace(instruct_more_steps=[300, 300], instruct_more_turns=[1, 5], instruct_captions=True,
+                              probe=None, instruct_steps=1000, methods=["cli"])
+    quality_powered.check_args(args)
+    with pytest.raises(ValueError, match="one count per --instruct-more-steps run"):
+        quality_powered.check_args(argparse.Namespace(**{**vars(args), "instruct_more_turns": [5]}))
+    with pytest.raises(ValueError, match="only with --instruct-captions"):
+        quality_powered.check_args(argparse.Namespace(**{**vars(args), "instruct_captions": False}))
+    with pytest.raises(ValueError, match="counts of >= 1"):
+        quality_powered.check_args(argparse.Namespace(**{**vars(args), "instruct_more_turns": [0, 1]}))
+    with pytest.raises(ValueError, match="at most 3 runs"):
+        quality_powered.check_args(argparse.Namespace(**{**vars(args), "instruct_more_steps": [1] * 4,
+                                                         "instruct_more_turns": []}))
