@@ -196,8 +196,8 @@ def multi_turn_questions(data: Path, turns: int) -> Path:
 
 
 def instruct_mix(data: Path, captions: Path, turns: int = 1) -> Path:
-    """The training questions (``turns`` > 1: asked ``turns`` to an image, ``multi_turn_questions``) and the
-    training images' caption conversations in one file, shuffled (seed 0)."""
+    """The training questions (``turns`` > 1: ``turns`` of them to an image in one conversation,
+    ``multi_turn_questions``) and the training images' caption conversations in one file, shuffled (seed 0)."""
     out = data / ("instruct-mix.jsonl" if turns == 1 else f"instruct-mix-turns{turns}.jsonl")
     questions = data / "train.jsonl" if turns == 1 else multi_turn_questions(data, turns)
     rows = [*questions.read_text().splitlines(), *captions.read_text().splitlines()]
@@ -553,8 +553,8 @@ def main() -> int:
     ap.add_argument("--instruct-lm-lr-scale", type=float, default=0.25, help="its LLM's learning rate, times that")
     ap.add_argument("--instruct-more-steps", type=int, nargs="*", default=[],
                     help="train the instruct stage longer: runs of this many steps, each from the base the one "
-                         "before left, on the same data, with a schedule of its own (warmup, then decay from "
-                         "--instruct-more-lr); at most three")
+                         "before left, on the same images (asked as --instruct-more-turns says), with a schedule of its "
+                         "own (warmup, then decay from --instruct-more-lr); at most three")
     ap.add_argument("--instruct-more-lr", type=float, default=5e-5, help="their projector's learning rate")
     ap.add_argument("--instruct-more-turns", type=int, nargs="*", default=[],
                     help="per --instruct-more-steps run, questions asked of each training image in one conversation "
