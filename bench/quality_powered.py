@@ -119,11 +119,13 @@ def resume_overrides(run: Path) -> list[str]:
 
 def method_overrides(method: str, base: str, args: argparse.Namespace | None = None) -> list[str]:
     """bench/quality.py's stage-2 overrides, with AGF-only's single vision layer set to this base's last one;
-    instruct_continued trains at the instruct stage's learning rates (``args``)."""
+    instruct_continued trains at the rates the base was last trained at (``args``: the instruct stage's, or its
+    longer runs' when there are any): the base trained longer as it was trained, not at a rate it never saw."""
     last = BASES[base][0][-1]
     out = [f"cli.vision_layers=[{last}]" if o.startswith("cli.vision_layers=") else o for o in METHODS[method]]
     if method == "instruct_continued" and args is not None:
-        out += [f"optim.lr={args.instruct_lr}", f"optim.lm_lr_scale={args.instruct_lm_lr_scale}"]
+        lr = args.instruct_more_lr if args.instruct_more_steps else args.instruct_lr
+        out += [f"optim.lr={lr}", f"optim.lm_lr_scale={args.instruct_lm_lr_scale}"]
     if method == "llm_lora" and args is not None:
         out += [f"cli.llm_lora_rank={args.llm_lora_rank}", f"cli.llm_lora_alpha={2.0 * args.llm_lora_rank}"]
     return out

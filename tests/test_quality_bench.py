@@ -199,14 +199,17 @@ def test_group_table_pairs_each_run_with_its_base_and_states_the_goals() -> None
     assert quality_powered.type_groups(["color", "shape"]) == {"control": {"color", "shape"}}
 
 
-def test_llm_lora_control_matches_clis_parameters_and_instruct_continued_trains_at_the_instruct_rates() -> None:
+def test_llm_lora_control_matches_clis_parameters_and_instruct_continued_trains_at_the_bases_last_rates() -> None:
     rank, counts = quality_powered.matched_lora_rank("tiny")
     assert abs(counts["llm_lora"] / counts["cli"] - 1) <= 0.10 and rank >= 1
-    args = argparse.Namespace(instruct_lr=2e-4, instruct_lm_lr_scale=0.25, llm_lora_rank=rank)
+    args = argparse.Namespace(instruct_lr=2e-4, instruct_lm_lr_scale=0.25, llm_lora_rank=rank, instruct_more_steps=[])
     assert quality_powered.method_overrides("llm_lora", "tiny", args)[-2:] == [f"cli.llm_lora_rank={rank}",
                                                                               f"cli.llm_lora_alpha={2.0 * rank}"]
     assert quality_powered.method_overrides("instruct_continued", "tiny", args) == [
         "method=instruct", "optim.lr=0.0002", "optim.lm_lr_scale=0.25"]
+    longer = argparse.Namespace(**{**vars(args), "instruct_more_steps": [300], "instruct_more_lr": 5e-5})
+    assert quality_powered.method_overrides("instruct_continued", "tiny", longer) == [  # the rate it was last at
+        "method=instruct", "optim.lr=5e-05", "optim.lm_lr_scale=0.25"]
     with pytest.raises(ValueError, match="no llm_lora rank matches CLI's"):
         quality_powered.matched_lora_rank("tiny", tolerance=0.0)
 
