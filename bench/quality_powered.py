@@ -50,6 +50,7 @@ if not __package__:  # run as a script (python bench/NAME.py): the repository's 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quality import METHODS as BASELINES  # noqa: E402  (the stage-2 methods, shared with bench/quality.py)
+from cli_module.files import atomic_write  # noqa: E402
 
 # CLI variants measured to find out why CLI falls short (issue part 3), run like the methods when asked for.
 # CLI's gates closed (0.4 -> 0.01) within 30 steps; gate_proj and b_k barely moved, the context c_k turned to
@@ -193,7 +194,7 @@ def multi_turn_questions(data: Path, turns: int) -> Path:
             conv += [{"from": "human", "value": question},
                      {"from": "gpt", "value": answer_from_scene(scenes[row["image"]], str(qtype), params)}]
         conversations.append({"id": f"{row['id']}-turns{turns}", "image": row["image"], "conversations": conv})
-    out.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    atomic_write(out, "".join(json.dumps(c) + "\n" for c in conversations).encode())
     return out
 
 
@@ -204,7 +205,7 @@ def instruct_mix(data: Path, captions: Path, turns: int = 1) -> Path:
     questions = data / "train.jsonl" if turns == 1 else multi_turn_questions(data, turns)
     rows = [*questions.read_text().splitlines(), *captions.read_text().splitlines()]
     order = np.random.default_rng(0).permutation(len(rows))
-    out.write_text("".join(rows[i] + "\n" for i in order))
+    atomic_write(out, "".join(rows[i] + "\n" for i in order).encode())
     return out
 
 
