@@ -375,7 +375,7 @@ def write_outputs(job: EvalJob, report: dict[str, Any], answers: dict[str, list[
 
 
 def _norm(path: str) -> str:
-    return path if path.startswith("s3://") else os.path.abspath(path)
+    return storage.image_key(path)
 
 
 # --- command line ----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import storage
+
 PENALTIES = (1e-3, 1e-2, 0.1, 1.0, 10.0)  # ridge penalty per training example (features standardised)
 SPLITS = ("fit", "val", "test")
 
@@ -193,8 +195,6 @@ def ridge_predict(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> tuple[f
 
 def read_labels(path: str, image_root: str | None) -> list[dict[str, str]]:
     """LLaVA-format records -> [{image (absolute), type, answer}]: ``answer`` or the last gpt reply."""
-    from pipelines import storage
-
     text = storage.read_bytes(path).decode()
     records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
     root = image_root or os.path.dirname(os.path.abspath(path))
@@ -209,7 +209,7 @@ def read_labels(path: str, image_root: str | None) -> list[dict[str, str]]:
         if answer is None:
             raise ValueError(f"{path}: record {r.get('id')!r} has no 'answer' and no reply to probe for")
         image = r["image"] if r["image"].startswith(("/", "s3://")) else os.path.join(root, r["image"])
-        out.append({"image": os.path.abspath(image) if not image.startswith("s3://") else image,
+        out.append({"image": storage.image_key(image),
                     "type": str(r.get("type") or "all"), "answer": str(answer).strip().lower()})
     if not out:
         raise ValueError(f"{path}: no records with an image to probe")
@@ -226,8 +226,7 @@ def supervised(rows: dict[str, np.ndarray], labels: list[dict[str, str]], layers
 
     from .intervals import accuracy_interval, paired_difference
 
-    by_source = {os.path.abspath(str(s)) if not str(s).startswith("s3://") else str(s): i
-                 for i, s in enumerate(rows["source"])}
+    by_source = {storage.image_key(str(s)): i for i, s in enumerate(rows["source"])}
     missing = [lab["image"] for lab in labels if lab["image"] not in by_source]
     if missing:
         raise ValueError(f"{len(missing)} labelled image(s) are not in the cache (first: {missing[:2]}); cache them "
@@ -317,12 +316,11 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
 
         table = load_cache_table(job.cache)
         keep = [i for i, s in enumerate(table["source"].to_pylist())
-                if (os.path.abspath(s) if not s.startswith("s3://") else s) in wanted]
+                if storage.image_key(s) in wanted]
         rows = table_to_numpy(table.take(keep))
         report["supervised"] = supervised(rows, labels, layers, dtype, job.grid, job.seed, select, pool)
     report["suggestion"], report["suggestion_basis"] = suggest(report, job.suggest)
     if job.out:
-        from pipelines import storage
 
         storage.write_json(job.out, report)
     if job.png:
@@ -380,7 +378,6 @@ def draw(report: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipelines import storage
 
     layers = report["layers"]
     sup = report.get("supervised") or {}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,7 +136,7 @@ def cache_index(view: CacheView) -> CacheIndex:
 
 
 def _normalise(path: str) -> str:
-    return path if path.startswith("s3://") else os.path.abspath(path)
+    return storage.image_key(path)
 
 
 # --- records ----------------------------------------------------------------------------------------

@@ -111,6 +111,12 @@ def check_writable(uri: str) -> None:
         raise SourceError(f"{uri}: cannot write: {_describe(err)}") from err
 
 
+def image_key(uri: str) -> str:
+    """The key a feature cache joins an image by: s3:// URIs as they are; local paths absolute with symlinks
+    resolved, so a data folder reached through a link matches the cache built from the folder itself."""
+    return uri if uri.startswith("s3://") else os.path.realpath(uri)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:

@@ -202,6 +202,29 @@ def test_every_turn_is_asked_from_the_feature_cache_in_bfloat16(ray_local, tmp_p
                          base=says_2))
 
 
+def test_questions_reached_through_a_linked_folder_join_the_cache_built_from_the_folder(tmp_path):
+    from jobs.benchmarks import EvalItem
+    from jobs.evaluate import join_to_cache
+
+    real = tmp_path / "frozen" / "data"
+    write_coco_images(real / "images", [1, 2])
+    (tmp_path / "instruct").mkdir()
+    (tmp_path / "instruct" / "data").symlink_to(real, target_is_directory=True)
+    cache = {str(real / "images" / "COCO_val2014_000000000001.jpg"): "id1",
+             str(real / "images" / "COCO_val2014_000000000002.jpg"): "id2"}
+    asked = [EvalItem(question_id=i, messages=[], prompt="Q?",
+                      image=str(tmp_path / "instruct" / "data" / "images" / f"COCO_val2014_00000000000{i}.jpg"))
+             for i in (2, 1)]
+    assert join_to_cache(asked, cache, set(cache.values())) == ["id2", "id1"]
+    # a cache built through the link joins questions that name the folder itself
+    linked = {str(tmp_path / "instruct" / "data" / "images" / "COCO_val2014_000000000001.jpg"): "id1"}
+    direct = EvalItem(question_id=3, messages=[], prompt="Q?", image=str(real / "images" / "COCO_val2014_000000000001.jpg"))
+    assert join_to_cache([direct], linked, {"id1"}) == ["id1"]
+    with pytest.raises(ValueError, match=r"1 question\(s\) have no cached features"):
+        join_to_cache([EvalItem(question_id=4, messages=[], prompt="Q?", image=str(real / "other.jpg"))], cache,
+                      set(cache.values()))
+
+
 @pytest.mark.slow
 def test_unscored_questions_write_answers_for_the_official_server(ray_local, tmp_path, says_2):
     write_coco_images(tmp_path / "test2015", [5])
