@@ -321,7 +321,6 @@ def run_probe(job: ProbeJob) -> dict[str, Any]:
         report["supervised"] = supervised(rows, labels, layers, dtype, job.grid, job.seed, select, pool)
     report["suggestion"], report["suggestion_basis"] = suggest(report, job.suggest)
     if job.out:
-
         storage.write_json(job.out, report)
     if job.png:
         draw(report, job.png)
@@ -377,7 +376,6 @@ def draw(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     layers = report["layers"]
     sup = report.get("supervised") or {}
