@@ -115,13 +115,13 @@ def join_to_cache(items: list[EvalItem], cache_sources: dict[str, str], cache_id
     """The cache's image_id of each question with an image ("" for text questions): by the image's path (as the
     cache recorded its source), or by the content hash of an inline image; ValueError naming the uncached."""
     ids, missing = [], []
-    sources = {_norm(s): i for s, i in cache_sources.items()}
+    sources = {storage.image_key(s): i for s, i in cache_sources.items()}
     for it in items:
         if it.image_b64:
             image_id = hashlib.sha256(base64.b64decode(it.image_b64)).hexdigest()[:32]
             ids.append(image_id if image_id in cache_ids else None)
         else:
-            ids.append(sources.get(_norm(it.image)) if it.image else "")
+            ids.append(sources.get(storage.image_key(it.image)) if it.image else "")
         if ids[-1] is None:
             missing.append(str(it.image or it.question_id))
     if missing:
@@ -372,10 +372,6 @@ def write_outputs(job: EvalJob, report: dict[str, Any], answers: dict[str, list[
     if job.out:
         storage.write_json(job.out, {**report, "answers_files": written})
     return written
-
-
-def _norm(path: str) -> str:
-    return storage.image_key(path)
 
 
 # --- command line ----------------------------------------------------------------------------------------------

@@ -129,14 +129,10 @@ def cache_index(view: CacheView) -> CacheIndex:
             counts = table["tokens"].to_pylist() if view.per_image else [0] * table.num_rows
             for r, (image_id, source, n) in enumerate(zip(table["image_id"].to_pylist(), table["source"].to_pylist(),
                                                           counts)):
-                by_source.setdefault(_normalise(source), image_id)
+                by_source.setdefault(storage.image_key(source), image_id)
                 where.setdefault(image_id, (s, g, r))
                 tokens.setdefault(image_id, n)
     return CacheIndex(by_source=by_source, where=where, tokens=tokens if view.per_image else {})
-
-
-def _normalise(path: str) -> str:
-    return storage.image_key(path)
 
 
 # --- records ----------------------------------------------------------------------------------------
@@ -188,8 +184,8 @@ def resolve_image(record: dict, root: str) -> str:
     if not isinstance(image, str) or not image:
         raise KeyError("no 'image' field")
     if image.startswith(("s3://", "/")):
-        return _normalise(image)
-    return _normalise(storage.join(root, image))
+        return storage.image_key(image)
+    return storage.image_key(storage.join(root, image))
 
 
 # --- tokenising, once per data file and tokenizer ------------------------------------------------------
