@@ -6,18 +6,26 @@ adapter as trained, once per vision layer k with AGF's gates of k forced to 0 at
 the adapter's own input path. For each variant: its accuracy and its change against the full adapter on the same
 questions, with a paired 95% bootstrap interval over questions (``jobs.intervals.paired_difference``). A layer
 whose zeroing lowers accuracy with an interval below 0 is one the adapter uses; an interval holding 0 means no
-difference found. The full run also reports the mean gate per (injection layer, vision layer) over the
-questions' prompts.
+difference found. The same comparison is made within each question type (the record's ``type``, the benchmark's
+category), which is where a layer that helps only fine-detail questions shows. The full run also reports the
+mean gate per (injection layer, vision layer) over the questions' prompts.
 
-  report (--out): {"ablation": {scoring: [{variant, zero_gates, accuracy, change, low, high, verdict}]},
-                   "gates": {inject_layers, vision_layers, mean (|T| x K)}, "runs": {variant: report path}}
-  each variant's eval report and answers file beside it: <out stem>.ablate/<variant>.json (+ .answers.jsonl)
+An interrupted ablation resumes: a variant whose report is already in the folder is read back, not run again,
+provided the folder's ``job.json`` (the evaluation settings it was started with) matches this run's; a folder
+holding another evaluation's variants is refused rather than overwritten.
+
+  report (--out): {"ablation": {scoring: [{variant, zero_gates, accuracy, change, low, high, verdict, n,
+                                           by_category: {type: {n, accuracy, change, low, high}}}]},
+                   "gates": {inject_layers, vision_layers, mean (|T| x K)}, "runs": {variant: report path},
+                   "resumed": [variants read back]}
+  beside it, <out stem>.ablate/: job.json, and each variant's eval report and answers file (<variant>.json,
+  <variant>.answers.jsonl)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -39,6 +47,45 @@ def per_question(kind: str, items: list, texts: list[str]) -> np.ndarray:
     return np.array([float(score_items(kind, [it], [t])["accuracy"]) for it, t in zip(items, texts)])
 
 
+# settings that change no answer: a resumed ablation may run on another cluster shape
+_LAYOUT_ONLY = ("out", "answers_file", "zero_gates", "record_gates", "batch_size", "concurrency", "gpus_per_actor")
+
+
+def settings(job: EvalJob) -> dict[str, Any]:
+    """What the variants' answers depend on: the evaluation job less its outputs and cluster layout."""
+    return {k: v for k, v in asdict(job).items() if k not in _LAYOUT_ONLY}
+
+
+def claim_folder(folder: str, job: EvalJob, names: list[str]) -> None:
+    """Record ``job``'s settings in the ablation folder, or check them against the ones already there."""
+    path = storage.join(folder, "job.json")
+    mine = json.loads(json.dumps(settings(job)))  # JSON round trip: tuples as lists
+    if storage.exists(path):
+        theirs = storage.read_json(path)
+        if theirs != mine:
+            diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(f"{folder} holds an ablation of another evaluation (it differs in: {', '.join(diff)}); "
+                             f"give another --out, or delete that folder to start over")
+        return
+    if any(storage.exists(storage.join(folder, f"{n}.json")) for n in names):
+        raise ValueError(f"{folder} holds variant reports but no job.json saying how they were made; give another "
+                         f"--out, or delete that folder to start over")
+    storage.write_json(path, mine)
+
+
+def by_category(categories: list[str | None], scores: np.ndarray, full: np.ndarray,
+                n_boot: int) -> dict[str, dict[str, float]]:
+    """Each question type's accuracy and paired change against the full adapter -> {type: {n, accuracy, change,
+    low, high}}; questions without a type are left out (they count in the overall row)."""
+    out = {}
+    for cat in sorted({c for c in categories if c is not None}):
+        mask = np.array([c == cat for c in categories])
+        diff = paired_difference(scores[mask], full[mask], n_boot=n_boot)
+        out[cat] = {"n": int(mask.sum()), "accuracy": float(scores[mask].mean()), "change": diff.estimate,
+                    "low": diff.low, "high": diff.high}
+    return out
+
+
 def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
     """Run every variant of ``job`` (see the module docstring) and write the ablation report to ``job.out``."""
     from cli_module.adapter import load_model
@@ -58,16 +105,26 @@ def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
     if bench.kind == "unscored":
         raise ValueError("--ablate compares accuracies: give --answers (the references) for these questions")
     folder = job.out.removesuffix(".json") + ".ablate"
+    claim_folder(folder, job, [name for name, _ in variants(layers)])
     scores: dict[str, dict[str, np.ndarray]] = {s: {} for s in job.scorings}
-    runs, gates = {}, None
+    runs, gates, resumed = {}, None, []
     for name, zeroed in variants(layers):
         path = storage.join(folder, f"{name}.json")
-        report = run_eval(replace(job, zero_gates=zeroed, record_gates=name == "full", out=path, answers_file=None))
+        if storage.exists(path):  # written last, atomically: the variant finished
+            report = storage.read_json(path)
+            resumed.append(name)
+        else:
+            report = run_eval(replace(job, zero_gates=zeroed, record_gates=name == "full", out=path,
+                                      answers_file=None))
         runs[name] = path
         gates = report.get("gates", gates)
         for scoring in job.scorings:
             rows = [json.loads(x) for x in storage.read_bytes(report["answers_files"][scoring]).decode().splitlines()]
+            if [r["question_id"] for r in rows] != [it.question_id for it in bench.items]:
+                raise ValueError(f"{report['answers_files'][scoring]} answers other questions than {job.data} "
+                                 f"asks (was the question file changed?); delete {folder} to start over")
             scores[scoring][name] = per_question(bench.kind, bench.items, [r["text"] for r in rows])
+    categories = [it.category for it in bench.items]
     table = {}
     for scoring, by in scores.items():
         full, table[scoring] = by["full"], []
@@ -75,11 +132,17 @@ def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
             diff = paired_difference(by[name], full, n_boot=n_boot)
             table[scoring].append({"variant": name, "zero_gates": zeroed, "accuracy": float(by[name].mean()),
                                    "change": diff.estimate, "low": diff.low, "high": diff.high,
-                                   "verdict": "-" if name == "full" else verdict(diff), "n": int(len(full))})
+                                   "verdict": "-" if name == "full" else verdict(diff), "n": int(len(full)),
+                                   "by_category": by_category(categories, by[name], full, n_boot)})
     out = {"benchmark": bench.kind, "data": job.data, "adapter": job.adapter, "vision_layers": layers,
-           "ablation": table, "gates": gates, "runs": runs}
+           "ablation": table, "gates": gates, "runs": runs, "resumed": resumed}
     storage.write_json(job.out, out)
     return out
+
+
+def _label(row: dict[str, Any]) -> str:
+    return "all (= one-to-one)" if row["variant"] == "zero_all" else (
+        f"vision layer {row['zero_gates'][0]}" if row["zero_gates"] else row["variant"])
 
 
 def format_ablation(report: dict[str, Any]) -> str:
@@ -89,11 +152,21 @@ def format_ablation(report: dict[str, Any]) -> str:
         lines += [f"{report['benchmark']}, {scoring}, {rows[0]['n']} questions:", "",
                   "| AGF gates zeroed | accuracy | change vs full adapter [95% CI] | verdict |", "|---|---|---|---|"]
         for r in rows:
-            label = {"full": "none (full adapter)", "zero_all": "all (= one-to-one)"}.get(
-                r["variant"], f"vision layer {r['zero_gates'][0]}" if r["zero_gates"] else r["variant"])
+            label = {"full": "none (full adapter)"}.get(r["variant"], _label(r))
             change = "-" if r["variant"] == "full" else f"{r['change']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
             lines.append(f"| {label} | {r['accuracy']:.3f} | {change} | {r['verdict']} |")
         lines.append("")
+        cats = list(rows[0].get("by_category", {}))
+        if len(cats) > 1:
+            zeroed = rows[1:]
+            lines += [f"{scoring}: change vs full adapter per question type [95% CI]:", "",
+                      "| type | n | full adapter | " + " | ".join(_label(r) for r in zeroed) + " |",
+                      "|---|---|---|" + "---|" * len(zeroed)]
+            for c in cats:
+                full = rows[0]["by_category"][c]
+                lines.append(f"| {c} | {full['n']} | {full['accuracy']:.3f} | " + " | ".join(
+                    "{change:+.3f} [{low:+.3f}, {high:+.3f}]".format(**r["by_category"][c]) for r in zeroed) + " |")
+            lines.append("")
     g = report.get("gates")
     if g and g.get("mean"):
         lines += [f"mean AGF gate over {g['questions']} prompts (rows: decoder layer, columns: vision layer):", "",

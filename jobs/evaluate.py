@@ -420,7 +420,10 @@ def _cmd(args: argparse.Namespace) -> int:
     if args.ablate:
         from .ablate import format_ablation, run_ablation
 
-        print(format_ablation(run_ablation(job)))
+        report = run_ablation(job)
+        print(format_ablation(report))
+        if report["resumed"]:
+            print(f"eval --ablate: {', '.join(report['resumed'])} read back from an earlier run of this ablation")
         print(f"eval --ablate: report {job.out}")
         return 0
     report = run_eval(job)  # SourceError / ValueError become one line and exit 2 in cli.main

@@ -14,7 +14,7 @@ from cli_module.config import CLIConfig
 from cli_module.loading import load_base
 from cli_module.model import FusedVLM
 from cli_module.prompting import chat_prompt
-from jobs.ablate import per_question, variants
+from jobs.ablate import by_category, claim_folder, format_ablation, per_question, variants
 from jobs.benchmarks import EvalItem, score_items
 
 CLI = dict(vision_layers=[0, 1, 2], inject_layers=[0, 1], attn_dim=16, heads=4, lora_rank=4)
@@ -123,6 +123,30 @@ def test_eval_ablate_end_to_end(ray_local, tmp_path, capsys):
     gates = np.array(report["gates"]["mean"])
     assert gates.shape == (2, 2) and ((gates > 0) & (gates < 1)).all() and report["gates"]["questions"] == n
     assert runs["zero_2"]["zero_gates"] == [2] and "gates" not in runs["zero_2"]
+    for scoring in ("generate", "choice"):  # per question type: the variant's own eval report, and its pairing
+        for r in report["ablation"][scoring]:
+            cats = r["by_category"]
+            assert set(cats) == set(runs[r["variant"]]["by_scoring"][scoring]["per_type"]) and len(cats) > 1
+            assert sum(c["n"] for c in cats.values()) == n
+            for t, c in cats.items():
+                assert c["accuracy"] == pytest.approx(runs[r["variant"]]["by_scoring"][scoring]["per_type"][t])
+                assert c["change"] == pytest.approx(c["accuracy"] - report["ablation"][scoring][0]["by_category"][t]["accuracy"])
+    assert "change vs full adapter per question type" in printed and report["resumed"] == []
+
+    # interrupted after zero_0: the finished variants are read back, the rest run; the report is the same
+    (tmp_path / "ablate.ablate" / "zero_2.json").unlink()
+    (tmp_path / "ablate.ablate" / "zero_all.json").unlink()
+    before = (tmp_path / "ablate.ablate" / "full.json").stat().st_mtime_ns
+    assert main(["eval", "--adapter", str(adapter), *common, "--out", str(out), "--ablate"]) == 0
+    assert "full, zero_0 read back from an earlier run" in capsys.readouterr().out
+    again = json.loads(out.read_text())
+    assert again["resumed"] == ["full", "zero_0"] and (tmp_path / "ablate.ablate" / "full.json").stat().st_mtime_ns == before
+    assert again["ablation"] == report["ablation"] and again["gates"] == report["gates"]
+    # the same folder with other settings is refused, and nothing in it is touched
+    assert main(["eval", "--adapter", str(adapter), *common[:-2], "--max-new-tokens", "4", "--out", str(out),
+                 "--ablate"]) == 2
+    assert "holds an ablation of another evaluation (it differs in: max_new_tokens)" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == again
 
 
 def test_ablate_refuses_what_it_cannot_do(tmp_path):
@@ -140,3 +164,48 @@ def test_ablate_refuses_what_it_cannot_do(tmp_path):
         run_ablation(EvalJob(data=str(q), adapter=str(adapter), out=str(tmp_path / "a.json")))
     with pytest.raises(ValueError, match=r"zero_gates=\['1'\]: give vision layer indices"):
         EvalJob(data=str(q), base="tiny", zero_gates=["1"])
+
+
+def test_by_category_pairs_within_each_question_type():
+    cats = ["a", "a", "a", "b", "b", None]
+    full = np.array([0, 0, 0, 1, 1, 1], float)
+    zeroed = np.array([1, 1, 1, 0, 1, 0], float)
+    out = by_category(cats, zeroed, full, n_boot=200)
+    assert list(out) == ["a", "b"] and out["a"]["n"] == 3 and out["b"]["n"] == 2  # the untyped question left out
+    assert out["a"]["accuracy"] == 1.0 and out["a"]["change"] == 1.0
+    assert out["b"]["change"] == pytest.approx(-0.5) and out["b"]["low"] <= -0.5 <= out["b"]["high"]
+    assert out["a"]["low"] == 1.0  # every question of type a gains, so every resample does
+
+
+def test_claim_folder_records_the_settings_and_refuses_another_evaluations_folder(tmp_path):
+    from jobs.evaluate import EvalJob
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "text": "hi", "answer": "x"}) + "\n")
+    job = EvalJob(data=str(q), adapter="a", out=str(tmp_path / "x.json"), scoring="choice")
+    folder = str(tmp_path / "x.ablate")
+    claim_folder(folder, job, ["full"])
+    saved = json.loads((tmp_path / "x.ablate" / "job.json").read_text())
+    assert saved["scoring"] == "choice" and "out" not in saved and "batch_size" not in saved
+    claim_folder(folder, EvalJob(data=str(q), adapter="a", out="elsewhere.json", scoring="choice", batch_size=4),
+                 ["full"])  # another report path or batch size: the same answers, accepted
+    with pytest.raises(ValueError, match=r"another evaluation \(it differs in: dtype, scoring\)"):
+        claim_folder(folder, EvalJob(data=str(q), adapter="a", scoring="both", dtype="bfloat16"), ["full"])
+    (tmp_path / "y.ablate").mkdir()
+    (tmp_path / "y.ablate" / "full.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds variant reports but no job.json"):
+        claim_folder(str(tmp_path / "y.ablate"), job, ["full"])
+    assert not (tmp_path / "y.ablate" / "job.json").exists()
+
+
+def test_format_ablation_prints_the_per_type_table():
+    cat = {"a": {"n": 3, "accuracy": 0.5, "change": 0.0, "low": 0.0, "high": 0.0},
+           "b": {"n": 2, "accuracy": 1.0, "change": 0.0, "low": 0.0, "high": 0.0}}
+    rows = [{"variant": "full", "zero_gates": [], "accuracy": 0.7, "change": 0.0, "low": 0.0, "high": 0.0,
+             "verdict": "-", "n": 5, "by_category": cat},
+            {"variant": "zero_3", "zero_gates": [3], "accuracy": 0.6, "change": -0.1, "low": -0.2, "high": 0.0,
+             "verdict": "no difference found", "n": 5,
+             "by_category": {**cat, "a": {**cat["a"], "change": -0.25, "low": -0.5, "high": 0.125}}}]
+    text = format_ablation({"benchmark": "exact", "ablation": {"choice": rows}, "gates": None})
+    assert "| type | n | full adapter | vision layer 3 |" in text
+    assert "| a | 3 | 0.500 | -0.250 [-0.500, +0.125] |" in text
