@@ -11,8 +11,9 @@ category), which is where a layer that helps only fine-detail questions shows. T
 mean gate per (injection layer, vision layer) over the questions' prompts.
 
 An interrupted ablation resumes: a variant whose report is already in the folder is read back, not run again,
-provided the folder's ``job.json`` (the evaluation settings it was started with) matches this run's; a folder
-holding another evaluation's variants is refused rather than overwritten.
+provided the folder's ``job.json`` (the evaluation settings it was started with, and the SHA-256 of the adapter's
+weights, so an adapter retrained in place does not count as the same) matches this run's; a folder holding another
+evaluation's variants is refused rather than overwritten.
 
   report (--out): {"ablation": {scoring: [{variant, zero_gates, accuracy, change, low, high, verdict, n,
                                            by_category: {type: {n, accuracy, change, low, high}}}]},
@@ -24,6 +25,7 @@ holding another evaluation's variants is refused rather than overwritten.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, replace
 from typing import Any
@@ -56,10 +58,11 @@ def settings(job: EvalJob) -> dict[str, Any]:
     return {k: v for k, v in asdict(job).items() if k not in _LAYOUT_ONLY}
 
 
-def claim_folder(folder: str, job: EvalJob, names: list[str]) -> None:
-    """Record ``job``'s settings in the ablation folder, or check them against the ones already there."""
+def claim_folder(folder: str, job: EvalJob, names: list[str], weights_sha256: str) -> None:
+    """Record ``job``'s settings and the adapter weights' digest in the ablation folder, or check them against the
+    ones already there."""
     path = storage.join(folder, "job.json")
-    mine = json.loads(json.dumps(settings(job)))  # JSON round trip: tuples as lists
+    mine = json.loads(json.dumps({**settings(job), "adapter_sha256": weights_sha256}))  # tuples as lists
     if storage.exists(path):
         theirs = storage.read_json(path)
         if theirs != mine:
@@ -88,7 +91,7 @@ def by_category(categories: list[str | None], scores: np.ndarray, full: np.ndarr
 
 def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
     """Run every variant of ``job`` (see the module docstring) and write the ablation report to ``job.out``."""
-    from cli_module.adapter import load_model
+    from cli_module.adapter import WEIGHTS, load_model
 
     if job.adapter is None or job.out is None:
         raise ValueError("--ablate needs --adapter (a CLI adapter) and --out (the ablation report; each "
@@ -105,7 +108,8 @@ def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
     if bench.kind == "unscored":
         raise ValueError("--ablate compares accuracies: give --answers (the references) for these questions")
     folder = job.out.removesuffix(".json") + ".ablate"
-    claim_folder(folder, job, [name for name, _ in variants(layers)])
+    digest = hashlib.sha256(storage.read_bytes(storage.join(job.adapter, WEIGHTS))).hexdigest()
+    claim_folder(folder, job, [name for name, _ in variants(layers)], digest)
     scores: dict[str, dict[str, np.ndarray]] = {s: {} for s in job.scorings}
     runs, gates, resumed = {}, None, []
     for name, zeroed in variants(layers):

@@ -146,6 +146,10 @@ def test_eval_ablate_end_to_end(ray_local, tmp_path, capsys):
     assert main(["eval", "--adapter", str(adapter), *common[:-2], "--max-new-tokens", "4", "--out", str(out),
                  "--ablate"]) == 2
     assert "holds an ablation of another evaluation (it differs in: max_new_tokens)" in capsys.readouterr().err
+    perturb(model, std=1.0)  # retrained in place: the same path, other weights
+    save_adapter(model, adapter)
+    assert main(["eval", "--adapter", str(adapter), *common, "--out", str(out), "--ablate"]) == 2
+    assert "(it differs in: adapter_sha256)" in capsys.readouterr().err
     assert json.loads(out.read_text()) == again
 
 
@@ -184,17 +188,20 @@ def test_claim_folder_records_the_settings_and_refuses_another_evaluations_folde
     q.write_text(json.dumps({"question_id": 1, "text": "hi", "answer": "x"}) + "\n")
     job = EvalJob(data=str(q), adapter="a", out=str(tmp_path / "x.json"), scoring="choice")
     folder = str(tmp_path / "x.ablate")
-    claim_folder(folder, job, ["full"])
+    claim_folder(folder, job, ["full"], "d1")
     saved = json.loads((tmp_path / "x.ablate" / "job.json").read_text())
-    assert saved["scoring"] == "choice" and "out" not in saved and "batch_size" not in saved
+    assert saved["scoring"] == "choice" and saved["adapter_sha256"] == "d1" and "out" not in saved
+    assert "batch_size" not in saved
     claim_folder(folder, EvalJob(data=str(q), adapter="a", out="elsewhere.json", scoring="choice", batch_size=4),
-                 ["full"])  # another report path or batch size: the same answers, accepted
+                 ["full"], "d1")  # another report path or batch size: the same answers, accepted
     with pytest.raises(ValueError, match=r"another evaluation \(it differs in: dtype, scoring\)"):
-        claim_folder(folder, EvalJob(data=str(q), adapter="a", scoring="both", dtype="bfloat16"), ["full"])
+        claim_folder(folder, EvalJob(data=str(q), adapter="a", scoring="both", dtype="bfloat16"), ["full"], "d1")
+    with pytest.raises(ValueError, match=r"it differs in: adapter_sha256"):  # the adapter retrained in place
+        claim_folder(folder, job, ["full"], "d2")
     (tmp_path / "y.ablate").mkdir()
     (tmp_path / "y.ablate" / "full.json").write_text("{}")
     with pytest.raises(ValueError, match="holds variant reports but no job.json"):
-        claim_folder(str(tmp_path / "y.ablate"), job, ["full"])
+        claim_folder(str(tmp_path / "y.ablate"), job, ["full"], "d1")
     assert not (tmp_path / "y.ablate" / "job.json").exists()
 
 
