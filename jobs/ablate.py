@@ -108,7 +108,7 @@ def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
     if bench.kind == "unscored":
         raise ValueError("--ablate compares accuracies: give --answers (the references) for these questions")
     folder = job.out.removesuffix(".json") + ".ablate"
-    digest = hashlib.sha256(storage.read_bytes(storage.join(job.adapter, WEIGHTS))).hexdigest()
+    digest = hashlib.sha256(storage.read_bytes(storage.join(job.adapter, WEIGHTS))).hexdigest()  # load_model checked it
     claim_folder(folder, job, [name for name, _ in variants(layers)], digest)
     scores: dict[str, dict[str, np.ndarray]] = {s: {} for s in job.scorings}
     runs, gates, resumed = {}, None, []
@@ -145,8 +145,12 @@ def run_ablation(job: EvalJob, n_boot: int = 10_000) -> dict[str, Any]:
 
 
 def _label(row: dict[str, Any]) -> str:
-    return "all (= one-to-one)" if row["variant"] == "zero_all" else (
-        f"vision layer {row['zero_gates'][0]}" if row["zero_gates"] else row["variant"])
+    names = {"full": "none (full adapter)", "zero_all": "all (= one-to-one)"}
+    return names.get(row["variant"], f"vision layer {row['zero_gates'][0]}" if row["zero_gates"] else row["variant"])
+
+
+def _change(d: dict[str, float]) -> str:
+    return f"{d['change']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
 def format_ablation(report: dict[str, Any]) -> str:
@@ -156,9 +160,8 @@ def format_ablation(report: dict[str, Any]) -> str:
         lines += [f"{report['benchmark']}, {scoring}, {rows[0]['n']} questions:", "",
                   "| AGF gates zeroed | accuracy | change vs full adapter [95% CI] | verdict |", "|---|---|---|---|"]
         for r in rows:
-            label = {"full": "none (full adapter)"}.get(r["variant"], _label(r))
-            change = "-" if r["variant"] == "full" else f"{r['change']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
-            lines.append(f"| {label} | {r['accuracy']:.3f} | {change} | {r['verdict']} |")
+            change = "-" if r["variant"] == "full" else _change(r)
+            lines.append(f"| {_label(r)} | {r['accuracy']:.3f} | {change} | {r['verdict']} |")
         lines.append("")
         cats = list(rows[0].get("by_category", {}))
         if len(cats) > 1:
@@ -168,8 +171,8 @@ def format_ablation(report: dict[str, Any]) -> str:
                       "|---|---|---|" + "---|" * len(zeroed)]
             for c in cats:
                 full = rows[0]["by_category"][c]
-                lines.append(f"| {c} | {full['n']} | {full['accuracy']:.3f} | " + " | ".join(
-                    "{change:+.3f} [{low:+.3f}, {high:+.3f}]".format(**r["by_category"][c]) for r in zeroed) + " |")
+                lines.append(f"| {c} | {full['n']} | {full['accuracy']:.3f} | "
+                             + " | ".join(_change(r["by_category"][c]) for r in zeroed) + " |")
             lines.append("")
     g = report.get("gates")
     if g and g.get("mean"):

@@ -166,6 +166,12 @@ def test_ablate_refuses_what_it_cannot_do(tmp_path):
                  adapter)
     with pytest.raises(ValueError, match="'deepstack' adapter, which has none"):
         run_ablation(EvalJob(data=str(q), adapter=str(adapter), out=str(tmp_path / "a.json")))
+    cli = tmp_path / "cli"
+    save_adapter(FusedVLM(load_base("tiny"), CLIConfig(**CLI)), cli)
+    (cli / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="cli: no adapter_model.safetensors"):
+        run_ablation(EvalJob(data=str(q), adapter=str(cli), out=str(tmp_path / "a.json"), answers=str(q)))
+    assert not (tmp_path / "a.ablate").exists()  # refused before anything is written
     with pytest.raises(ValueError, match=r"zero_gates=\['1'\]: give vision layer indices"):
         EvalJob(data=str(q), base="tiny", zero_gates=["1"])
 
